@@ -1,0 +1,1 @@
+"""`prefetch-bench`: the benchmark and simulation commands (one module per subcommand)."""

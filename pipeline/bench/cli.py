@@ -1,0 +1,41 @@
+"""`prefetch-bench SUBCOMMAND ...`: dispatches to one module per subcommand.
+
+Each subcommand module offers `add_arguments(parser)` and `run(args) -> int`; modules are
+imported only when their subcommand runs, so `simulate` never imports torch or CUDA code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "simulate": ("pipeline.bench.simulate_cmd", "replay a routing trace through cache policies against Belady"),
+    "quality": ("pipeline.bench.quality_cmd", "recall@k / precision@k of the predictors on a trace"),
+}
+DEFAULT_SUBCOMMAND = "default"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefetch-bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        from .default_cmd import run_default
+
+        return run_default()
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    try:
+        return module.run(args)
+    except (ValueError, KeyError, OSError) as e:  # bad input: one line, non-zero exit
+        print(f"prefetch-bench {args.command}: error: {e}", file=sys.stderr)
+        return 2
