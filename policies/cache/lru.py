@@ -1,0 +1,62 @@
+"""LRU (one cache shared by all layers) and LRU per layer (each layer gets 1/L of each tier)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..events import Tier
+from .base import ABSENT, CachePolicy, _Call
+
+
+class LRUPolicy(CachePolicy):
+    """Evict the expert whose last use is oldest; demand loads only."""
+
+    name = "lru"
+
+    def __init__(self, config, predictor=None):
+        super().__init__(config, predictor)
+        # Last access step; never-used experts sort first (-1). Float so it is a keep value.
+        self.last = np.full((self.L, self.E), -1.0)
+
+    def _touch(self, layer, experts, now):
+        self.last[layer, experts] = self.step
+
+    def _keep_value(self, tier, layer):
+        return self.last
+
+
+class LRUPerLayerPolicy(LRUPolicy):
+    """LRU inside fixed per-layer partitions: each layer owns capacity // L bytes per tier."""
+
+    name = "lru-per-layer"
+
+    def __init__(self, config, predictor=None):
+        super().__init__(config, predictor)
+        worst = int(np.sort(self.sizes, axis=1)[:, -self.K:].sum(axis=1).max())
+        for tier, cap in self.capacity.items():
+            share = cap // self.L
+            if share < worst:
+                raise ValueError(f"{self.name}: {tier.name} share per layer is {cap} // {self.L} = "
+                                 f"{share} bytes, smaller than one layer's top-{self.K} working set "
+                                 f"({worst} bytes); give {tier.name} at least {worst * self.L} bytes")
+        self.share = {t: c // self.L for t, c in self.capacity.items()}
+
+    def _make_room(self, tier: Tier, nbytes: int, call: _Call, *, below=None, keep=None,
+                   for_layer=None) -> bool:
+        assert for_layer is not None
+        st = self.state[tier]
+        used = int(self.sizes[for_layer][st[for_layer] != ABSENT].sum())
+        if used + nbytes <= self.share[tier]:
+            return True
+        # Only this layer's experts may make room: the other partitions are not ours.
+        value = np.full((self.L, self.E), np.inf)
+        value[for_layer] = self.last[for_layer]
+        ok = self._evictable(tier, call)[for_layer]
+        free = self.share[tier] - used
+        for e in np.argsort(np.where(ok, value[for_layer], np.inf), kind="stable"):
+            if free >= nbytes:
+                break
+            if not ok[e]:
+                return False
+            self._evict(tier, for_layer, int(e), call)
+            free += int(self.sizes[for_layer, e])
+        return free >= nbytes

@@ -1,0 +1,44 @@
+"""Policies by name: `make_policy(name, predictor=None, **config)`.
+
+Config keywords are validated (types, unknown fields) by converting them to the policy's
+frozen config struct; an unknown policy name raises `UnknownNameError` (a KeyError) that
+lists the valid names.
+"""
+from __future__ import annotations
+
+import importlib
+
+import msgspec
+
+from adapters.errors import UnknownNameError
+
+from ..predictors.base import Predictor
+from .base import CachePolicy
+
+# name -> "module:Class", imported lazily so listing names stays cheap.
+POLICIES: dict[str, str] = {
+    "lru": "policies.cache.lru:LRUPolicy",
+    "lru-per-layer": "policies.cache.lru:LRUPerLayerPolicy",
+}
+DEFAULT_POLICY = "lru"
+
+
+def policy_class(name: str) -> type[CachePolicy]:
+    if name not in POLICIES:
+        raise UnknownNameError("policy", name, list(POLICIES))
+    module, cls = POLICIES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_policy(name: str, predictor: Predictor | None = None, **config) -> CachePolicy:
+    """Build policy `name` from keyword config (see its `config_type`); ValueError if invalid."""
+    cls = policy_class(name)
+    try:
+        cfg = msgspec.convert(config, type=cls.config_type)
+    except msgspec.ValidationError as e:
+        raise ValueError(f"policy {name!r}: bad config: {e}") from None
+    return cls(cfg, predictor)
+
+
+def uses_predictor(name: str) -> bool:
+    return policy_class(name).uses_predictor
