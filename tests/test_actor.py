@@ -355,11 +355,13 @@ def _trace_events(trace, steps: int) -> list[Activation]:
     return events
 
 
-def _lru_for(trace):
+def _lru_for(trace, predictor: str | None = None):
     from policies.cache.registry import make_policy
+    from policies.predictors.registry import make_predictor
 
     L, E, K = trace.num_layers, trace.num_experts, trace.top_k
-    return make_policy("lru", num_layers=L, num_experts=E, top_k=K,
+    pred = make_predictor(predictor, L, E, K) if predictor else None
+    return make_policy("lru", predictor=pred, num_layers=L, num_experts=E, top_k=K,
                        vram_bytes=L * E // 10, ram_bytes=L * E // 4)
 
 
@@ -368,14 +370,14 @@ async def test_real_lru_through_the_actor_matches_direct_calls(shared_traces):
 
     trace = load_trace(shared_traces / "qwen1.5-moe-a2.7b-chat.npz")
     events = _trace_events(trace, steps=20)  # 20 decode tokens x 24 layers
-    reference, ref_plans = _lru_for(trace), []
+    reference, ref_plans = _lru_for(trace, "ewma"), []
     on_ref = _completing(reference, ref_plans)
     for e in events:
         plan = reference.on_activation(e)
         if plan.promotions or plan.stagings or plan.evictions:
             on_ref(StampedPlan(plan=plan, cause=e, time=0.0, seq=0))
 
-    policy, plans = _lru_for(trace), []
+    policy, plans = _lru_for(trace, "ewma"), []
     async with PolicyActor(policy, on_plan=_completing(policy, plans),
                            queue_size=len(events), clock=FakeClock()) as actor:
         for e in events:
@@ -385,6 +387,9 @@ async def test_real_lru_through_the_actor_matches_direct_calls(shared_traces):
     assert [p.cause for p in plans] == [p.cause for p in ref_plans]
     for tier in (Tier.VRAM, Tier.RAM):
         assert (policy.state[tier] == reference.state[tier]).all()
+    # the policy fed its predictor every visit, as a direct caller would
+    assert (policy.predictor.predict_all() == reference.predictor.predict_all()).all()
+    assert (policy.predictor.predict_all() != trace.top_k / trace.num_experts).any()
     s = actor.stats()
     assert (s.received, s.processed, s.dropped, s.coalesced) == (len(events), len(events), 0, 0)
     policy.check()
