@@ -19,6 +19,8 @@
   event that caused it. A consumer that holds plans back asks `actor.is_stale(stamped)`
   before acting: a plan is stale once a newer plan for the same layer was emitted (the
   pipeline cancels stale prefetches; demand moves, priority 0.0, stay worth doing).
+- Feedback: the scheduler reports finished transfers with `actor.complete(...)`, which
+  calls `policy.complete` directly (two-phase book keeping, see policies/cache/base.py).
 - Failure: an exception from the policy or from `on_plan` is a bug. The actor records it
   (with the formatted traceback), closes intake, stops taking events (state FAILED) and
   re-raises it as `PolicyActorError` from `check()` and from `stop()`.
@@ -40,7 +42,7 @@ from typing import Any, Protocol
 import msgspec
 
 from .bounded_queue import CoalescingQueue
-from .events import Activation, Plan
+from .events import Activation, Plan, Tier
 
 
 class ActorState(str, enum.Enum):
@@ -52,9 +54,12 @@ class ActorState(str, enum.Enum):
 
 
 class PlanPolicy(Protocol):
-    """What the actor needs from a policy: `policies.cache.base.CachePolicy` fits."""
+    """What the actor needs from a policy: `policies.cache.base.CachePolicy` fits.
 
-    def on_activation(self, event: Activation) -> Plan: ...
+    `complete(layer, expert, tier, ok) -> bool` is optional (see `PolicyActor.complete`).
+    """
+
+    def on_activation(self, event: Activation) -> Plan | None: ...
 
 
 class StampedPlan(msgspec.Struct, frozen=True):
@@ -235,6 +240,26 @@ class PolicyActor:
             self._refused += 1
         return False
 
+    def complete(self, layer: int, expert: int, tier: Tier, ok: bool) -> bool:
+        """Report a finished (ok) or failed transfer to the policy; call from the loop's thread.
+
+        Runs `policy.complete` at once, not through the queue: a completion must never be
+        coalesced away, and a policy call never interleaves with another on one thread.
+        Accepted in every state but FAILED (plans published while stop() drains still
+        complete). False when the actor has failed or the policy did not expect it; an
+        exception is recorded like one from `on_activation` (check()/stop() raise it).
+        """
+        if self._state is ActorState.FAILED:
+            return False
+        complete = getattr(self.policy, "complete", None)
+        if complete is None:
+            return False
+        try:
+            return bool(complete(layer, expert, tier, ok))
+        except Exception as exc:
+            self._fail("policy.complete", exc)
+            return False
+
     # ---- output -------------------------------------------------------------------------
     def is_stale(self, stamped: StampedPlan) -> bool:
         """True once a newer plan for the same layer as `stamped` has been published."""
@@ -251,7 +276,7 @@ class PolicyActor:
 
     # ---- the task -----------------------------------------------------------------------
     async def _run(self) -> None:
-        while True:
+        while self._state is not ActorState.FAILED:  # complete() may fail between events
             event = await self._queue.get()
             self._busy = True
             self._processed += 1
