@@ -167,13 +167,11 @@ class PolicyActor:
              the policy or on_plan failed.
         Calling stop() again returns (or raises) the same outcome.
         """
-        if self._state is ActorState.NEW:
-            self._state = ActorState.STOPPED
-        if self._state in (ActorState.RUNNING, ActorState.STOPPING):
+        if self._state in (ActorState.NEW, ActorState.RUNNING):
             self._state = ActorState.STOPPING  # 1
-            task = self._task
-            assert task is not None
-            if drain and not task.done():  # 2
+        task = self._task
+        if task is not None and not task.done():  # also after a failure: no task left behind
+            if drain and self._state is ActorState.STOPPING:  # 2
                 idle = asyncio.ensure_future(self._idle.wait())
                 try:
                     await asyncio.wait({idle, task}, timeout=self._drain_timeout,
@@ -183,8 +181,8 @@ class PolicyActor:
                     await asyncio.wait({idle})  # reap it: no pending task left behind
             task.cancel()  # 3
             await asyncio.wait({task}, timeout=self._cancel_timeout)
-            if self._state is ActorState.STOPPING:  # 4
-                self._state = ActorState.STOPPED
+        if self._state is ActorState.STOPPING:  # 4
+            self._state = ActorState.STOPPED
         self.check()
         return self.stats()
 

@@ -9,9 +9,10 @@ import asyncio
 import threading
 import time
 
+import msgspec
 import pytest
 
-from policies.actor import ActorState, PolicyActor, PolicyActorError, StampedPlan
+from policies.actor import ActorState, ActorStats, PolicyActor, PolicyActorError, StampedPlan
 from policies.bounded_queue import CoalescingQueue, merge_events
 from policies.events import Activation, Move, Plan, Tier
 
@@ -56,6 +57,10 @@ def consistent(actor: PolicyActor) -> None:
     s = actor.stats()
     assert s.received == s.processed + s.coalesced + s.dropped + s.pending, s
     assert s.pending <= s.capacity and s.peak_depth <= s.capacity, s
+
+
+def actor_tasks() -> list[asyncio.Task]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "policy-actor" and not t.done()]
 
 
 async def until(predicate, what: str, spins: int = 1000) -> None:
@@ -103,6 +108,10 @@ async def test_events_in_plans_out_in_order_with_fake_clock_stamps():
     assert s.max_process_s == pytest.approx(max(costs))
     assert s.last_error is None
     consistent(actor)
+    # plans and stats are plain messages: they cross a process boundary unchanged
+    wire = msgspec.msgpack.encode(plans[-1])
+    assert msgspec.msgpack.decode(wire, type=StampedPlan) == plans[-1]
+    assert msgspec.json.decode(msgspec.json.encode(s), type=ActorStats) == s
 
 
 async def test_empty_plans_are_not_published():
@@ -235,6 +244,7 @@ async def test_failing_policy_surfaces_at_stop_with_traceback():
     consistent(actor)
     with pytest.raises(PolicyActorError):  # stays failed: a second stop says the same
         await actor.stop()
+    assert actor_tasks() == []
 
 
 async def test_failing_consumer_is_recorded_too():
@@ -264,6 +274,7 @@ async def test_failing_complete_fails_the_actor():
     assert actor.complete(0, 1, Tier.VRAM, True) is False  # a failed policy is not called
     with pytest.raises(PolicyActorError, match="policy.complete: IndexError: no such expert 13"):
         await actor.stop()
+    assert actor_tasks() == []  # the task, idle in get() when complete failed, is gone
     assert policy.seen == []
 
 
@@ -281,6 +292,7 @@ async def test_stop_with_a_slow_policy_returns_within_the_bound():
     # bound = drain_timeout + cancel_timeout + one policy call (plus scheduling slack)
     assert took < 0.1 + 0.1 + 0.02 + 0.5, took  # draining all would take 2 s
     assert s.state == "stopped" and s.pending > 0 and s.processed < 100
+    assert actor_tasks() == []
     consistent(actor)
 
 
@@ -294,6 +306,7 @@ async def test_stop_with_a_stuck_consumer_cancels_it():
     s = await actor.stop()
     assert time.monotonic() - t0 < 0.5
     assert (s.state, s.processed, s.pending) == ("stopped", 1, 2)
+    assert actor_tasks() == []
     assert actor.publish(ev(0, 1)) is False
 
 
