@@ -1,0 +1,138 @@
+"""A small pool of precompute worker processes driven over pipes with msgspec messages.
+
+Shutdown protocol (the one place it is written down; `WorkerPool.close` follows it):
+  1. stop intake: no new `LayerJob` is sent once the run ends or fails or a signal arrives;
+  2. normal end: every worker gets `Stop` and is joined with a timeout;
+  3. error or signal: every live worker is terminated (SIGTERM), joined with a timeout,
+     and killed if it survives; a worker dies mid-layer leaving only its own `*.partial`;
+  4. the `.partial` files of the layers that were in flight are removed, so no half file
+     ever remains, and none ever had a final name (workers rename only finished files).
+"""
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import sys
+from collections import deque
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Callable
+
+from . import messages as m
+from .worker import worker_main
+
+JOIN_TIMEOUT_S = 5.0
+
+
+class WorkerError(RuntimeError):
+    """A layer failed in a worker; `bad_input` says whether the files (not the code) are at fault."""
+
+    def __init__(self, layer: int, message: str, bad_input: bool, tb: str = ""):
+        super().__init__(f"layer {layer}: {message}" + ("" if bad_input or not tb else f"\n--- worker traceback ---\n{tb}"))
+        self.layer, self.bad_input = layer, bad_input
+
+
+@contextlib.contextmanager
+def _hide_main_module():
+    # spawn/forkserver children re-import the parent's __main__ unless it has no file or
+    # spec; the bin/ launchers call main() at import time, so a child would run the CLI
+    # again. The worker target lives in this package and needs nothing from __main__.
+    main = sys.modules["__main__"]
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__dict__["__spec__"] = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
+def _context() -> mp.context.BaseContext:
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        # torch is imported once in the fork server instead of once per worker.
+        ctx.set_forkserver_preload(["adapters.precompute.worker"])
+        return ctx
+    return mp.get_context("spawn")
+
+
+class WorkerPool:
+    def __init__(self, n: int, partial_dir: Path):
+        self.partial_dir = partial_dir
+        self.procs: list[mp.process.BaseProcess] = []
+        self.conns = []
+        self.busy: dict[object, int] = {}  # connection -> layer in flight
+        ctx = _context()
+        try:
+            with _hide_main_module():
+                for _ in range(n):
+                    parent_end, child_end = ctx.Pipe(duplex=True)
+                    p = ctx.Process(target=worker_main, args=(child_end,), daemon=True, name="precompute-worker")
+                    p.start()
+                    child_end.close()  # so a dead worker reads as EOF here
+                    self.procs.append(p)
+                    self.conns.append(parent_end)
+        except BaseException:
+            self.close(ok=False)
+            raise
+
+    def run(self, jobs: list[m.LayerJob], on_progress: Callable[[m.Progress], None],
+            on_done: Callable[[m.LayerDone], None]) -> None:
+        """Run every job; raises WorkerError on the first failed layer or dead worker."""
+        todo = deque(jobs)
+        idle = list(self.conns)
+        while todo or self.busy:
+            while todo and idle:
+                c = idle.pop()
+                job = todo.popleft()
+                self.busy[c] = job.layer
+                c.send_bytes(m.encoder.encode(job))
+            for c in wait(list(self.busy), timeout=0.5):
+                try:
+                    msg = m.to_parent.decode(c.recv_bytes())
+                except (EOFError, OSError):
+                    p = self.procs[self.conns.index(c)]
+                    p.join(0.5)
+                    raise WorkerError(self.busy[c], f"worker process died (exit code {p.exitcode})", False) from None
+                match msg:
+                    case m.Progress():
+                        on_progress(msg)
+                    case m.LayerDone():
+                        del self.busy[c]
+                        idle.append(c)
+                        on_done(msg)
+                    case m.LayerFailed():
+                        raise WorkerError(msg.layer, msg.message, msg.bad_input, msg.traceback)
+
+    def close(self, ok: bool) -> None:
+        """Steps 2-4 of the shutdown protocol above."""
+        if ok:
+            for c in self.conns:
+                with contextlib.suppress(OSError):
+                    c.send_bytes(m.encoder.encode(m.Stop()))
+        else:
+            for p in self.procs:
+                if p.is_alive():
+                    p.terminate()
+        for p in self.procs:
+            p.join(JOIN_TIMEOUT_S)
+            if p.is_alive():
+                p.kill()
+                p.join(JOIN_TIMEOUT_S)
+        for c in self.conns:
+            c.close()
+        for p in self.procs:
+            with contextlib.suppress(ValueError):
+                p.close()
+        in_flight = set(self.busy.values())
+        self.busy.clear()
+        for layer in in_flight:
+            for f in self.partial_dir.glob(f"layer_{layer:03d}.safetensors.*.partial"):
+                f.unlink(missing_ok=True)
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(ok=exc_type is None)

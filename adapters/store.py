@@ -1,0 +1,233 @@
+"""The packed expert store as a checkpoint (format `store`): what the pipeline reads at run time.
+
+`StoreCheckpoint(path)` validates `store.json` and the layer files' sizes up front. Then:
+  expert_range(l, e) -> StoreExpert      file, aligned offset, length, read_length, checksum
+  locate(l, e)       -> ExpertLocation   absolute ranges of its tensors (all inside that range)
+  read_expert(l, e)  -> bytes            ONE positional read of the whole expert
+  verify(l, e, data)                     checksum, CheckpointError naming file/layer/expert
+  decode(raw, device)                    by-role bytes -> dense tensors
+  decode_from_buffer(buf, device)        one contiguous uint8 expert buffer (any device) ->
+                                         dense tensors; bf16/fp16 come out as views, no copy
+  check_layer_file(l)                    the layer file's safetensors header agrees with the index
+The layout is described in `adapters.store_format`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+import torch
+
+from .base import Checkpoint, Raw, raw_to_u8
+from .errors import CheckpointError
+from .registry import register
+from .spec import ExpertLocation, TensorRange
+from .store_format import (ALIGN, CHECKSUM_ALGORITHM, FORMAT_VERSION, INDEX_NAME, STORE_DTYPES, StoreExpert,
+                           StoreIndex, checksum)
+
+_TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "U8": torch.uint8, "F32": torch.float32}
+_index_decoder = msgspec.json.Decoder(StoreIndex)
+
+
+def _bad_index(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(path, problem, fix="re-create the store with `precompute --force`")
+
+
+def read_index(root: Path) -> StoreIndex:
+    """`store.json` decoded and checked for internal consistency (not against the files)."""
+    path = root / INDEX_NAME
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(path, "missing", fix="run `precompute` to create the store") from None
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
+    try:
+        idx = _index_decoder.decode(data)
+    except msgspec.ValidationError as e:
+        raise _bad_index(path, f"invalid field: {e}") from None
+    except msgspec.DecodeError as e:
+        raise _bad_index(path, f"not valid JSON ({e})") from None
+    if idx.version != FORMAT_VERSION:
+        raise _bad_index(path, f"format version {idx.version}, this reader knows {FORMAT_VERSION}")
+    if idx.checksum_algorithm != CHECKSUM_ALGORITHM or idx.alignment != ALIGN or idx.dtype not in STORE_DTYPES:
+        raise _bad_index(path, f"unsupported checksum {idx.checksum_algorithm!r} / alignment {idx.alignment} / "
+                         f"dtype {idx.dtype!r}")
+    s = idx.model
+    if len(idx.experts) != s.num_layers * s.num_experts or len(idx.layers) != s.num_layers:
+        raise _bad_index(path, f"{len(idx.experts)} experts in {len(idx.layers)} layers, the model has "
+                         f"{s.num_layers} x {s.num_experts}")
+    for i, x in enumerate(idx.experts):
+        where = f"expert {x.layer}/{x.expert}"
+        if (x.layer, x.expert) != divmod(i, s.num_experts):
+            raise _bad_index(path, f"entry {i} is {where}, expected {'%d/%d' % divmod(i, s.num_experts)}")
+        if x.offset % ALIGN or x.read_length % ALIGN or not 0 < x.length <= x.read_length:
+            raise _bad_index(path, f"{where}: offset {x.offset}, length {x.length}, read_length {x.read_length} "
+                             f"are not {ALIGN}-aligned and consistent")
+        if x.file != idx.layers[x.layer].file:
+            raise _bad_index(path, f"{where}: file {x.file!r} is not its layer's {idx.layers[x.layer].file!r}")
+        want = [(t.role, t.dtype, t.shape) for t in idx.expert_tensors]
+        if sorted(want) != sorted((t.role, t.dtype, t.shape) for t in x.tensors):
+            raise _bad_index(path, f"{where}: tensors do not match expert_tensors")
+        for t in x.tensors:
+            if t.offset < 0 or t.offset + t.nbytes > x.length or t.offset % _TORCH[t.dtype].itemsize:
+                raise _bad_index(path, f"{where}: tensor {t.role} at {t.offset}+{t.nbytes} lies outside its "
+                                 f"{x.length} bytes or is misaligned")
+    return idx
+
+
+@register("store")
+class StoreCheckpoint(Checkpoint):
+    looks_for = "store.json (written by `precompute`)"
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        return (Path(path) / INDEX_NAME).is_file()
+
+    def __init__(self, path: str | os.PathLike):
+        self.root = Path(path)
+        self.index = idx = read_index(self.root)
+        self.dtype = idx.dtype
+        self.spec = msgspec.structs.replace(idx.model, format="store", expert_tensors=idx.expert_tensors)
+        for layer in idx.layers:
+            f = self.root / layer.file
+            try:
+                size = f.stat().st_size
+            except FileNotFoundError:
+                raise CheckpointError(f, f"layer file of MoE layer {layer.layer} is missing",
+                                      fix="re-run `precompute` on the store's source to finish it") from None
+            end = max(x.offset + x.read_length for x in idx.experts if x.layer == layer.layer)
+            if size != layer.size or size < end:
+                raise CheckpointError(f, f"{size} bytes, store.json says {layer.size} and its experts need {end}",
+                                      fix="the file is truncated or replaced; re-run `precompute --force`")
+        self._layout = self._dense_layout()
+
+    # -- where ---------------------------------------------------------------------------
+    def expert_range(self, layer: int, expert: int) -> StoreExpert:
+        self.check_index(layer, expert)
+        return self.index.experts[layer * self.spec.num_experts + expert]
+
+    def locate(self, layer: int, expert: int) -> ExpertLocation:
+        x = self.expert_range(layer, expert)
+        return ExpertLocation(layer, expert, tuple(TensorRange(t.role, x.file, x.offset + t.offset, t.nbytes,
+                                                               t.dtype, t.shape) for t in x.tensors))
+
+    # -- read and check ------------------------------------------------------------------
+    def read_expert(self, layer: int, expert: int) -> bytes:
+        """The expert's `length` bytes, with one positional read."""
+        x = self.expert_range(layer, expert)
+        fd = os.open(self.root / x.file, os.O_RDONLY)
+        try:
+            data = os.pread(fd, x.length, x.offset)
+        finally:
+            os.close(fd)
+        if len(data) != x.length:
+            raise CheckpointError(self.root / x.file, f"short read of expert {layer}/{expert}: {len(data)} of "
+                                  f"{x.length} bytes", fix="the file is truncated; re-run `precompute --force`")
+        return data
+
+    def verify(self, layer: int, expert: int, data: bytes | bytearray | memoryview) -> None:
+        x = self.expert_range(layer, expert)
+        got = checksum(memoryview(data)[: x.length])
+        if got != x.checksum:
+            raise CheckpointError(self.root / x.file, f"expert {layer}/{expert} (layer {layer}, expert {expert}) "
+                                  f"fails its {CHECKSUM_ALGORITHM} checksum: {got}, store.json says {x.checksum}",
+                                  fix="the file is corrupted; re-run `precompute --force`")
+
+    def read_expert_tensor(self, layer: int, expert: int) -> torch.Tensor:
+        """The expert's `length` bytes as a new uint8 tensor, read straight into it (one pread)."""
+        x = self.expert_range(layer, expert)
+        buf = torch.empty(x.length, dtype=torch.uint8)
+        fd = os.open(self.root / x.file, os.O_RDONLY)
+        try:
+            n = os.preadv(fd, [memoryview(buf.numpy())], x.offset)
+        finally:
+            os.close(fd)
+        if n != x.length:
+            raise CheckpointError(self.root / x.file, f"short read of expert {layer}/{expert}: {n} of "
+                                  f"{x.length} bytes", fix="the file is truncated; re-run `precompute --force`")
+        return buf
+
+    def load_expert(self, layer: int, expert: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        return self.decode_from_buffer(self.read_expert_tensor(layer, expert), device)
+
+    def read_raw(self, layer: int, expert: int) -> dict[str, memoryview]:
+        data = memoryview(self.read_expert(layer, expert))
+        return {t.role: data[t.offset: t.offset + t.nbytes] for t in self.expert_range(layer, expert).tensors}
+
+    def check_layer_file(self, layer: int) -> None:
+        """The layer file's own safetensors header must place every tensor where the index does."""
+        from .safetensors_io import read_header
+
+        lay = self.index.layers[layer]
+        path = self.root / lay.file
+        hdr = read_header(path)
+        for x in self.index.experts[layer * self.spec.num_experts:(layer + 1) * self.spec.num_experts]:
+            for t in x.tensors:
+                name = f"expert.{x.expert}.{t.role}"
+                e = hdr.tensors.get(name)
+                if e is None or (e.offset, e.length, e.dtype, e.shape) != (x.offset + t.offset, t.nbytes, t.dtype,
+                                                                             t.shape):
+                    raise CheckpointError(path, f"header disagrees with store.json about expert {layer}/{x.expert}",
+                                          tensor=name, fix="re-run `precompute --force`")
+
+    # -- decode --------------------------------------------------------------------------
+    def _dense_layout(self) -> list[tuple[str, str | None, str | None]]:
+        """(dense role, stored role or blocks role, scales role) in the family's role order."""
+        roles = [t.role for t in self.index.expert_tensors]
+        out = []
+        for r in roles:
+            if self.dtype == "mxfp4" and r.endswith(".blocks"):
+                out.append((r[: -len(".blocks")], r, r[: -len(".blocks")] + ".scales"))
+            elif not (self.dtype == "mxfp4" and r.endswith(".scales")):
+                out.append((r, r, None))
+        return out
+
+    def decode(self, raw: Raw, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        device = torch.device(device)
+        specs = {t.role: t for t in self.index.expert_tensors}
+        parts = {}
+        for role, t in specs.items():
+            u8 = raw_to_u8(raw[role], device)
+            if u8.numel() != t.nbytes:
+                raise ValueError(f"role {role}: got {u8.numel()} bytes, {t.dtype}{list(t.shape)} needs {t.nbytes}")
+            parts[role] = u8
+        return self._assemble(parts, device)
+
+    def decode_from_buffer(self, buf: torch.Tensor, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+        """Tensors of one expert from ONE contiguous uint8 buffer holding its bytes (at least
+        `length`, e.g. a `read_length` slot). Moved to `device` once if it is elsewhere; bf16/
+        fp16 tensors are then views into it (they alias `buf`: keep it alive, don't reuse it)."""
+        if buf.dtype != torch.uint8 or buf.dim() != 1:
+            raise ValueError(f"expert buffer must be a 1-D uint8 tensor, got {buf.dtype} {list(buf.shape)}")
+        x = self.index.experts[0]
+        if buf.numel() < x.length:
+            raise ValueError(f"expert buffer holds {buf.numel()} bytes, an expert needs {x.length}")
+        device = buf.device if device is None else torch.device(device)
+        if buf.device != device:
+            buf = buf.to(device)
+        parts = {t.role: buf[t.offset: t.offset + t.nbytes] for t in x.tensors}
+        return self._assemble(parts, device)
+
+    def _assemble(self, parts: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        specs = {t.role: t for t in self.index.expert_tensors}
+
+        def view(role: str) -> torch.Tensor:
+            t = specs[role]
+            u8 = parts[role]
+            if _TORCH[t.dtype] is torch.uint8:
+                return u8.view(t.shape)
+            if u8.storage_offset() % _TORCH[t.dtype].itemsize:  # not for store files; raw from elsewhere
+                u8 = u8.clone()
+            return u8.view(_TORCH[t.dtype]).view(t.shape)
+
+        out: dict[str, torch.Tensor] = {}
+        for dense, stored, scales in self._layout:
+            if scales is None:
+                out[dense] = view(stored)
+            else:
+                from .mxfp4 import mxfp4_decode
+
+                out[dense] = mxfp4_decode(view(stored), view(scales))
+        return out
