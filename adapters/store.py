@@ -65,6 +65,9 @@ def read_index(root: Path) -> StoreIndex:
         if x.offset % ALIGN or x.read_length % ALIGN or not 0 < x.length <= x.read_length:
             raise _bad_index(path, f"{where}: offset {x.offset}, length {x.length}, read_length {x.read_length} "
                              f"are not {ALIGN}-aligned and consistent")
+        prev = idx.experts[i - 1] if x.expert else None
+        if prev is not None and x.offset < prev.offset + prev.read_length:
+            raise _bad_index(path, f"{where}: offset {x.offset} overlaps expert {prev.layer}/{prev.expert}")
         if x.file != idx.layers[x.layer].file:
             raise _bad_index(path, f"{where}: file {x.file!r} is not its layer's {idx.layers[x.layer].file!r}")
         want = [(t.role, t.dtype, t.shape) for t in idx.expert_tensors]
@@ -97,10 +100,14 @@ class StoreCheckpoint(Checkpoint):
             except FileNotFoundError:
                 raise CheckpointError(f, f"layer file of MoE layer {layer.layer} is missing",
                                       fix="re-run `precompute` on the store's source to finish it") from None
-            end = max(x.offset + x.read_length for x in idx.experts if x.layer == layer.layer)
-            if size != layer.size or size < end:
-                raise CheckpointError(f, f"{size} bytes, store.json says {layer.size} and its experts need {end}",
+            if size != layer.size:
+                raise CheckpointError(f, f"{size} bytes, store.json says {layer.size}",
                                       fix="the file is truncated or replaced; re-run `precompute --force`")
+            for x in idx.experts[layer.layer * idx.model.num_experts:(layer.layer + 1) * idx.model.num_experts]:
+                if x.offset + x.read_length > size:
+                    raise CheckpointError(f, f"expert {x.layer}/{x.expert} at {x.offset}+{x.read_length} lies past "
+                                          f"the end of the file ({size} bytes)",
+                                          fix="store.json is corrupted; re-run `precompute --force`")
         self._layout = self._dense_layout()
 
     # -- where ---------------------------------------------------------------------------

@@ -33,7 +33,7 @@ class PrecomputeConfig(msgspec.Struct, frozen=True):
     out: str
     dtype: str = "bfloat16"
     force: bool = False
-    workers: int = 1
+    workers: int = 1  # worker processes; 0 converts in this process
     format: str | None = None
     progress: bool = True
 
@@ -162,7 +162,7 @@ def precompute(cfg: PrecomputeConfig, source: Checkpoint, log=print) -> int:
     if todo:
         if kept:
             log(f"resuming: {len(kept)} finished layers kept, {len(todo)} to convert")
-        _run(cfg, out, spec.format, spec.num_experts, tensors, digest, todo, metas)
+        _run(cfg, source, out, spec.format, spec.num_experts, tensors, digest, todo, metas)
     index = StoreIndex(FORMAT_VERSION, CHECKSUM_ALGORITHM, ALIGN, cfg.dtype, spec, tensors, identity, digest,
                        tuple(StoreLayer(l, layer_file_name(l), metas[l].size) for l in range(spec.num_layers)),
                        tuple(x for l in range(spec.num_layers) for x in metas[l].experts))
@@ -172,16 +172,22 @@ def precompute(cfg: PrecomputeConfig, source: Checkpoint, log=print) -> int:
     return 0
 
 
-def _run(cfg: PrecomputeConfig, out: Path, fmt: str, num_experts: int, tensors, digest: str,
+def _run(cfg: PrecomputeConfig, source: Checkpoint, out: Path, fmt: str, num_experts: int, tensors, digest: str,
          todo: list[LayerPlan], metas: dict[int, LayerMeta]) -> None:
     jobs = [m.LayerJob(str(Path(cfg.model).resolve()), fmt, str(out.resolve()), p.layer, num_experts,
                        cfg.dtype, tensors, digest) for p in todo]
     bar = ProgressBar(sum(x.length for p in todo for x in p.experts), len(todo) * num_experts, "precompute",
                       enabled=cfg.progress)
     try:
-        with WorkerPool(max(1, min(cfg.workers, len(todo))), out) as pool:
-            pool.run(jobs, lambda p: bar.update(p.nbytes, p.experts),
-                     lambda d: metas.__setitem__(d.layer, d.meta))
+        if cfg.workers == 0:  # in this process: for debugging, and for sources no worker can open
+            from .worker import convert_layer
+
+            for job in jobs:
+                metas[job.layer] = convert_layer(source, job, lambda n, b: bar.update(b, n))
+        else:
+            with WorkerPool(min(cfg.workers, len(todo)), out) as pool:
+                pool.run(jobs, lambda p: bar.update(p.nbytes, p.experts),
+                         lambda d: metas.__setitem__(d.layer, d.meta))
     finally:
         secs = bar.close()
     nbytes = sum(p.size for p in todo)

@@ -45,7 +45,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="store directory (default MODEL/expert_store)")
     p.add_argument("--dtype", default="bfloat16", help=f"one of {', '.join(STORE_DTYPES)} (default bfloat16)")
     p.add_argument("--force", action="store_true", help="overwrite an existing store")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes (0: convert in this process)")
     p.add_argument("--format", help="source format name (default: detected)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -71,8 +71,8 @@ def _precompute(a: argparse.Namespace) -> int:
     from .convert import check_dtype
 
     check_dtype(a.dtype)
-    if a.workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {a.workers}")
+    if a.workers < 0:
+        raise ValueError(f"--workers must be 0 (convert in this process) or more, got {a.workers}")
     model = Path(a.model)
     if not model.is_dir():
         raise CheckpointError(model, "is not a directory", fix="give --model the directory of a checkpoint")
