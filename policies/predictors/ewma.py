@@ -28,11 +28,13 @@ class EwmaPredictor(Predictor):
             raise ValueError(f"ewma: layer {event.layer} out of range [0, {self.num_layers})")
         row = self._p[event.layer]
         row *= 1.0 - self.alpha
-        ids = np.asarray(event.experts, dtype=np.int64)
-        row[ids[(ids >= 0) & (ids < self.num_experts)]] += self.alpha
+        ids = [e for e in event.experts if 0 <= e < self.num_experts]  # -1 = no entry
+        row[ids] += self.alpha
 
     def predict(self, layer: int) -> np.ndarray:
-        return np.clip(self._p[layer], 0.0, 1.0)
+        # A convex combination of values in [0, 1] stays there; the minimum only guards
+        # rounding, and is one cheap ufunc (this runs once per layer visit).
+        return np.minimum(self._p[layer], 1.0)
 
     def predict_all(self) -> np.ndarray:
-        return np.clip(self._p, 0.0, 1.0)
+        return np.minimum(self._p, 1.0)

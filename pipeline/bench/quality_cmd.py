@@ -1,0 +1,49 @@
+"""`prefetch-bench quality`: recall@k / precision@k of predictors replayed online over a trace."""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+DEFAULT_PREDICTORS = ("ewma", "lookahead", "fusion", "oracle")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", required=True, help="a moe-routing-trace/1 .npz file")
+    parser.add_argument("--predictor", action="append", dest="predictors", metavar="NAME",
+                        help=f"predictor to score (repeatable; default: {', '.join(DEFAULT_PREDICTORS)})")
+    parser.add_argument("--k", action="append", type=int, dest="ks", metavar="K",
+                        help="top-k cut-offs (repeatable; default: the trace's top_k and 2 * top_k)")
+    parser.add_argument("--json", dest="json_out", help="also write the results (with per-layer figures) here")
+
+
+def run(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from policies.predictors.registry import predictor_class
+    from policies.quality import build_predictor, evaluate, format_table
+    from policies.traces import load_trace
+
+    names = args.predictors or list(DEFAULT_PREDICTORS)
+    for name in names:  # fail on a bad name before the (long) replays
+        predictor_class(name)
+    trace = load_trace(args.trace)
+    results = []
+    for name in names:
+        results += evaluate(trace, build_predictor(name, trace), ks=tuple(args.ks) if args.ks else None, name=name)
+    print(f"trace {args.trace}: {trace.tokens} rows, {trace.num_layers} layers x {trace.num_experts} experts, "
+          f"top-{trace.top_k}; decode visits scored online")
+    print(format_table(results))
+    if args.json_out:
+        out = Path(args.json_out)
+        data = msgspec.json.encode({"trace": str(args.trace), "results": results})
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or ".")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return 0
