@@ -101,7 +101,8 @@ class ScoutGateModel(nn.Module):
         self.project = nn.Linear(c.token_dim, c.dim)
         self.norm = nn.LayerNorm(c.dim)
         self.layer_emb = nn.Parameter(torch.randn(L, c.layer_dim) * 0.1)
-        self.mlp = nn.Sequential(nn.Linear(c.dim + c.layer_dim, c.hidden), nn.GELU(), nn.Linear(c.hidden, c.dim))
+        self.mlp = nn.Sequential(nn.Linear(c.dim + c.layer_dim, c.hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(c.hidden, c.dim))  # tanh GELU: `NumpyScoutGate` computes the same
         self.expert_emb = nn.Parameter(torch.randn(L, E, c.dim) * 0.1)
         self.u = nn.Linear(c.dim, c.rank, bias=False)
         self.v = nn.Linear(c.dim, c.rank, bias=False)
@@ -219,6 +220,50 @@ def check_compatible(config: ScoutGateConfig, num_layers: int, num_experts: int,
                               fix="train ScoutGate on a trace of this model")
 
 
+class NumpyScoutGate:
+    """The model's inference pass in numpy, for one context at a time on the serving path.
+
+    Torch's intra-op threads cost ~30 ms per token for these tiny matrices on a busy 2-core
+    box (~1 ms with one thread), and the thread count is process-wide, so the predictor must
+    not change it. Inputs that never change (the expert tower, the layer half of the first
+    MLP layer) are computed once here.
+    """
+
+    def __init__(self, model: ScoutGateModel):
+        c = self.config = model.config
+        sd = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
+        self.table = sd["tokens.weight"]
+        self.position_logits = sd["position_logits"]
+        self.w_proj, self.b_proj = sd["project.weight"], sd["project.bias"]
+        self.ln_w, self.ln_b, self.ln_eps = sd["norm.weight"], sd["norm.bias"], model.norm.eps
+        w1 = sd["mlp.0.weight"]
+        self.w1_ctx = w1[:, : c.dim]
+        self.h_layer = sd["layer_emb"] @ w1[:, c.dim:].T + sd["mlp.0.bias"]  # [L, hidden]
+        self.w2, self.b2 = sd["mlp.2.weight"], sd["mlp.2.bias"]
+        self.u = sd["u.weight"]
+        self.keys = sd["expert_emb"] @ sd["v.weight"].T  # [L, E, r]
+        self.bias = sd["bias"]
+
+    def __call__(self, context: tuple[int, ...]) -> np.ndarray:
+        """Token ids (oldest first) -> float64 [L, E] probabilities for the next token."""
+        c = self.config
+        ids = np.asarray(context[-c.history:], dtype=np.int64)
+        ids = ids[ids >= 0]
+        if ids.size:
+            logits = self.position_logits[-ids.size:] if c.pooling == "weighted" else np.zeros(ids.size)
+            w = np.exp(logits - logits.max())
+            pooled = (w / w.sum()) @ self.table[token_buckets(ids, c.vocab_buckets)]
+        else:  # an all-pad context pools to zero, as in the torch model
+            pooled = np.zeros(c.token_dim)
+        x = self.w_proj @ pooled + self.b_proj
+        x = (x - x.mean()) / np.sqrt(x.var() + self.ln_eps) * self.ln_w + self.ln_b
+        h = self.h_layer + self.w1_ctx @ x  # [L, hidden]
+        h = 0.5 * h * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (h + 0.044715 * h ** 3)))
+        query = (h @ self.w2.T + self.b2) @ self.u.T  # [L, r]
+        logits = np.einsum("lr,ler->le", query, self.keys) + self.bias
+        return 0.5 * (1.0 + np.tanh(0.5 * logits))  # the sigmoid, without overflow warnings
+
+
 class ScoutGatePredictor(Predictor):
     """Online ScoutGate. `predict(layer)` answers for the layer's next visit: a layer the
     current token has already passed next runs for the following token (context includes the
@@ -263,6 +308,7 @@ class ScoutGatePredictor(Predictor):
         self._token: int | None = None
         self._last_layer = -1  # deepest layer the current token has passed
         self._cache: dict[tuple[int, ...], np.ndarray] = {}
+        self._forward = NumpyScoutGate(model) if model is not None else None
         self.forward_passes = 0
 
     def observe(self, event: Activation) -> None:
@@ -293,9 +339,8 @@ class ScoutGatePredictor(Predictor):
     def _probabilities(self, context: tuple[int, ...]) -> np.ndarray:
         probs = self._cache.get(context)
         if probs is None:
-            assert self.model is not None
-            probs = self.model.probabilities(np.array([(-1,) * (self.model.config.history - len(context)) +
-                                                       context[-self.model.config.history:]]))[0]
+            assert self._forward is not None
+            probs = self._forward(context)
             self.forward_passes += 1
             # Only the current and the previous context are ever asked for again.
             self._cache = {k: v for k, v in self._cache.items() if k in (tuple(self._context), self._previous)}
