@@ -226,20 +226,52 @@ class CachePolicy(abc.ABC):
             return False
         value = self._keep_value(tier, call.layer) if keep is None else keep
         masked = np.where(ok, value, np.inf)
-        order = np.argsort(masked, axis=None, kind="stable")
         victims = []
-        for flat in order:
-            l, e = divmod(int(flat), self.E)
-            if not ok[l, e] or (below is not None and masked[l, e] >= below):
+        while free < nbytes:  # usually one victim: repeated argmin beats a full sort
+            flat = int(masked.argmin())
+            v = masked.flat[flat]
+            if v == np.inf or (below is not None and v >= below):
                 return False
+            masked.flat[flat] = np.inf
+            l, e = divmod(flat, self.E)
             victims.append((l, e))
             free += int(self.sizes[l, e])
-            if free >= nbytes:
-                break
-        else:
-            return False
         for l, e in victims:
             self._evict(tier, l, e, call)
+        return True
+
+    def _prefetch(self, layer: int, expert: int, priority: float, call: _Call, *,
+                  below: float | None = None, keep: dict | None = None) -> bool:
+        """Speculatively bring (layer, expert) into VRAM (staging it first if needed).
+
+        Makes room only by evicting experts whose keep value is < `below` (per tier,
+        `keep[tier]` is the keep-value array to use); False (nothing changed in that tier)
+        when that is not possible.
+        """
+        keep = keep or {}
+        size = int(self.sizes[layer, expert])
+        if self.state[Tier.RAM][layer, expert] == ABSENT:
+            if not self._make_room(Tier.RAM, size, call, below=below, keep=keep.get(Tier.RAM),
+                                   for_layer=layer):
+                return False
+            self._load(Tier.RAM, layer, expert, priority, call)
+        if self.state[Tier.VRAM][layer, expert] != ABSENT:
+            return True
+        if not self._make_room(Tier.VRAM, size, call, below=below, keep=keep.get(Tier.VRAM),
+                               for_layer=layer):
+            return False
+        self._load(Tier.VRAM, layer, expert, priority, call)
+        return True
+
+    def _stage(self, layer: int, expert: int, priority: float, call: _Call, *,
+               below: float | None = None, keep: np.ndarray | None = None) -> bool:
+        """Speculatively bring (layer, expert) into RAM only."""
+        if self.state[Tier.RAM][layer, expert] != ABSENT:
+            return True
+        if not self._make_room(Tier.RAM, int(self.sizes[layer, expert]), call, below=below,
+                               keep=keep, for_layer=layer):
+            return False
+        self._load(Tier.RAM, layer, expert, priority, call)
         return True
 
     def _evict(self, tier: Tier, layer: int, expert: int, call: _Call) -> None:

@@ -19,8 +19,10 @@ from .base import CachePolicy
 POLICIES: dict[str, str] = {
     "lru": "policies.cache.lru:LRUPolicy",
     "lru-per-layer": "policies.cache.lru:LRUPerLayerPolicy",
+    "nextuse": "policies.cache.nextuse:NextUsePolicy",
 }
-DEFAULT_POLICY = "lru"
+DEFAULT_POLICY = "nextuse"
+DEFAULT_PREDICTOR = "ewma"
 
 
 def policy_class(name: str) -> type[CachePolicy]:
@@ -38,6 +40,10 @@ def make_policy(name: str, predictor: Predictor | None = None, **config) -> Cach
     except msgspec.ValidationError as e:
         raise ValueError(f"policy {name!r}: bad config: {e}") from None
     return cls(cfg, predictor)
+
+
+def policy_names() -> list[str]:
+    return sorted(POLICIES)
 
 
 def uses_predictor(name: str) -> bool:
