@@ -28,7 +28,7 @@ class _Usage(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage dump
-        raise _Usage(f"{self.prog}: {message}")
+        raise _Usage(message)
 
 
 class Interrupted(BaseException):
