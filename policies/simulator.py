@@ -220,3 +220,38 @@ def simulate(trace: Trace, policy: CachePolicy, *, policy_name: str, predictor_n
     if progress is not None and pending:
         progress(pending)
     return sim.result(policy_name, predictor_name, tokens)
+
+
+def count_passes(trace: Trace, include_prefill: bool = False) -> int:
+    """Number of forward passes `decode_steps` yields (for progress bars)."""
+    n = int((trace.phase == 1).sum())
+    if include_prefill and trace.tokens:
+        pre = trace.phase == 0
+        starts = pre & np.concatenate(([True], (np.diff(trace.request) != 0) | (np.diff(trace.phase) != 0)))
+        n += int(starts.sum())
+    return n
+
+
+def access_sequence(trace: Trace, include_prefill: bool = False) -> np.ndarray:
+    """int64 keys layer * E + expert in the order `simulate` feeds them (for Belady)."""
+    E = trace.num_experts
+    if not include_prefill:
+        ex = trace.experts[trace.phase == 1].astype(np.int64)
+        keys = np.arange(trace.num_layers)[None, :, None] * E + ex
+        return keys.reshape(-1)[ex.reshape(-1) >= 0]
+    out = []
+    for step in decode_steps(trace, include_prefill=True):
+        ex = step.experts.astype(np.int64)
+        keys = np.arange(trace.num_layers)[:, None] * E + ex
+        out.append(keys.reshape(-1)[ex.reshape(-1) >= 0])
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def truncate(trace: Trace, rows: int) -> Trace:
+    """The first `rows` rows of `trace` (a view), for quick runs and tests."""
+    import dataclasses
+
+    cut = slice(0, min(rows, trace.tokens))
+    return dataclasses.replace(trace, experts=trace.experts[cut], weights=trace.weights[cut],
+                               token_ids=trace.token_ids[cut], phase=trace.phase[cut],
+                               request=trace.request[cut])

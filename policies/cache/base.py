@@ -241,23 +241,25 @@ class CachePolicy(abc.ABC):
         return True
 
     def _prefetch(self, layer: int, expert: int, priority: float, call: _Call, *,
-                  below: float | None = None, keep: dict | None = None) -> bool:
+                  below: float | None = None, keep: dict | None = None,
+                  below_by_tier: dict | None = None) -> bool:
         """Speculatively bring (layer, expert) into VRAM (staging it first if needed).
 
-        Makes room only by evicting experts whose keep value is < `below` (per tier,
-        `keep[tier]` is the keep-value array to use); False (nothing changed in that tier)
-        when that is not possible.
+        Makes room only by evicting experts whose keep value is < `below` (or per tier
+        `below_by_tier[tier]`; `keep[tier]` is the keep-value array to use); False (nothing
+        changed in that tier) when that is not possible.
         """
         keep = keep or {}
+        below_by_tier = below_by_tier or {Tier.VRAM: below, Tier.RAM: below}
         size = int(self.sizes[layer, expert])
         if self.state[Tier.RAM][layer, expert] == ABSENT:
-            if not self._make_room(Tier.RAM, size, call, below=below, keep=keep.get(Tier.RAM),
+            if not self._make_room(Tier.RAM, size, call, below=below_by_tier[Tier.RAM], keep=keep.get(Tier.RAM),
                                    for_layer=layer):
                 return False
             self._load(Tier.RAM, layer, expert, priority, call)
         if self.state[Tier.VRAM][layer, expert] != ABSENT:
             return True
-        if not self._make_room(Tier.VRAM, size, call, below=below, keep=keep.get(Tier.VRAM),
+        if not self._make_room(Tier.VRAM, size, call, below=below_by_tier[Tier.VRAM], keep=keep.get(Tier.VRAM),
                                for_layer=layer):
             return False
         self._load(Tier.VRAM, layer, expert, priority, call)

@@ -19,6 +19,8 @@ from .base import CachePolicy
 POLICIES: dict[str, str] = {
     "lru": "policies.cache.lru:LRUPolicy",
     "lru-per-layer": "policies.cache.lru:LRUPerLayerPolicy",
+    "lfu": "policies.cache.lfu:LFUPolicy",
+    "watermark": "policies.cache.watermark:WatermarkPolicy",
     "nextuse": "policies.cache.nextuse:NextUsePolicy",
 }
 DEFAULT_POLICY = "nextuse"

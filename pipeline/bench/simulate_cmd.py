@@ -1,0 +1,158 @@
+"""`prefetch-bench simulate`: replay a routing trace through cache policies, against Belady.
+
+For each policy x predictor pair (a policy without a predictor runs once, predictor "-"),
+the trace's decode rows (and prefill passes with --include-prefill) go through the timed
+simulator of `policies.simulator`; Belady MIN is computed at the same VRAM capacity in
+experts. Prints a table; --json writes the figures atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_capacity(text: str, *, what: str, expert_bytes: int, num_experts_total: int) -> int:
+    """Capacity in whole experts from `0.1` (a fraction of all experts), `6GiB` or `1234` bytes."""
+    s = text.strip().lower()
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(?:e([+-]?\d+))?\s*([kmgt]i?b|b)?", s)
+    if not m:
+        raise ValueError(f"{what} {text!r} does not parse; give a fraction of all experts (0.1) "
+                         f"or bytes (6GiB, 512MiB, 1000000)")
+    number, exp, unit = m.group(1), m.group(2), m.group(3) or ""
+    value = float(number) * (10 ** int(exp) if exp else 1)
+    if unit == "" and ("." in number or exp):  # a fraction
+        if not 0 < value <= 1:
+            raise ValueError(f"{what} {text!r}: a fraction must be in (0, 1]; bytes need an "
+                             f"integer or a unit (e.g. 6GiB)")
+        return int(value * num_experts_total)
+    return int(value * _UNITS[unit]) // expert_bytes
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", required=True, help="routing trace .npz (moe-routing-trace/1)")
+    p.add_argument("--vram-capacity", default="0.1", help="fraction of all experts (0.1) or bytes (6GiB)")
+    p.add_argument("--ram-capacity", default="0.5", help="fraction of all experts (0.5) or bytes (64GiB)")
+    p.add_argument("--policy", action="append", help="policy name, repeatable (default: all)")
+    p.add_argument("--predictor", action="append", help="predictor name for policies that take one, "
+                   "repeatable (default: ewma)")
+    p.add_argument("--expert-bytes", type=int, help="bytes of one expert (default: the trace's "
+                   "meta expert_bytes_bf16)")
+    p.add_argument("--compute-ms-per-layer", type=float, default=0.5)
+    p.add_argument("--h2d-gbps", type=float, default=50.0, help="RAM->VRAM GB/s (DESIGN.md: ~50 on H100)")
+    p.add_argument("--disk-gbps", type=float, default=1.6, help="NVMe->RAM GB/s (DESIGN.md: ~1.6)")
+    p.add_argument("--include-prefill", action="store_true")
+    p.add_argument("--max-tokens", type=int, help="replay only the first N trace rows")
+    p.add_argument("--json", help="write the results here (atomically)")
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    import msgspec
+    from tqdm import tqdm
+
+    from policies.cache.belady import belady_min
+    from policies.cache.registry import DEFAULT_PREDICTOR, make_policy, policy_class, policy_names
+    from policies.predictors.registry import make_predictor, predictor_class
+    from policies.simulator import access_sequence, count_passes, simulate, truncate
+    from policies.traces import load_trace
+
+    # Check every name and number before the (long) replay starts.
+    policies = args.policy or policy_names()
+    classes = {name: policy_class(name) for name in policies}
+    predictors = args.predictor or [DEFAULT_PREDICTOR]
+    for name in predictors:
+        predictor_class(name)
+    for flag in ("compute_ms_per_layer", "h2d_gbps", "disk_gbps"):
+        v = getattr(args, flag)
+        if not (v > 0 or (flag == "compute_ms_per_layer" and v == 0)):
+            raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {v}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+
+    trace = load_trace(args.trace)
+    if args.max_tokens is not None:
+        trace = truncate(trace, args.max_tokens)
+    size = args.expert_bytes if args.expert_bytes is not None else trace.expert_bytes
+    if size is None:
+        raise ValueError(f"{args.trace}: the trace's meta has no expert_bytes_bf16; pass --expert-bytes N")
+    if size < 1:
+        raise ValueError(f"--expert-bytes must be >= 1, got {size}")
+    L, E, K = trace.num_layers, trace.num_experts, trace.top_k
+    total = L * E
+    vram_x = parse_capacity(args.vram_capacity, what="--vram-capacity", expert_bytes=size, num_experts_total=total)
+    ram_x = parse_capacity(args.ram_capacity, what="--ram-capacity", expert_bytes=size, num_experts_total=total)
+    for flag, x in (("--vram-capacity", vram_x), ("--ram-capacity", ram_x)):
+        if x < K:
+            raise ValueError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))!r} holds {x} experts of "
+                             f"{size} bytes, fewer than one layer's top-{K} working set; give at least "
+                             f"{K * size} bytes")
+    vram_x, ram_x = min(vram_x, total), min(ram_x, total)
+    base = dict(num_layers=L, num_experts=E, top_k=K, vram_bytes=vram_x * size,
+                ram_bytes=ram_x * size, expert_bytes=size,
+                containment=ram_x >= vram_x,
+                seconds_per_layer=args.compute_ms_per_layer / 1e3,
+                h2d_bytes_per_s=args.h2d_gbps * 1e9, disk_bytes_per_s=args.disk_gbps * 1e9)
+    timing = dict(compute_seconds_per_layer=args.compute_ms_per_layer / 1e3,
+                  h2d_bytes_per_s=args.h2d_gbps * 1e9, disk_bytes_per_s=args.disk_gbps * 1e9)
+
+    pairs = [(p, q) for p in policies for q in (predictors if classes[p].uses_predictor else ["-"])]
+    passes = count_passes(trace, args.include_prefill)
+    results = []
+    with tqdm(total=passes * len(pairs), file=sys.stderr, unit="tok", disable=None,
+              desc="simulate") as bar:
+        for pol, pred in pairs:
+            predictor = None
+            if pred != "-":
+                opts = {"trace": trace, "include_prefill": args.include_prefill} if pred == "oracle" else {}
+                predictor = make_predictor(pred, L, E, K, **opts)
+            policy = make_policy(pol, predictor, **base)
+            bar.set_postfix_str(f"{pol}/{pred}")
+            results.append(simulate(trace, policy, policy_name=pol, predictor_name=pred,
+                                    include_prefill=args.include_prefill, progress=bar.update, **timing))
+    hits, loads = belady_min(access_sequence(trace, args.include_prefill), vram_x)
+    accesses = hits + loads
+    report = {
+        "trace": str(args.trace), "tokens": results[0].tokens if results else 0,
+        "vram_capacity_experts": vram_x, "ram_capacity_experts": ram_x, "expert_bytes": size,
+        "belady": {"vram_hit_rate": hits / max(1, accesses), "loads_vram": loads},
+        "runs": [{k: v for k, v in msgspec.structs.asdict(r).items()} for r in results],
+    }
+    _print_table(report)
+    if args.json:
+        _write_json_atomic(args.json, report)
+    return 0
+
+
+def _print_table(report: dict) -> None:
+    bel = report["belady"]
+    print(f"{report['trace']}: {report['tokens']} tokens, VRAM {report['vram_capacity_experts']} experts, "
+          f"RAM {report['ram_capacity_experts']} experts; Belady VRAM hit {bel['vram_hit_rate']:.3f}, "
+          f"loads {bel['loads_vram']}")
+    head = f"{'policy':<14}{'predictor':<10}{'vram_hit':>9}{'ram_hit':>9}{'loads_vram':>11}{'x_belady':>9}" \
+           f"{'loads_ram':>10}{'stall_s/tok':>12}{'tok/s':>9}"
+    print(head)
+    for r in report["runs"]:
+        ratio = r["loads_vram"] / bel["loads_vram"] if bel["loads_vram"] else float("nan")
+        print(f"{r['policy']:<14}{r['predictor']:<10}{r['vram_hit_rate']:>9.3f}{r['ram_hit_rate']:>9.3f}"
+              f"{r['loads_vram']:>11}{ratio:>9.2f}{r['loads_ram']:>10}"
+              f"{r['stall_seconds_per_token']:>12.4f}{r['tokens_per_second']:>9.2f}")
