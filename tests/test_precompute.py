@@ -228,6 +228,31 @@ def test_stats_and_clean(tiny, tmp_path, capsys, monkeypatch):
     assert not out.exists()
 
 
+def test_force_with_too_little_disk_keeps_the_old_store(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "st"
+    assert run(["--model", str(tiny), "--out", str(out), "--workers", "0", "--no-progress"], capsys)[0] == 0
+    before = files_of(out)
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 5000, 5000))
+    rc, _, err = run(["--model", str(tiny), "--out", str(out), "--dtype", "mxfp4", "--force"], capsys)
+    assert rc == 2 and "not enough disk space" in err
+    assert files_of(out) == before
+
+
+def test_sigint_stops_with_130_and_one_line(tiny, tmp_path, capsys, monkeypatch):
+    import adapters.precompute.build as build
+
+    def interrupted_run(cfg, source, log=print):
+        os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C in the middle of a run
+        time.sleep(5)
+        raise AssertionError("SIGINT did not stop the run")
+
+    monkeypatch.setattr(build, "precompute", interrupted_run)
+    rc, _, err = run(["--model", str(tiny), "--out", str(tmp_path / "st")], capsys)
+    assert rc == 130 and err.strip().splitlines() == [
+        "precompute: stopped by SIGINT; finished layers are kept, rerun to resume"]
+
+
 def test_sigint_handler_is_restored_after_main(tiny, tmp_path, capsys):
     before = signal.getsignal(signal.SIGTERM)
     run(["--model", str(tiny), "--out", str(tmp_path / "st"), "--workers", "0", "--no-progress"], capsys)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
+import os
 import struct
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -218,3 +220,22 @@ def test_index_decode_error_names_the_field(store, tmp_path):
     with pytest.raises(CheckpointError, match=r"store\.json.*\$\.experts\[4\]\.offset"):
         StoreCheckpoint(bad)
     assert msgspec.json.decode((out / "store.json").read_bytes())["version"] == 1
+
+
+def test_an_expert_can_be_read_with_o_direct(store):
+    _, out = store
+    st = StoreCheckpoint(out)
+    x = st.expert_range(1, 6)
+    buf = mmap.mmap(-1, x.read_length)  # page-aligned memory, as O_DIRECT requires
+    try:
+        fd = os.open(out / x.file, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    except OSError as e:  # e.g. tmpfs: the file system has no direct I/O
+        pytest.skip(f"no O_DIRECT on this file system: {e}")
+    try:
+        n = os.preadv(fd, [buf], x.offset)  # aligned offset and length, or EINVAL
+    finally:
+        os.close(fd)
+    assert n == x.read_length
+    data = bytes(buf[: x.length])
+    assert data == st.read_expert(1, 6) and bytes(buf[x.length:]) == bytes(x.read_length - x.length)
+    st.verify(1, 6, data)

@@ -8,7 +8,6 @@ written).
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -102,11 +101,11 @@ def _keep_layer(path: Path, plan: LayerPlan, force: bool) -> LayerMeta | None:
     raise RefusedError(f"{path}: cannot resume: {why}; pass --force to overwrite or choose another --out")
 
 
-def _check_disk(out: Path, need: int) -> None:
+def _check_disk(out: Path, need: int, freed: int = 0) -> None:
     probe = out
     while not probe.exists():
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(probe).free + freed
     if need > free:
         raise RefusedError(f"not enough disk space for the store in {out}: need {human_bytes(need)}, "
                            f"{human_bytes(free)} free (free some space or choose another --out)")
@@ -128,7 +127,10 @@ def precompute(cfg: PrecomputeConfig, source: Checkpoint, log=print) -> int:
         raise RefusedError(f"{out / INDEX_NAME}: a store of another source or dtype ({existing.source.path}, "
                            f"{existing.dtype}) is already there; pass --force to overwrite or choose another --out")
     if cfg.force:
-        for p in owned_files(out):
+        # Check the space before removing the old store: a refused run must leave it intact.
+        old = owned_files(out)
+        _check_disk(out, sum(p.size for p in plans) + INDEX_MARGIN, sum(p.stat().st_size for p in old))
+        for p in old:
             p.unlink()
     for p in owned_files(out):
         if p.name.endswith(".partial"):
