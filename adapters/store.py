@@ -6,8 +6,10 @@
   read_expert(l, e)  -> bytes            ONE positional read of the whole expert
   verify(l, e, data)                     checksum, CheckpointError naming file/layer/expert
   decode(raw, device)                    by-role bytes -> dense tensors
-  decode_from_buffer(buf, device)        one contiguous uint8 expert buffer (any device) ->
-                                         dense tensors; bf16/fp16 come out as views, no copy
+  decode_from_buffer(buf, device, out=None)  one contiguous uint8 expert buffer (any device)
+                                         -> dense tensors; bf16/fp16 come out as views, no
+                                         copy; with `out`, written into preallocated tensors
+  dense_tensors                          role/dtype/shape of what decode returns
   check_layer_file(l)                    the layer file's safetensors header agrees with the index
 The layout is described in `adapters.store_format`.
 """
@@ -22,7 +24,7 @@ import torch
 from .base import Checkpoint, Raw, raw_to_u8
 from .errors import CheckpointError
 from .registry import register
-from .spec import ExpertLocation, TensorRange
+from .spec import ExpertLocation, TensorRange, TensorSpec
 from .store_format import (ALIGN, CHECKSUM_ALGORITHM, FORMAT_VERSION, INDEX_NAME, STORE_DTYPES, StoreExpert,
                            StoreIndex, checksum)
 
@@ -202,10 +204,24 @@ class StoreCheckpoint(Checkpoint):
             parts[role] = u8
         return self._assemble(parts, device)
 
-    def decode_from_buffer(self, buf: torch.Tensor, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    @property
+    def dense_tensors(self) -> tuple[TensorSpec, ...]:
+        """The dense tensors `decode*` returns (role, dtype, shape), e.g. to preallocate `out`."""
+        specs = {t.role: t for t in self.index.expert_tensors}
+        res = []
+        for dense, stored, scales in self._layout:
+            t = specs[stored]
+            res.append(TensorSpec(dense, "BF16", (*t.shape[:-2], t.shape[-2] * 32)) if scales else
+                       TensorSpec(dense, t.dtype, t.shape))
+        return tuple(res)
+
+    def decode_from_buffer(self, buf: torch.Tensor, device: str | torch.device | None = None,
+                           out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Tensors of one expert from ONE contiguous uint8 buffer holding its bytes (at least
         `length`, e.g. a `read_length` slot). Moved to `device` once if it is elsewhere; bf16/
-        fp16 tensors are then views into it (they alias `buf`: keep it alive, don't reuse it)."""
+        fp16 tensors are then views into it (they alias `buf`: keep it alive, don't reuse it).
+        With `out` (preallocated tensors as in `dense_tensors`, on `device`), everything is
+        written into `out` instead (MXFP4 decodes straight into it) and `out` is returned."""
         if buf.dtype != torch.uint8 or buf.dim() != 1:
             raise ValueError(f"expert buffer must be a 1-D uint8 tensor, got {buf.dtype} {list(buf.shape)}")
         x = self.index.experts[0]
@@ -215,9 +231,10 @@ class StoreCheckpoint(Checkpoint):
         if buf.device != device:
             buf = buf.to(device)
         parts = {t.role: buf[t.offset: t.offset + t.nbytes] for t in x.tensors}
-        return self._assemble(parts, device)
+        return self._assemble(parts, device, out)
 
-    def _assemble(self, parts: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    def _assemble(self, parts: dict[str, torch.Tensor], device: torch.device,
+                  out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         specs = {t.role: t for t in self.index.expert_tensors}
 
         def view(role: str) -> torch.Tensor:
@@ -229,12 +246,16 @@ class StoreCheckpoint(Checkpoint):
                 u8 = u8.clone()
             return u8.view(_TORCH[t.dtype]).view(t.shape)
 
-        out: dict[str, torch.Tensor] = {}
-        for dense, stored, scales in self._layout:
-            if scales is None:
-                out[dense] = view(stored)
-            else:
-                from .mxfp4 import mxfp4_decode
+        from .mxfp4 import mxfp4_decode, mxfp4_decode_into
 
-                out[dense] = mxfp4_decode(view(stored), view(scales))
-        return out
+        res: dict[str, torch.Tensor] = {}
+        for dense, stored, scales in self._layout:
+            if out is not None and scales is None:
+                res[dense] = out[dense].copy_(view(stored))
+            elif out is not None:
+                res[dense] = mxfp4_decode_into(out[dense], view(stored), view(scales))
+            elif scales is None:
+                res[dense] = view(stored)
+            else:
+                res[dense] = mxfp4_decode(view(stored), view(scales))
+        return res

@@ -130,6 +130,14 @@ def test_decode_from_buffer_slices_views_of_one_buffer(store):
         assert lo <= got["mlp1_bias"].data_ptr() < hi and got["mlp1_weight"].dtype == torch.bfloat16
     with pytest.raises(ValueError, match="needs"):
         st.decode_from_buffer(buf[: x.length - 1])
+    # Into preallocated tensors (the pipeline's fixed slots): same values, same storage.
+    slots = {t.role: torch.full(t.shape, 7, dtype={"BF16": torch.bfloat16, "F16": torch.float16}[t.dtype])
+             for t in st.dense_tensors}
+    ptrs = {r: t.data_ptr() for r, t in slots.items()}
+    res = st.decode_from_buffer(buf, "cpu", out=slots)
+    assert sorted(res) == sorted(want)
+    for r in want:
+        assert res[r].data_ptr() == ptrs[r] and torch.equal(bits(res[r]), bits(want[r]))
 
 
 def test_store_json_records_source_and_per_tensor_ranges(store, tiny_model):
