@@ -147,12 +147,13 @@ class CachePolicy(abc.ABC):
             if vram[layer, e] == LOADING:  # a prefetch in flight becomes a demand load
                 call.promotions.append(Move(layer, e, Tier.VRAM, 0.0))
                 continue
+            # VRAM first: with containment its victims' RAM copies become evictable.
+            ok = self._make_room(Tier.VRAM, int(self.sizes[layer, e]), call, for_layer=layer)
+            assert ok, "VRAM budget was validated to hold one layer's working set"
             if ram[layer, e] == ABSENT:
                 ok = self._make_room(Tier.RAM, int(self.sizes[layer, e]), call, for_layer=layer)
                 assert ok, "RAM budget was validated to hold one layer's working set"
                 self._load(Tier.RAM, layer, e, 0.0, call)
-            ok = self._make_room(Tier.VRAM, int(self.sizes[layer, e]), call, for_layer=layer)
-            assert ok, "VRAM budget was validated to hold one layer's working set"
             self._load(Tier.VRAM, layer, e, 0.0, call)
         self._speculate(layer, now, call)
         return call.plan()
@@ -200,13 +201,14 @@ class CachePolicy(abc.ABC):
         """Add prefetches after the demand part of the plan; default none (demand only)."""
 
     # ---- helpers for the plan -------------------------------------------------------------
-    def _evictable(self, tier: Tier, call: _Call) -> np.ndarray:
+    def _evictable(self, tier: Tier, call: _Call, *, cascade: bool = False) -> np.ndarray:
+        """Experts `tier` may drop now. RAM copies that back VRAM (with containment all of
+        VRAM, else pending H2D copies) only with `cascade`: dropping one drops its VRAM copy."""
         ok = self.state[tier] != ABSENT
         for (l, e) in call.pinned:
             ok[l, e] = False
-        if tier == Tier.RAM:
+        if tier == Tier.RAM and not cascade:
             vram = self.state[Tier.VRAM]
-            # A RAM copy is the source of a pending H2D copy; with containment, of all of VRAM.
             ok &= (vram == ABSENT) if self.config.containment else (vram != LOADING)
         return ok
 
@@ -216,29 +218,40 @@ class CachePolicy(abc.ABC):
 
         With `below`, evict only experts whose keep value is < `below`; if that cannot free
         enough, evict nothing and return False (admission control). `keep` reuses a
-        keep-value array the caller already computed.
+        keep-value array the caller already computed. A demand (no `below`) that RAM cannot
+        serve otherwise evicts RAM copies backing VRAM, with their VRAM copies.
         """
         free = self.capacity[tier] - self.used[tier]
         if free >= nbytes:
             return True
-        ok = self._evictable(tier, call)
-        if not ok.any():
-            return False
         value = self._keep_value(tier, call.layer) if keep is None else keep
+        victims = self._victims(tier, nbytes - free, self._evictable(tier, call), value, below)
+        if victims is None and tier == Tier.RAM and below is None:
+            victims = self._victims(tier, nbytes - free, self._evictable(tier, call, cascade=True),
+                                    value, below)
+        if victims is None:
+            return False
+        for l, e in victims:
+            if tier == Tier.RAM and self.state[Tier.VRAM][l, e] != ABSENT:
+                self._evict(Tier.VRAM, l, e, call)
+            self._evict(tier, l, e, call)
+        return True
+
+    def _victims(self, tier: Tier, need: int, ok: np.ndarray, value: np.ndarray,
+                 below: float | None) -> list[tuple[int, int]] | None:
         masked = np.where(ok, value, np.inf)
         victims = []
-        while free < nbytes:  # usually one victim: repeated argmin beats a full sort
+        freed = 0
+        while freed < need:  # usually one victim: repeated argmin beats a full sort
             flat = int(masked.argmin())
             v = masked.flat[flat]
             if v == np.inf or (below is not None and v >= below):
-                return False
+                return None
             masked.flat[flat] = np.inf
             l, e = divmod(flat, self.E)
             victims.append((l, e))
-            free += int(self.sizes[l, e])
-        for l, e in victims:
-            self._evict(tier, l, e, call)
-        return True
+            freed += int(self.sizes[l, e])
+        return victims
 
     def _prefetch(self, layer: int, expert: int, priority: float, call: _Call, *,
                   below: float | None = None, keep: dict | None = None,

@@ -45,18 +45,22 @@ class LRUPerLayerPolicy(LRUPolicy):
         assert for_layer is not None
         st = self.state[tier]
         used = int(self.sizes[for_layer][st[for_layer] != ABSENT].sum())
-        if used + nbytes <= self.share[tier]:
+        need = used + nbytes - self.share[tier]
+        if need <= 0:
             return True
         # Only this layer's experts may make room: the other partitions are not ours.
-        value = np.full((self.L, self.E), np.inf)
-        value[for_layer] = self.last[for_layer]
-        ok = self._evictable(tier, call)[for_layer]
-        free = self.share[tier] - used
-        for e in np.argsort(np.where(ok, value[for_layer], np.inf), kind="stable"):
-            if free >= nbytes:
+        others = np.ones((self.L, self.E), dtype=bool)
+        others[for_layer] = False
+        victims = None
+        for cascade in (False, True) if (tier == Tier.RAM and below is None) else (False,):
+            ok = self._evictable(tier, call, cascade=cascade) & ~others
+            victims = self._victims(tier, need, ok, self.last, below)
+            if victims is not None:
                 break
-            if not ok[e]:
-                return False
-            self._evict(tier, for_layer, int(e), call)
-            free += int(self.sizes[for_layer, e])
-        return free >= nbytes
+        if victims is None:
+            return False
+        for l, e in victims:
+            if tier == Tier.RAM and self.state[Tier.VRAM][l, e] != ABSENT:
+                self._evict(Tier.VRAM, l, e, call)
+            self._evict(tier, l, e, call)
+        return True
