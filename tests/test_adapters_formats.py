@@ -1,0 +1,184 @@
+"""Each format: a tiny checkpoint from make-model, opened by detection, every expert checked
+bit-exactly against the same tensors read independently with the safetensors library."""
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from adapters import open_checkpoint
+from adapters.errors import CheckpointError, UnknownNameError
+from adapters.registry import get_adapter, names
+from tests.helpers_models import make_tiny, ref_mxfp4_decode
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Independent:
+    """Every tensor of a directory's safetensors files, read with the reference library."""
+
+    def __init__(self, files: list[Path]):
+        self.where = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    self.where[k] = f
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safe_open(str(self.where[name]), framework="pt") as h:
+            return h.get_tensor(name)
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # Compare bit patterns: torch.equal would call +0 == -0 and NaN != NaN.
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.itemsize == 1:
+        return torch.equal(a, b)
+    iv = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.dtype.itemsize]
+    return torch.equal(a.contiguous().view(iv), b.contiguous().view(iv))
+
+
+def _check_gpt_oss(path: Path) -> None:
+    ck = open_checkpoint(path)
+    s = ck.spec
+    assert (s.format, s.family) == ("gpt-oss", "gpt-oss")
+    ind = Independent(sorted((path / "original").glob("*.safetensors")))
+    for l in range(s.num_layers):
+        p = f"block.{s.layer_ids[l]}.mlp."
+        full = {r: ind[p + r] for r in ("mlp1_weight.blocks", "mlp1_weight.scales", "mlp1_bias",
+                                        "mlp2_weight.blocks", "mlp2_weight.scales", "mlp2_bias")}
+        for e in range(s.num_experts):
+            got = ck.load_expert(l, e)
+            want = {
+                "mlp1_weight": ref_mxfp4_decode(full["mlp1_weight.blocks"][e].numpy(), full["mlp1_weight.scales"][e].numpy()),
+                "mlp2_weight": ref_mxfp4_decode(full["mlp2_weight.blocks"][e].numpy(), full["mlp2_weight.scales"][e].numpy()),
+                "mlp1_bias": full["mlp1_bias"][e], "mlp2_bias": full["mlp2_bias"][e],
+            }
+            assert set(got) == set(want)
+            for role in want:
+                assert _bits_equal(got[role], want[role]), (l, e, role)
+            # The raw byte ranges are exactly the stored slices.
+            raw = ck.read_raw(l, e)
+            for role in ("mlp1_weight.blocks", "mlp1_weight.scales", "mlp1_bias"):
+                assert raw[role] == full[role][e].contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def test_gpt_oss_single_file(tmp_path):
+    path = make_tiny(tmp_path / "m", "gpt-oss")
+    _check_gpt_oss(path)
+    assert open_checkpoint(path).spec.expert_bytes == 2 * 64 * 2 * 16 + 2 * 64 * 2 + 2 * 64 * 2 + 64 * 2 * 16 + 64 * 2 + 64 * 2
+
+
+def test_gpt_oss_sharded_subprocess(tmp_path, bin_env):
+    out = tmp_path / "m"
+    r = subprocess.run([sys.executable, str(ROOT / "bin" / "make-model"), "--format", "gpt-oss", "--preset", "tiny",
+                        "--layers", "2", "--experts", "6", "--seed", "5", "--shards", "3", "--out", str(out)],
+                       env=bin_env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert str(out) in r.stdout and "expert size" in r.stdout
+    assert len(list((out / "original").glob("*.safetensors"))) == 3
+    ck = open_checkpoint(out)
+    assert {rg.file for l in range(2) for e in range(6) for rg in ck.locate(l, e).ranges} == {
+        f"original/model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)}
+    _check_gpt_oss(out)
+
+
+def test_decode_accepts_tensors_and_writable_buffers(tmp_path):
+    ck = open_checkpoint(make_tiny(tmp_path / "m", "gpt-oss"))
+    want = ck.load_expert(1, 3)
+    raw = ck.read_raw(1, 3)
+    for form in (lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8), bytearray, lambda b: memoryview(b)):
+        got = ck.decode({k: form(v) for k, v in raw.items()})
+        assert all(_bits_equal(got[k], want[k]) for k in want)
+
+
+def test_registry_names_and_unknown(tmp_path):
+    assert {"gpt-oss"} <= set(names())
+    with pytest.raises(UnknownNameError, match="valid: .*gpt-oss"):
+        get_adapter("gpt-oss-bad")
+    with pytest.raises(UnknownNameError, match="gpt-oss"):
+        open_checkpoint(tmp_path, format="nope")
+
+
+def test_undetectable_directory_names_it_and_formats(tmp_path):
+    (tmp_path / "junk.txt").write_text("x")
+    with pytest.raises(CheckpointError) as ei:
+        open_checkpoint(tmp_path)
+    msg = str(ei.value)
+    assert str(tmp_path) in msg and "gpt-oss" in msg and "\n" not in msg
+
+
+def test_index_out_of_range(tmp_path):
+    ck = open_checkpoint(make_tiny(tmp_path / "m", "gpt-oss"))
+    with pytest.raises(IndexError, match="3 MoE layers x 8 experts"):
+        ck.locate(3, 0)
+    with pytest.raises(IndexError):
+        ck.locate(0, -1)
+
+
+# --- bad input -------------------------------------------------------------------------
+
+def _rewrite_without(path: Path, drop: str | None = None, reshape: tuple[str, list[int]] | None = None) -> None:
+    """Rewrite one safetensors file with a tensor dropped, or one's header shape changed (same bytes)."""
+    with safe_open(str(path), framework="pt") as h:
+        tensors = {k: h.get_tensor(k) for k in h.keys()}
+    from safetensors.torch import save_file
+
+    if drop:
+        del tensors[drop]
+    if reshape:
+        name, shape = reshape
+        tensors[name] = tensors[name].reshape(shape)
+    save_file(tensors, str(path))
+
+
+def test_gpt_oss_missing_tensor(tmp_path):
+    path = make_tiny(tmp_path / "m", "gpt-oss")
+    _rewrite_without(path / "original" / "model.safetensors", drop="block.1.mlp.mlp2_bias")
+    with pytest.raises(CheckpointError, match=r"model.safetensors \[block.1.mlp.mlp2_bias\]: tensor missing"):
+        open_checkpoint(path)
+
+
+def test_gpt_oss_wrong_shape_in_a_shard(tmp_path):
+    path = make_tiny(tmp_path / "m", "gpt-oss", "--shards", "2")
+    shard = path / "original" / "model-00002-of-00002.safetensors"
+    _rewrite_without(shard, reshape=("block.2.mlp.mlp1_weight.scales", [8, 64, 4]))
+    with pytest.raises(CheckpointError) as ei:
+        open_checkpoint(path)
+    msg = str(ei.value)
+    assert "model-00002-of-00002.safetensors" in msg and "block.2.mlp.mlp1_weight.scales" in msg
+    assert "[8, 64, 4]" in msg and "[8, 128, 2]" in msg
+
+
+def test_gpt_oss_missing_and_malformed_config(tmp_path):
+    path = make_tiny(tmp_path / "m", "gpt-oss")
+    cfg = path / "original" / "config.json"
+    text = cfg.read_text()
+    cfg.write_text(text[:-20])
+    with pytest.raises(CheckpointError, match=r"config.json: not valid JSON"):
+        open_checkpoint(path, "gpt-oss")
+    cfg.write_text(json.dumps({**json.loads(text), "num_experts": "8"}))
+    with pytest.raises(CheckpointError, match=r"num_experts = '8' is not a positive integer"):
+        open_checkpoint(path, "gpt-oss")
+    cfg.unlink()
+    with pytest.raises(CheckpointError, match=r"original/config.json: missing"):
+        open_checkpoint(path, "gpt-oss")
+
+
+def test_truncated_shard_is_named(tmp_path):
+    path = make_tiny(tmp_path / "m", "gpt-oss")
+    f = path / "original" / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match=r"model.safetensors \[.*\]: data_offsets end"):
+        open_checkpoint(path)
+    f.write_bytes(struct.pack("<Q", 10**6) + data[8:40])
+    with pytest.raises(CheckpointError, match=r"model.safetensors: header length"):
+        open_checkpoint(path)
