@@ -3,6 +3,7 @@ bit-exactly against the same tensors read independently with the safetensors lib
 from __future__ import annotations
 
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -181,4 +182,114 @@ def test_truncated_shard_is_named(tmp_path):
         open_checkpoint(path)
     f.write_bytes(struct.pack("<Q", 10**6) + data[8:40])
     with pytest.raises(CheckpointError, match=r"model.safetensors: header length"):
+        open_checkpoint(path)
+
+
+# --- Hugging Face per-expert layouts ----------------------------------------------------
+
+HF_NAMES = {
+    "mixtral": (("w1", "w2", "w3"), "model.layers.{l}.block_sparse_moe.experts.{e}.{r}.weight"),
+    "qwen-moe": (("gate_proj", "up_proj", "down_proj"), "model.layers.{l}.mlp.experts.{e}.{r}.weight"),
+}
+
+
+def _check_per_expert(path: Path, fmt: str) -> None:
+    ck = open_checkpoint(path)
+    s = ck.spec
+    assert (s.format, s.family) == (fmt, fmt)
+    roles, pattern = HF_NAMES[fmt]
+    ind = Independent(sorted(path.glob("*.safetensors")))
+    for l in range(s.num_layers):
+        for e in range(s.num_experts):
+            got = ck.load_expert(l, e)
+            assert list(got) == list(roles)
+            for r in roles:
+                want = ind[pattern.format(l=s.layer_ids[l], e=e, r=r)]
+                assert _bits_equal(got[r], want), (l, e, r)
+
+
+@pytest.mark.parametrize("fmt", ["mixtral", "qwen-moe"])
+def test_per_expert_single_file(tmp_path, fmt):
+    path = make_tiny(tmp_path / "m", fmt)
+    assert [p.name for p in path.iterdir() if p.suffix == ".safetensors"] == ["model.safetensors"]
+    _check_per_expert(path, fmt)
+    s = open_checkpoint(path).spec
+    assert (s.num_layers, s.num_experts, s.top_k, s.layer_ids) == (3, 8, 2, (0, 1, 2))
+    assert s.expert_tensors[0].dtype == "BF16" and s.expert_bytes == 3 * 64 * 64 * 2
+
+
+@pytest.mark.parametrize("fmt, dtype", [("mixtral", "F32"), ("qwen-moe", "F16")])
+def test_per_expert_sharded_other_dtypes(tmp_path, fmt, dtype):
+    # 5 shards: byte-balanced boundaries then fall inside some experts (checked below)
+    path = make_tiny(tmp_path / "m", fmt, "--shards", "5", "--dtype", dtype)
+    assert (path / "model.safetensors.index.json").is_file()
+    _check_per_expert(path, fmt)
+    ck = open_checkpoint(path)
+    assert ck.spec.expert_tensors[0].dtype == dtype
+    files_per_expert = [{r.file for r in ck.locate(l, e).ranges} for l in range(3) for e in range(8)]
+    assert set().union(*files_per_expert) == {f"model-0000{k}-of-00005.safetensors" for k in (1, 2, 3, 4, 5)}
+    assert any(len(f) > 1 for f in files_per_expert), "no expert straddles two shards"
+
+
+def test_qwen_shared_expert_and_dense_layer_left_out(tmp_path):
+    out = make_tiny(tmp_path / "q", "qwen-moe", "--layers", "4", "--shared-expert", "--dense-layers", "1", "--shards", "2")
+    ind = Independent(sorted(out.glob("*.safetensors")))
+    # The generator did write the shared expert and the dense layer ...
+    assert "model.layers.0.mlp.gate_proj.weight" in ind.where
+    assert "model.layers.0.mlp.experts.0.gate_proj.weight" not in ind.where
+    assert "model.layers.2.mlp.shared_expert.down_proj.weight" in ind.where
+    assert "model.layers.2.mlp.shared_expert_gate.weight" in ind.where
+    ck = open_checkpoint(out)
+    s = ck.spec
+    # ... and the adapter leaves both out of the routed experts.
+    assert (s.num_layers, s.layer_ids, s.num_experts) == (3, (1, 2, 3), 8)
+    _check_per_expert(out, "qwen-moe")
+    located = {(r.file, r.offset) for l in range(3) for e in range(8) for r in ck.locate(l, e).ranges}
+    assert len(located) == 3 * 8 * 3
+    from adapters.safetensors_io import read_header
+
+    for f in sorted(out.glob("*.safetensors")):
+        for name, t in read_header(f).tensors.items():
+            if ".experts." not in name:
+                assert (f.name, t.offset) not in located, name
+
+
+def test_per_expert_missing_tensor(tmp_path):
+    path = make_tiny(tmp_path / "m", "mixtral", "--shards", "2")
+    shard = path / "model-00002-of-00002.safetensors"
+    victim = "model.layers.2.block_sparse_moe.experts.5.w2.weight"
+    _rewrite_without(shard, drop=victim)
+    with pytest.raises(CheckpointError, match=rf"\[{re.escape(victim)}\]: tensor missing .*looked in model-00001"):
+        open_checkpoint(path)
+
+
+def test_per_expert_wrong_shape_in_a_shard(tmp_path):
+    path = make_tiny(tmp_path / "m", "qwen-moe", "--shards", "2")
+    victim = "model.layers.0.mlp.experts.1.down_proj.weight"
+    shard = path / json.loads((path / "model.safetensors.index.json").read_text())["weight_map"][victim]
+    _rewrite_without(shard, reshape=(victim, [32, 128]))
+    with pytest.raises(CheckpointError) as ei:
+        open_checkpoint(path)
+    msg = str(ei.value)
+    assert shard.name in msg and victim in msg and "[32, 128]" in msg and "[64, 64]" in msg
+
+
+def test_per_expert_missing_config_and_shard(tmp_path):
+    path = make_tiny(tmp_path / "m", "qwen-moe", "--shards", "2")
+    (path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00002.safetensors: shard listed in the index is missing"):
+        open_checkpoint(path)
+    path = make_tiny(tmp_path / "n", "mixtral")
+    (path / "config.json").unlink()
+    with pytest.raises(CheckpointError) as ei:
+        open_checkpoint(path)  # detected from the weights, then the config is missing
+    assert str(ei.value).startswith(f"{path / 'config.json'}: missing")
+
+
+def test_config_with_fewer_experts_than_the_file(tmp_path):
+    path = make_tiny(tmp_path / "m", "mixtral")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["num_local_experts"] = 6
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"expert 6 exists but config.json says 6 experts"):
         open_checkpoint(path)
