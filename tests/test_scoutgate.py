@@ -239,4 +239,6 @@ def test_shared_qwen_trace_beats_prior_and_llama_is_refused(shared_traces):
     model = train_scoutgate(trace, train_requests=train, seed=0)
     scores = evaluate(model, trace, held)
     assert scores["scoutgate"]["recall"] > scores["prior"]["recall"], scores
+    # the predictor's default blend: the model adds to what the EWMA knows about the request
+    assert scores["scoutgate+ewma 0.5"]["recall"] > scores["ewma"]["recall"], scores
     assert np.abs(np.array(scores["prob_sum_per_layer"]) - trace.top_k).max() < 0.25 * trace.top_k

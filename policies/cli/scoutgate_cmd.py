@@ -1,7 +1,8 @@
-"""`python -m policies.cli.scoutgate_cmd train|eval ...`: train ScoutGate on a routing trace and
-score it on held-out requests against the EWMA and the frequency prior.
+"""Train ScoutGate on a routing trace; score it on held-out requests against EWMA and the prior.
 
-  train --trace PATH --out WEIGHTS.safetensors [--train-frac 0.7] [--epochs N] [--seed S]
+`python -m policies.cli.scoutgate_cmd train|eval ...`:
+
+  train --trace PATH --out WEIGHTS.safetensors [--train-frac 0.7] [--epochs N] [--seed S] [--history M]
   eval  --trace PATH --weights WEIGHTS.safetensors [--train-frac 0.7] [--seed S]
 
 The split: requests shuffled by --seed, --train-frac of them train; a trace with a single
@@ -27,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train on a trace, save weights, print held-out scores")
     train.add_argument("--trace", required=True, type=Path)
     train.add_argument("--out", required=True, type=Path, help="weights file to write (.safetensors)")
-    train.add_argument("--epochs", type=int, default=30)
+    train.add_argument("--epochs", type=int, default=60)
     train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--history", type=int, default=8, help="token ids of context (default 8)")
     ev = sub.add_parser("eval", help="score saved weights on a trace's held-out requests")
     ev.add_argument("--trace", required=True, type=Path)
     ev.add_argument("--weights", required=True, type=Path)
@@ -74,7 +76,8 @@ def _train(args) -> int:
     require_token_ids(trace, args.trace)
     train_sel, train_eval, held, how = _split(trace, args.train_frac, args.seed)
     t0 = time.perf_counter()
-    model = train_scoutgate(trace, epochs=args.epochs, lr=args.lr, seed=args.seed, **train_sel)
+    model = train_scoutgate(trace, epochs=args.epochs, lr=args.lr, seed=args.seed, history=args.history,
+                            **train_sel)
     seconds = time.perf_counter() - t0
     save_scoutgate(model, args.out)
     result = {"trace": str(args.trace), "split": how, "train_seconds": seconds, "weights": str(args.out),

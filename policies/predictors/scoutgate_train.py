@@ -110,7 +110,7 @@ def next_token_examples(trace: Trace, target_rows: np.ndarray, history: int) -> 
 
 
 def train_scoutgate(trace: Trace, *, train_requests: Sequence[int] | None = None, train_rows: np.ndarray | None = None,
-                    epochs: int = 30, lr: float = 3e-3, seed: int = 0, batch_size: int = 64,
+                    epochs: int = 60, lr: float = 3e-3, seed: int = 0, batch_size: int = 64,
                     weight_decay: float = 1e-2, cardinality: float = 0.01, token_dropout: float = 0.1,
                     history: int = 8, **dims) -> ScoutGateModel:
     """Train on the next-token examples of `train_requests` (or the `train_rows` mask).
