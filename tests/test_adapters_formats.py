@@ -293,3 +293,43 @@ def test_config_with_fewer_experts_than_the_file(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"expert 6 exists but config.json says 6 experts"):
         open_checkpoint(path)
+
+
+# --- Hugging Face fused layout ----------------------------------------------------------
+
+def _check_fused(path: Path) -> None:
+    ck = open_checkpoint(path)
+    s = ck.spec
+    assert (s.format, s.family) == ("fused", "fused")
+    ind = Independent(sorted(path.glob("*.safetensors")))
+    for l in range(s.num_layers):
+        full = {r: ind[f"model.layers.{l}.mlp.experts.{r}"]
+                for r in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")}
+        for e in range(s.num_experts):
+            got = ck.load_expert(l, e)
+            assert list(got) == list(full)
+            for r in full:
+                assert _bits_equal(got[r], full[r][e]), (l, e, r)
+            for rg in ck.locate(l, e).ranges:  # one contiguous range per tensor, 1/E of it
+                assert rg.length * s.num_experts == full[rg.role].numel() * full[rg.role].element_size()
+
+
+@pytest.mark.parametrize("extra", [(), ("--shards", "3", "--dtype", "F32")])
+def test_fused(tmp_path, extra):
+    path = make_tiny(tmp_path / "m", "fused", *extra)
+    _check_fused(path)
+    s = open_checkpoint(path).spec
+    assert s.expert_tensors[0].shape == (64, 128) and s.expert_tensors[2].shape == (64, 64)
+
+
+def test_fused_wrong_shape(tmp_path):
+    path = make_tiny(tmp_path / "m", "fused")
+    _rewrite_without(path / "model.safetensors", reshape=("model.layers.1.mlp.experts.down_proj", [8, 128, 32]))
+    with pytest.raises(CheckpointError, match=r"model.safetensors \[model.layers.1.mlp.experts.down_proj\]: "
+                                              r"shape \[8, 128, 32\] does not match the config's \[8, 64, 64\]"):
+        open_checkpoint(path)
+
+
+def test_detection_picks_each_format(tmp_path):
+    for fmt in ("gpt-oss", "mixtral", "qwen-moe", "fused"):
+        assert open_checkpoint(make_tiny(tmp_path / fmt, fmt, "--layers", "1")).spec.format == fmt

@@ -19,7 +19,7 @@ def _digest(d: Path) -> dict[str, str]:
     return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("fmt", ["gpt-oss", "mixtral", "qwen-moe"])
+@pytest.mark.parametrize("fmt", ["gpt-oss", "mixtral", "qwen-moe", "fused"])
 def test_same_seed_same_bytes_other_seed_differs(tmp_path, fmt):
     args = ["--format", fmt, "--preset", "tiny", "--layers", "2", "--shards", "2"]
     assert main([*args, "--seed", "7", "--out", str(tmp_path / "a")]) == 0
