@@ -8,7 +8,8 @@ Offers:
 - `token_buckets(token_ids, buckets)`: the tokenizer-agnostic hash of token ids.
 - `save_scoutgate(model, path)` / `load_scoutgate(path)`: safetensors weights, config in
   the header's `__metadata__` (no pickle). Any problem -> `CheckpointError` naming the file.
-- `ScoutGatePredictor(num_layers, num_experts, top_k, *, weights_path, model, history)`.
+- `NumpyScoutGate(model)`: the same inference pass in numpy, one context at a time (serving).
+- `ScoutGatePredictor(num_layers, num_experts, top_k, *, weights_path, model, history, blend)`.
 
 Context tower: hashed token embeddings -> position-weighted pooling -> linear + LayerNorm,
 joined with a learned layer embedding -> MLP -> query [L, d]. Expert tower: an embedding per
