@@ -73,13 +73,13 @@ class SyntheticConfig(msgspec.Struct, frozen=True, kw_only=True):
 # name -> settings that resemble a shared trace (shape and size copied, statistics tuned)
 PRESETS: dict[str, dict] = {
     "llama4-maverick": dict(layers=24, experts=128, top_k=1, requests=235, prompt_tokens=20, decode_tokens=126,
-                            skew=1.2, reuse=0.45, layer_corr=0.5, phases=8, topic_strength=1.0,
+                            skew=1.3, reuse=0.2, layer_corr=0.12, phases=10, topic_strength=1.6,
                             expert_bytes=251658240),
     "qwen1.5-moe": dict(layers=24, experts=60, top_k=4, requests=6, prompt_tokens=55, decode_tokens=128,
-                        skew=0.6, reuse=0.25, layer_corr=0.3, phases=6, topic_strength=1.0,
+                        skew=0.22, reuse=0.07, layer_corr=0.56, phases=5, topic_strength=0.4,
                         expert_bytes=17301504),
     "qwen3.6-moe": dict(layers=40, experts=256, top_k=8, requests=1, prompt_tokens=36, decode_tokens=127,
-                        skew=0.8, reuse=0.3, layer_corr=0.3, phases=1, topic_strength=1.0),
+                        skew=1.16, reuse=0.18, layer_corr=0.64, phases=1, topic_strength=0.4),
 }
 
 
