@@ -98,3 +98,22 @@ def test_quality_command_unknown_predictor_lists_valid(tmp_path):
     ns = argparse.Namespace(trace=str(tmp_path / "missing.npz"), predictors=["nope"], ks=None, json_out=None)
     with pytest.raises(KeyError, match="unknown predictor 'nope'; valid: ewma, fusion"):
         quality_cmd.run(ns)
+
+
+def test_prefetch_bench_quality_end_to_end(tmp_path, bin_env):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(__file__).resolve().parent.parent / "bin" / "prefetch-bench"
+    t = generate(SyntheticConfig(layers=2, experts=6, top_k=1, requests=1, prompt_tokens=1, decode_tokens=5))
+    save_trace(t, tmp_path / "t.npz")
+    ok = subprocess.run([sys.executable, str(exe), "quality", "--trace", str(tmp_path / "t.npz"),
+                         "--predictor", "oracle", "--k", "1"], capture_output=True, text=True, env=bin_env, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert any(line.split()[:3] == ["oracle", "1", "1.000"] for line in ok.stdout.splitlines())
+    bad = subprocess.run([sys.executable, str(exe), "quality", "--trace", str(tmp_path / "t.npz"),
+                          "--predictor", "bogus", "--json", str(tmp_path / "o.json")],
+                         capture_output=True, text=True, env=bin_env, timeout=60)
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "valid: ewma" in bad.stderr
+    assert not (tmp_path / "o.json").exists()
