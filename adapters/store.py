@@ -4,6 +4,7 @@
   expert_range(l, e) -> StoreExpert      file, aligned offset, length, read_length, checksum
   locate(l, e)       -> ExpertLocation   absolute ranges of its tensors (all inside that range)
   read_expert(l, e)  -> bytes            ONE positional read of the whole expert
+  read_expert_into(l, e, buf)            the same read into a caller's buffer (an arena slot)
   verify(l, e, data)                     checksum, CheckpointError naming file/layer/expert
   decode(raw, device)                    by-role bytes -> dense tensors
   decode_from_buffer(buf, device, out=None)  one contiguous uint8 expert buffer (any device)
@@ -144,18 +145,27 @@ class StoreCheckpoint(Checkpoint):
                                   f"fails its {CHECKSUM_ALGORITHM} checksum: {got}, store.json says {x.checksum}",
                                   fix="the file is corrupted; re-run `precompute --force`")
 
-    def read_expert_tensor(self, layer: int, expert: int) -> torch.Tensor:
-        """The expert's `length` bytes as a new uint8 tensor, read straight into it (one pread)."""
+    def read_expert_into(self, layer: int, expert: int, buf) -> memoryview:
+        """Read the expert's `length` bytes into the writable buffer `buf` (e.g. an arena slot,
+        at least `length` bytes) with one positional read; returns the filled view."""
         x = self.expert_range(layer, expert)
-        buf = torch.empty(x.length, dtype=torch.uint8)
+        mv = memoryview(buf).cast("B")
+        if mv.nbytes < x.length:
+            raise ValueError(f"buffer of {mv.nbytes} bytes is too small for expert {layer}/{expert} ({x.length})")
         fd = os.open(self.root / x.file, os.O_RDONLY)
         try:
-            n = os.preadv(fd, [memoryview(buf.numpy())], x.offset)
+            n = os.preadv(fd, [mv[: x.length]], x.offset)
         finally:
             os.close(fd)
         if n != x.length:
             raise CheckpointError(self.root / x.file, f"short read of expert {layer}/{expert}: {n} of "
                                   f"{x.length} bytes", fix="the file is truncated; re-run `precompute --force`")
+        return mv[: x.length]
+
+    def read_expert_tensor(self, layer: int, expert: int) -> torch.Tensor:
+        """The expert's `length` bytes as a new uint8 tensor, read straight into it (one pread)."""
+        buf = torch.empty(self.expert_range(layer, expert).length, dtype=torch.uint8)
+        self.read_expert_into(layer, expert, buf.numpy())
         return buf
 
     def load_expert(self, layer: int, expert: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
