@@ -4,10 +4,11 @@ Layout as in GPT-OSS checkpoints: `blocks` U8 [..., G, 16] hold 32 FP4 E2M1 code
 block, two per byte, LOW nibble first; `scales` U8 [..., G] hold one E8M0 exponent per
 block. Value = fp4(code) * 2**(scale - 127). Output is bf16 [..., G*32].
 
-Every product fp4 * 2**k (k in -127..127) is exactly representable in bf16 (2 mantissa
-bits, bf16 keeps 7, subnormals included) until it overflows above ~2**128, so the decode
-is exact: the multiply happens in bf16 on exactly representable operands. Scale byte 255
-(NaN in E8M0) decodes to NaN.
+Decoding is one gather from a table of every (scale, byte) pair: 256 x 256 x 2 bf16
+values (256 KiB per device), so there is no multiply at all. Every product fp4 * 2**k
+(k in -127..127) is exactly representable in bf16 (2 significant bits, bf16 keeps 8,
+subnormals included) until it overflows at 2**128, so the table and the decode are exact.
+Scale byte 255 (NaN in E8M0) decodes to NaN.
 """
 from __future__ import annotations
 
@@ -16,24 +17,25 @@ import torch
 # FP4 E2M1 values by code: sign bit 3, then 2 exponent bits, 1 mantissa bit.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
-# Bound on the scratch one decode call allocates, in bytes of input blocks per chunk.
-# Scratch per input byte is ~10 bytes (int32 index + 2 bf16 values + slack), so 8 MiB of
-# blocks costs ~80 MiB of temporaries at most, whatever the tensor size.
+# Bound on the scratch one decode call allocates, in bytes of input blocks per chunk:
+# the only temporary is an int32 table index per input byte (4 bytes), so 8 MiB of
+# blocks costs 32 MiB of scratch at most, whatever the tensor size.
 CHUNK_BYTES = 8 << 20
 
-_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_tables: dict[torch.device, torch.Tensor] = {}
 
 
-def _luts(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(byte -> [low value, high value] bf16 [256, 2], scale byte -> 2**(s-127) bf16 [256]) on `device`."""
+def _table(device: torch.device) -> torch.Tensor:
+    """bf16 [65536, 2]: row (scale << 8 | byte) = (low-nibble value, high-nibble value) * 2**(scale-127)."""
     t = _tables.get(device)
     if t is None:
-        pairs = [(FP4_VALUES[b & 0xF], FP4_VALUES[b >> 4]) for b in range(256)]
-        byte_lut = torch.tensor(pairs, dtype=torch.bfloat16, device=device)
-        # Python floats hold 2**-127 exactly; bf16 keeps it as a subnormal.
-        pow2 = torch.tensor([2.0 ** (s - 127) for s in range(255)] + [float("nan")],
-                            dtype=torch.float32).to(torch.bfloat16).to(device)
-        t = _tables[device] = (byte_lut, pow2)
+        vals = torch.tensor(FP4_VALUES, dtype=torch.float64)
+        b = torch.arange(256)
+        pairs = torch.stack([vals[b & 15], vals[b >> 4]], dim=1)  # [256, 2], low nibble first as stored
+        # float64 holds 2**-127 and every product exactly; the cast to bf16 is then exact too.
+        pow2 = torch.tensor([2.0 ** (k - 127) for k in range(255)] + [float("nan")], dtype=torch.float64)
+        t = (pow2[:, None, None] * pairs[None]).to(torch.bfloat16).reshape(65536, 2).to(device)
+        _tables[device] = t
     return t
 
 
@@ -50,7 +52,7 @@ def _check(blocks: torch.Tensor, scales: torch.Tensor) -> None:
 def mxfp4_decode_into(out: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Decode into a preallocated contiguous bf16 `out` [..., G*32] on the blocks' device; returns `out`.
 
-    Works chunk by chunk of rows, so temporaries stay below ~10 * CHUNK_BYTES whatever
+    Works chunk by chunk of rows, so temporaries stay below 4 * CHUNK_BYTES whatever
     the size, and never synchronises with the GPU.
     """
     _check(blocks, scales)
@@ -60,19 +62,18 @@ def mxfp4_decode_into(out: torch.Tensor, blocks: torch.Tensor, scales: torch.Ten
                          f"got {out.dtype} {list(out.shape)}")
     if out.device != blocks.device:
         raise ValueError(f"out on {out.device} but blocks on {blocks.device}")
-    byte_lut, pow2 = _luts(blocks.device)
+    table = _table(blocks.device)
     rows = 1
     for d in lead:
         rows *= d
     b2 = blocks.reshape(rows, g, 16)
     s2 = scales.reshape(rows, g)
-    o2 = out.view(rows, g, 32)
+    o2 = out.view(rows, g * 16, 2)
     step = max(1, CHUNK_BYTES // max(1, g * 16))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        vals = byte_lut[b2[r0:r1].int()]  # [r, g, 16, 2]: low nibble first, as stored
-        scale = pow2[s2[r0:r1].int()].unsqueeze(-1)  # [r, g, 1]
-        torch.mul(vals.view(r1 - r0, g, 32), scale, out=o2[r0:r1])
+        idx = (s2[r0:r1].int() << 8).unsqueeze(-1) + b2[r0:r1]  # [r, g, 16] int32
+        torch.index_select(table, 0, idx.view(-1), out=o2[r0:r1].view(-1, 2))
     return out
 
 
