@@ -41,8 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vram-capacity", default="0.1", help="fraction of all experts (0.1) or bytes (6GiB)")
     p.add_argument("--ram-capacity", default="0.5", help="fraction of all experts (0.5) or bytes (64GiB)")
     p.add_argument("--policy", action="append", help="policy name, repeatable (default: all)")
-    p.add_argument("--predictor", action="append", help="predictor name for policies that take one, "
-                   "repeatable (default: ewma)")
+    p.add_argument("--predictor", action="append", help="predictor for policies that take one: NAME "
+                   "or NAME:key=value,... (repeatable; default: ewma:alpha=0.05)")
     p.add_argument("--expert-bytes", type=int, help="bytes of one expert (default: the trace's "
                    "meta expert_bytes_bf16)")
     p.add_argument("--compute-ms-per-layer", type=float, default=0.5)
@@ -57,6 +57,9 @@ def _write_json_atomic(path: str, obj) -> None:
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it 0600; a report is an ordinary file
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
@@ -71,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from policies.cache.belady import belady_min
-    from policies.cache.registry import DEFAULT_PREDICTOR, make_policy, policy_class, policy_names
+    from policies.cache.registry import (DEFAULT_PREDICTOR, make_policy, parse_predictor_spec, policy_class,
+                                         policy_names)
     from policies.predictors.registry import make_predictor, predictor_class
     from policies.simulator import access_sequence, count_passes, simulate, truncate
     from policies.traces import load_trace
@@ -80,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     policies = args.policy or policy_names()
     classes = {name: policy_class(name) for name in policies}
     predictors = args.predictor or [DEFAULT_PREDICTOR]
-    for name in predictors:
-        predictor_class(name)
+    for spec in predictors:
+        predictor_class(parse_predictor_spec(spec)[0])
     for flag in ("compute_ms_per_layer", "h2d_gbps", "disk_gbps"):
         v = getattr(args, flag)
         if not (v > 0 or (flag == "compute_ms_per_layer" and v == 0)):
@@ -115,6 +119,14 @@ def run(args: argparse.Namespace) -> int:
     timing = dict(compute_seconds_per_layer=args.compute_ms_per_layer / 1e3,
                   h2d_bytes_per_s=args.h2d_gbps * 1e9, disk_bytes_per_s=args.disk_gbps * 1e9)
 
+    def build_predictor(spec: str):
+        pname, opts = parse_predictor_spec(spec)
+        if pname == "oracle":
+            opts.update(trace=trace, include_prefill=args.include_prefill)
+        return make_predictor(pname, L, E, K, **opts)
+
+    for spec in predictors:  # bad options fail now, not after the first long replay
+        build_predictor(spec)
     pairs = [(p, q) for p in policies for q in (predictors if classes[p].uses_predictor else ["-"])]
     passes = count_passes(trace, args.include_prefill)
     results = []
@@ -123,8 +135,7 @@ def run(args: argparse.Namespace) -> int:
         for pol, pred in pairs:
             predictor = None
             if pred != "-":
-                opts = {"trace": trace, "include_prefill": args.include_prefill} if pred == "oracle" else {}
-                predictor = make_predictor(pred, L, E, K, **opts)
+                predictor = build_predictor(pred)
             policy = make_policy(pol, predictor, **base)
             bar.set_postfix_str(f"{pol}/{pred}")
             results.append(simulate(trace, policy, policy_name=pol, predictor_name=pred,
@@ -148,11 +159,11 @@ def _print_table(report: dict) -> None:
     print(f"{report['trace']}: {report['tokens']} tokens, VRAM {report['vram_capacity_experts']} experts, "
           f"RAM {report['ram_capacity_experts']} experts; Belady VRAM hit {bel['vram_hit_rate']:.3f}, "
           f"loads {bel['loads_vram']}")
-    head = f"{'policy':<14}{'predictor':<10}{'vram_hit':>9}{'ram_hit':>9}{'loads_vram':>11}{'x_belady':>9}" \
+    head = f"{'policy':<14}{'predictor':<17}{'vram_hit':>9}{'ram_hit':>9}{'loads_vram':>11}{'x_belady':>9}" \
            f"{'loads_ram':>10}{'stall_s/tok':>12}{'tok/s':>9}"
     print(head)
     for r in report["runs"]:
         ratio = r["loads_vram"] / bel["loads_vram"] if bel["loads_vram"] else float("nan")
-        print(f"{r['policy']:<14}{r['predictor']:<10}{r['vram_hit_rate']:>9.3f}{r['ram_hit_rate']:>9.3f}"
+        print(f"{r['policy']:<14}{r['predictor']:<17}{r['vram_hit_rate']:>9.3f}{r['ram_hit_rate']:>9.3f}"
               f"{r['loads_vram']:>11}{ratio:>9.2f}{r['loads_ram']:>10}"
               f"{r['stall_seconds_per_token']:>12.4f}{r['tokens_per_second']:>9.2f}")

@@ -24,7 +24,7 @@ from .predicted import PredictedPolicy
 
 
 class NextUseConfig(CacheConfig, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    frequency_weight: float = 0.3  # weight of the long-run frequency in q (rest: predictor)
+    frequency_weight: float = 0.2  # weight of the long-run frequency in q (rest: predictor)
     prefetch_min_prob: float = 0.5
     lookahead: int = 1  # layers ahead for VRAM promotions
     stage_lookahead: int = 4  # layers ahead for RAM stagings

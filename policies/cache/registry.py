@@ -24,7 +24,9 @@ POLICIES: dict[str, str] = {
     "nextuse": "policies.cache.nextuse:NextUsePolicy",
 }
 DEFAULT_POLICY = "nextuse"
-DEFAULT_PREDICTOR = "ewma"
+# The default pair: EWMA with a slow decay, blended in `nextuse` with the long-run frequency
+# (alpha 0.05 / frequency_weight 0.2 beat the registry's alpha 0.2 on all three shared traces).
+DEFAULT_PREDICTOR = "ewma:alpha=0.05"
 
 
 def policy_class(name: str) -> type[CachePolicy]:
@@ -42,6 +44,25 @@ def make_policy(name: str, predictor: Predictor | None = None, **config) -> Cach
     except msgspec.ValidationError as e:
         raise ValueError(f"policy {name!r}: bad config: {e}") from None
     return cls(cfg, predictor)
+
+
+def parse_predictor_spec(spec: str) -> tuple[str, dict]:
+    """`name` or `name:key=value,key=value` -> (name, options); values are numbers or text."""
+    name, _, rest = spec.partition(":")
+    options: dict = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"predictor spec {spec!r}: option {item!r} is not key=value "
+                             f"(e.g. ewma:alpha=0.05)")
+        try:
+            options[key] = int(value)
+        except ValueError:
+            try:
+                options[key] = float(value)
+            except ValueError:
+                options[key] = value
+    return name, options
 
 
 def policy_names() -> list[str]:
