@@ -7,7 +7,6 @@ that a module registering itself (e.g. the packed store) needs no import from he
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -16,7 +15,7 @@ from .base import Checkpoint
 from .errors import CheckpointError, UnknownNameError
 
 # Detection tries adapters in this order: GPT-OSS `original/` first, because a GPT-OSS
-# Hugging Face directory also holds a fused top-level copy.
+# Hugging Face download also holds top-level HF weights next to it.
 _ADAPTER_MODULES = ["adapters.gpt_oss", "adapters.hf_experts", "adapters.hf_fused", "adapters.store"]
 
 _ADAPTERS: dict[str, type[Checkpoint]] = {}
@@ -49,10 +48,8 @@ def _load_all() -> None:
     if _loaded:
         return
     for mod in _ADAPTER_MODULES:
-        # A module that is not in this checkout is skipped (find_spec says so without
-        # importing); any error while importing one that exists propagates.
-        if importlib.util.find_spec(mod) is None:
-            continue
+        # No module is skipped: a broken or missing adapter must fail loudly, not make
+        # detection quietly pick another format.
         importlib.import_module(mod)
     _loaded = True
 

@@ -75,6 +75,8 @@ def check_dims(fmt: str, d: Dims) -> None:
                          f"{d.intermediate} must be multiples of 32")
     if fmt != "qwen-moe" and (d.dense_layers or d.shared_expert):
         raise ValueError(f"--dense-layers and --shared-expert exist only for qwen-moe, not {fmt}")
+    if d.dense_layers < 0:
+        raise ValueError(f"--dense-layers must be 0 or more, got {d.dense_layers}")
     if d.dense_layers >= d.layers:
         raise ValueError(f"--dense-layers {d.dense_layers} leaves no MoE layer out of {d.layers}")
     if d.dtype not in _TORCH:

@@ -101,7 +101,8 @@ def test_decode_accepts_tensors_and_writable_buffers(tmp_path):
 
 
 def test_registry_names_and_unknown(tmp_path):
-    assert {"gpt-oss"} <= set(names())
+    assert {"gpt-oss", "mixtral", "qwen-moe", "fused"} <= set(names())
+    assert names()[0] == "gpt-oss"  # tried first: a GPT-OSS HF directory also holds top-level HF weights
     with pytest.raises(UnknownNameError, match="valid: .*gpt-oss"):
         get_adapter("gpt-oss-bad")
     with pytest.raises(UnknownNameError, match="gpt-oss"):
@@ -333,3 +334,7 @@ def test_fused_wrong_shape(tmp_path):
 def test_detection_picks_each_format(tmp_path):
     for fmt in ("gpt-oss", "mixtral", "qwen-moe", "fused"):
         assert open_checkpoint(make_tiny(tmp_path / fmt, fmt, "--layers", "1")).spec.format == fmt
+    # Like an openai/gpt-oss-* download: original/ next to top-level HF weights -> gpt-oss.
+    (tmp_path / "gpt-oss" / "original").rename(tmp_path / "fused" / "original")
+    assert open_checkpoint(tmp_path / "fused").spec.format == "gpt-oss"
+    assert open_checkpoint(tmp_path / "fused", "fused").spec.format == "fused"

@@ -74,6 +74,9 @@ def test_presets_carry_real_dimensions():
     (["--format", "gpt-oss", "--experts", "0"], "--experts must be positive"),
     (["--format", "gpt-oss", "--top-k", "9"], "--top-k 9 exceeds --experts 8"),
     (["--format", "gpt-oss", "--dense-layers", "1"], "only for qwen-moe"),
+    (["--format", "qwen-moe", "--dense-layers", "-1"], "--dense-layers must be 0 or more"),
+    (["--format", "qwen-moe", "--dense-layers", "3"], "--dense-layers 3 leaves no MoE layer out of 3"),
+    (["--format", "mixtral", "--dtype", "F8"], "unknown dtype 'F8'; valid: BF16, F16, F32"),
     (["--format", "gpt-oss", "--shards", "0"], "--shards must be between 1"),
     (["--format", "gpt-oss", "--layers", "x"], "invalid int value: 'x'"),
 ])
@@ -114,6 +117,22 @@ def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic, "_piece", dying)
     assert main(["--format", "gpt-oss", "--out", str(tmp_path / "m")]) == 2
     assert calls["n"] == 20
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_mid_write_leaves_nothing(tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real = synthetic._piece
+
+    def interrupted(*a):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(synthetic, "_piece", interrupted)
+    assert main(["--format", "mixtral", "--shards", "2", "--out", str(tmp_path / "m")]) == 130
+    assert "interrupted" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except (_Usage, UnknownNameError, ValueError, CheckpointError, OSError) as e:
         print(f"make-model: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # write_model has already removed its partial output
+        print("make-model: interrupted; nothing written", file=sys.stderr)
+        return 130
     from ..registry import open_checkpoint
 
     spec = open_checkpoint(w.path, a.format).spec
