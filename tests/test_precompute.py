@@ -197,6 +197,19 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, argv, 
     assert sorted(p.name for p in tiny.iterdir()) == before and not (tmp_path / "nothing").exists()
 
 
+@pytest.mark.parametrize("fmt", ["mixtral", "qwen-moe", "fused"])
+def test_dense_sources_convert_and_refuse_mxfp4(tmp_path, capsys, fmt):
+    model = tmp_path / fmt
+    with redirect_stdout(io.StringIO()):
+        assert make_model(["--format", fmt, "--preset", "tiny", "--seed", "3", "--out", str(model)]) == 0
+    rc, _, err = run(["--model", str(model), "--dtype", "mxfp4"], capsys)
+    assert rc == 2 and "mxfp4 needs a source whose experts are MXFP4" in err and "--dtype bfloat16 or float16" in err
+    assert len(err.strip().splitlines()) == 1 and not (model / "expert_store").exists()
+    assert run(["--model", str(model), "--workers", "1", "--no-progress"], capsys)[0] == 0
+    rc, text, err = run(["validate", "--store", str(model / "expert_store"), "--samples", "0"], capsys)
+    assert rc == 0 and "24 experts bit-exact" in text, err
+
+
 def test_worker_failure_comes_back_naming_the_layer(tmp_path, tiny):
     from adapters.registry import open_checkpoint
 
