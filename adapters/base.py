@@ -120,7 +120,9 @@ def raw_to_u8(raw: "bytes | bytearray | memoryview | torch.Tensor", device: str 
     mv = memoryview(raw)
     if mv.readonly:
         raw = bytearray(mv)
-    return torch.frombuffer(raw, dtype=torch.uint8).to(device) if len(mv) else torch.empty(0, dtype=torch.uint8, device=device)
+    if not mv.nbytes:  # torch.frombuffer refuses empty buffers
+        return torch.empty(0, dtype=torch.uint8, device=device)
+    return torch.frombuffer(raw, dtype=torch.uint8).to(device)
 
 
 _TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "U8": torch.uint8}

@@ -100,6 +100,18 @@ def test_decode_accepts_tensors_and_writable_buffers(tmp_path):
         assert all(_bits_equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["gpt-oss", "mixtral", "fused"])
+def test_decode_on_cuda_matches_cpu(tmp_path, fmt):
+    ck = open_checkpoint(make_tiny(tmp_path / "m", fmt))
+    for e in (0, 7):
+        want = ck.load_expert(2, e)
+        raw = ck.read_raw(2, e)
+        for form in (lambda b: b, lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8).cuda()):
+            got = ck.decode({k: form(v) for k, v in raw.items()}, "cuda")
+            assert all(got[k].is_cuda and _bits_equal(got[k].cpu(), want[k]) for k in want)
+
+
 def test_registry_names_and_unknown(tmp_path):
     assert {"gpt-oss", "mixtral", "qwen-moe", "fused"} <= set(names())
     assert names()[0] == "gpt-oss"  # tried first: a GPT-OSS HF directory also holds top-level HF weights
