@@ -197,13 +197,34 @@ def ratio_to_belady(trace, name, frac):
     return simulate(trace, pol, policy_name=name).loads_vram / bel
 
 
+TARGET_TRACES = [("qwen3.6-35b-a3b", None), ("qwen1.5-moe-a2.7b-chat", 300), ("llama4-maverick-mmlu", 600)]
+
+
+@pytest.fixture(scope="module")
+def ratios(shared_traces):
+    """{(trace, frac): (default policy's loads / Belady, LRU's loads / Belady)}; prefixes of the
+    two long traces keep this under a few seconds (full-trace figures: the final report)."""
+    out = {}
+    for trace_name, rows in TARGET_TRACES:
+        trace = load_trace(shared_traces / f"{trace_name}.npz")
+        if rows:
+            trace = truncate(trace, rows)
+        for frac in (0.10, 0.25):
+            out[trace_name, frac] = (ratio_to_belady(trace, DEFAULT_POLICY, frac),
+                                     ratio_to_belady(trace, "lru", frac))
+    return out
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("trace_name,rows", [("qwen3.6-35b-a3b", None), ("qwen1.5-moe-a2.7b-chat", 300),
-                                             ("llama4-maverick-mmlu", 600)])
-def test_default_policy_beats_lru_on_shared_traces(shared_traces, trace_name, rows):
-    trace = load_trace(shared_traces / f"{trace_name}.npz")
-    if rows:
-        trace = truncate(trace, rows)
-    for frac in (0.10, 0.25):
-        nu, lr = ratio_to_belady(trace, DEFAULT_POLICY, frac), ratio_to_belady(trace, "lru", frac)
-        assert nu < lr, (trace_name, frac, nu, lr)
+def test_default_policy_beats_lru_on_shared_traces(ratios):
+    for key, (default, lru_ratio) in ratios.items():
+        assert default < lru_ratio, (key, default, lru_ratio)
+        assert 1.0 <= default  # nothing beats Belady on demand loads
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="brief's target (<= 1.25x Belady VRAM loads) not reached: "
+                   "the default policy measures 1.43-1.67x on the full traces (LRU 1.50-1.78x)")
+def test_default_policy_within_125_percent_of_belady(ratios):
+    for key, (default, _) in ratios.items():
+        assert default <= 1.25, (key, default)

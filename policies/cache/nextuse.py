@@ -46,6 +46,8 @@ class NextUsePolicy(PredictedPolicy):
         self.count = np.zeros((self.L, self.E))
         self.visits = np.zeros(self.L)
         self._q = np.full((self.L, self.E), self.K / self.E)
+        self._w, self._prior = float(c.frequency_weight), self.K / self.E
+        self._qmax = [self.K / self.E] * self.L  # per-row max of q: most visits prefetch nothing
         # L * (1/q - 1): the part of the expected distance that does not depend on `now`;
         # kept per row, refreshed only for the rows a visit changes.
         self._far = np.full((self.L, self.E), self.L * (self.E / self.K - 1.0))
@@ -54,14 +56,23 @@ class NextUsePolicy(PredictedPolicy):
 
     def _refresh(self, layer) -> None:
         """Recompute q and the far part for `layer` (an int, or a slice for all rows)."""
-        w = self.config.frequency_weight
-        visits = self.visits[layer]
+        # Hot path (twice per visit): few numpy calls, in place. q <= 1 always (a convex blend
+        # of a probability and a frequency <= 1), so only the floor needs enforcing.
+        w = self._w
+        inv = w / (self.visits[layer] + 1.0)
         if not isinstance(layer, int):
-            visits = visits[:, None]
-        freq = (self.count[layer] + self.K / self.E) / (visits + 1.0)
-        q = np.minimum(np.maximum((1.0 - w) * self.p[layer] + w * freq, 1e-9), 1.0)
-        self._q[layer] = q
-        self._far[layer] = self.L * (1.0 / q - 1.0)
+            inv = inv[:, None]
+        q = self._q[layer]
+        np.multiply(self.p[layer], 1.0 - w, out=q)
+        q += (self.count[layer] + self._prior) * inv
+        np.maximum(q, 1e-9, out=q)
+        far = self._far[layer]
+        np.divide(self.L, q, out=far)
+        far -= self.L
+        if isinstance(layer, int):
+            self._qmax[layer] = float(q.max())
+        else:
+            self._qmax[:] = q.max(axis=1).tolist()
 
     def _rows_changed(self, layers):
         if len(layers) == self.L:
@@ -101,6 +112,8 @@ class NextUsePolicy(PredictedPolicy):
             if ahead == 0 or ahead >= self.L:
                 continue
             nl = (layer + ahead) % self.L
+            if self._qmax[nl] < c.prefetch_min_prob:
+                continue
             row = self._q[nl]
             want = (self.state[tier][nl] == ABSENT) & (row >= c.prefetch_min_prob)
             if not want.any():

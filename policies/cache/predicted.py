@@ -33,8 +33,11 @@ class PredictedPolicy(CachePolicy):
         else:
             nxt = (layer + 1) % self.L
             self.p[layer] = self.predictor.predict(layer)
-            self.p[nxt] = self.predictor.predict(nxt)
-            self._rows_changed((nxt,))  # the visited row: `_touch` in `access` refreshes it
+            row = self.predictor.predict(nxt)
+            # History-only predictors (EWMA) leave other layers alone: skip the refresh then.
+            if not np.array_equal(row, self.p[nxt]):
+                self.p[nxt] = row
+                self._rows_changed((nxt,))  # the visited row: `_touch` in `access` refreshes it
         return self.access(layer, event.experts, event.time)
 
     def _rows_changed(self, layers) -> None:
