@@ -157,6 +157,7 @@ def test_cli_writes_json_with_belady(bin_env, small_trace_file, tmp_path):
     (["--predictor", "ewma:alpha"], "is not key=value"),
     (["--vram-capacity", "lots"], "--vram-capacity 'lots' does not parse"),
     (["--vram-capacity", "10"], "fewer than one layer's top-1 working set"),
+    (["--max-tokens", "0"], "--max-tokens must be >= 1"),
 ])
 def test_cli_bad_input_is_one_line_exit_2_no_output(bin_env, small_trace_file, tmp_path, args, message):
     out = tmp_path / "r.json"
@@ -180,6 +181,12 @@ def test_cli_bad_trace_and_missing_size(bin_env, tmp_path):
     save_trace(nosize, tmp_path / "n.npz")
     res = cli(bin_env, "--trace", str(tmp_path / "n.npz"))
     assert res.returncode == 2 and "--expert-bytes" in res.stderr
+    prefill_only = tiny_trace(np.zeros((3, 2, 1)), phase=np.zeros(3))
+    save_trace(prefill_only, tmp_path / "p.npz")
+    res = cli(bin_env, "--trace", str(tmp_path / "p.npz"))
+    assert res.returncode == 2 and "add --include-prefill" in res.stderr
+    res = cli(bin_env, "--trace", str(tmp_path / "p.npz"), "--include-prefill")
+    assert res.returncode == 0, res.stderr
 
 
 # ---- targets on the shared traces ------------------------------------------------------------

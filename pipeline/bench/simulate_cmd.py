@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -129,7 +130,11 @@ def run(args: argparse.Namespace) -> int:
         build_predictor(spec)
     pairs = [(p, q) for p in policies for q in (predictors if classes[p].uses_predictor else ["-"])]
     passes = count_passes(trace, args.include_prefill)
-    results = []
+    if passes == 0:
+        raise ValueError(f"{args.trace}: nothing to replay ({trace.tokens} rows, none of them decode"
+                         f"{'' if args.include_prefill else '; add --include-prefill'}"
+                         f"{' or raise --max-tokens' if args.max_tokens else ''})")
+    results, wall = [], []
     with tqdm(total=passes * len(pairs), file=sys.stderr, unit="tok", disable=None,
               desc="simulate") as bar:
         for pol, pred in pairs:
@@ -138,15 +143,17 @@ def run(args: argparse.Namespace) -> int:
                 predictor = build_predictor(pred)
             policy = make_policy(pol, predictor, **base)
             bar.set_postfix_str(f"{pol}/{pred}")
+            t0 = time.perf_counter()
             results.append(simulate(trace, policy, policy_name=pol, predictor_name=pred,
                                     include_prefill=args.include_prefill, progress=bar.update, **timing))
+            wall.append(time.perf_counter() - t0)
     hits, loads = belady_min(access_sequence(trace, args.include_prefill), vram_x)
     accesses = hits + loads
     report = {
         "trace": str(args.trace), "tokens": results[0].tokens if results else 0,
         "vram_capacity_experts": vram_x, "ram_capacity_experts": ram_x, "expert_bytes": size,
         "belady": {"vram_hit_rate": hits / max(1, accesses), "loads_vram": loads},
-        "runs": [{k: v for k, v in msgspec.structs.asdict(r).items()} for r in results],
+        "runs": [dict(msgspec.structs.asdict(r), wall_seconds=round(w, 2)) for r, w in zip(results, wall)],
     }
     _print_table(report)
     if args.json:
@@ -160,10 +167,10 @@ def _print_table(report: dict) -> None:
           f"RAM {report['ram_capacity_experts']} experts; Belady VRAM hit {bel['vram_hit_rate']:.3f}, "
           f"loads {bel['loads_vram']}")
     head = f"{'policy':<14}{'predictor':<17}{'vram_hit':>9}{'ram_hit':>9}{'loads_vram':>11}{'x_belady':>9}" \
-           f"{'loads_ram':>10}{'stall_s/tok':>12}{'tok/s':>9}"
+           f"{'loads_ram':>10}{'stall_s/tok':>12}{'tok/s':>9}{'wall_s':>8}"
     print(head)
     for r in report["runs"]:
         ratio = r["loads_vram"] / bel["loads_vram"] if bel["loads_vram"] else float("nan")
         print(f"{r['policy']:<14}{r['predictor']:<17}{r['vram_hit_rate']:>9.3f}{r['ram_hit_rate']:>9.3f}"
               f"{r['loads_vram']:>11}{ratio:>9.2f}{r['loads_ram']:>10}"
-              f"{r['stall_seconds_per_token']:>12.4f}{r['tokens_per_second']:>9.2f}")
+              f"{r['stall_seconds_per_token']:>12.4f}{r['tokens_per_second']:>9.2f}{r['wall_seconds']:>8.1f}")
