@@ -183,9 +183,9 @@ def test_cli_bad_trace_and_missing_size(bin_env, tmp_path):
     assert res.returncode == 2 and "--expert-bytes" in res.stderr
     prefill_only = tiny_trace(np.zeros((3, 2, 1)), phase=np.zeros(3))
     save_trace(prefill_only, tmp_path / "p.npz")
-    res = cli(bin_env, "--trace", str(tmp_path / "p.npz"))
+    res = cli(bin_env, "--trace", str(tmp_path / "p.npz"), "--vram-capacity", "0.5")
     assert res.returncode == 2 and "add --include-prefill" in res.stderr
-    res = cli(bin_env, "--trace", str(tmp_path / "p.npz"), "--include-prefill")
+    res = cli(bin_env, "--trace", str(tmp_path / "p.npz"), "--vram-capacity", "0.5", "--include-prefill")
     assert res.returncode == 0, res.stderr
 
 
