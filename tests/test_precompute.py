@@ -112,9 +112,13 @@ def test_a_layer_of_another_dtype_is_redone_only_with_force(tiny, tmp_path, caps
     rc, _, err = run(["--model", str(tiny), "--out", str(a), "--no-progress"], capsys)
     assert rc == 2 and "layer_001.safetensors" in err and "--force" in err
     assert not (a / "store.json").exists()
+    shutil.copy(b / "layer_002.safetensors", a / "layer_007.safetensors")  # a layer this model lacks
+    rc, _, err = run(["--model", str(tiny), "--out", str(a), "--no-progress"], capsys)
+    assert rc == 2 and "layer_007.safetensors: not a layer of this model" in err and "--force" in err
     rc, _, err = run(["--model", str(tiny), "--out", str(a), "--force", "--workers", "0", "--no-progress"], capsys)
     assert rc == 0, err
     assert read_layer_meta(a / "layer_001.safetensors").dtype == "bfloat16"
+    assert sorted(p.name for p in a.iterdir()) == [f"layer_00{i}.safetensors" for i in range(3)] + ["store.json"]
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:

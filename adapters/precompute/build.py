@@ -136,6 +136,12 @@ def precompute(cfg: PrecomputeConfig, source: Checkpoint, log=print) -> int:
         if p.name.endswith(".partial"):
             p.unlink()  # stale: left by a killed run
 
+    planned = {p.file for p in plans}
+    extra = sorted(p.name for p in owned_files(out) if p.name.startswith("layer_") and p.name not in planned)
+    if extra:  # only --force (which removed them above) may drop files of another model
+        raise RefusedError(f"{out / extra[0]}: not a layer of this model ({spec.num_layers} MoE layers); "
+                           f"pass --force to overwrite or choose another --out")
+
     kept: dict[int, LayerMeta] = {}
     todo: list[LayerPlan] = []
     trusted = existing is not None and existing.source_digest == digest
