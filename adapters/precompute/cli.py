@@ -40,7 +40,8 @@ class Interrupted(BaseException):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="precompute", description="Convert a checkpoint into the packed expert store.")
+    p = _Parser(prog="precompute", description="Convert a checkpoint into the packed expert store.",
+                epilog="Other commands: precompute validate|stats|clean --store DIR (see `precompute CMD --help`).")
     p.add_argument("--model", required=True, help="source checkpoint directory")
     p.add_argument("--out", help="store directory (default MODEL/expert_store)")
     p.add_argument("--dtype", default="bfloat16", help=f"one of {', '.join(STORE_DTYPES)} (default bfloat16)")
