@@ -159,6 +159,10 @@ def test_bad_access_arguments(name):
         policy.access(9, [1])
     with pytest.raises(ValueError, match="expert 8"):
         policy.access(0, [8])
+    # More experts at once than VRAM holds (6 bytes here) is a caller's error, not a crash.
+    with pytest.raises(ValueError, match=r"layer 0 needs 7 experts \(7 bytes\).*VRAM holds 6"):
+        policy.access(0, range(7))
+    policy.check()
 
 
 def test_unknown_policy_lists_valid_names():

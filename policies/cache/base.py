@@ -136,6 +136,11 @@ class CachePolicy(abc.ABC):
         ids = sorted({int(e) for e in experts if int(e) >= 0})
         if ids and ids[-1] >= self.E:
             raise ValueError(f"{self.name}: expert {ids[-1]} out of range 0..{self.E - 1}")
+        need = int(self.sizes[layer, ids].sum()) if ids else 0
+        if need > min(self.capacity[Tier.VRAM], self.capacity[Tier.RAM]):
+            raise ValueError(f"{self.name}: layer {layer} needs {len(ids)} experts ({need} bytes) at once; "
+                             f"VRAM holds {self.capacity[Tier.VRAM]}, RAM {self.capacity[Tier.RAM]} bytes "
+                             f"(split the access into groups of top_k={self.K})")
         call = _Call(layer, now)
         call.pinned = {(layer, e) for e in ids}
         self.step += 1
