@@ -226,6 +226,44 @@ def test_worker_failure_comes_back_naming_the_layer(tmp_path, tiny):
     assert not list(tmp_path.glob("*.partial"))
 
 
+def _jobs(model: Path, out: Path, layers) -> list[m.LayerJob]:
+    from adapters.precompute.convert import store_tensors
+    from adapters.registry import open_checkpoint
+
+    src = open_checkpoint(model)
+    tensors = store_tensors(src, "mxfp4")
+    return [m.LayerJob(str(model), "gpt-oss", str(out), l, src.spec.num_experts, "mxfp4", tensors, "d") for l in layers]
+
+
+def test_a_dead_worker_is_replaced_and_its_layer_redone(bigger, tmp_path):
+    from adapters.precompute.worker import convert_layer
+    from adapters.registry import open_checkpoint
+
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    out.mkdir(), ref.mkdir()
+    killed: list[int] = []
+    with WorkerPool(1, out) as pool:
+        def on_progress(p):  # SIGKILL the worker once, in the middle of layer 1
+            if p.layer == 1 and not killed:
+                killed.append(pool.procs[0].pid)
+                os.kill(killed[0], signal.SIGKILL)
+
+        pool.run(_jobs(bigger, out, [0, 1]), on_progress, lambda d: None)
+        assert pool.restarts == 1 and pool.procs[0].pid != killed[0]
+    src = open_checkpoint(bigger)
+    for job in _jobs(bigger, ref, [0, 1]):
+        convert_layer(src, job)
+    assert files_of(out) == files_of(ref)  # no .partial of the dead worker either
+
+
+def test_a_layer_that_kills_its_worker_twice_is_an_error(bigger, tmp_path):
+    with pytest.raises(WorkerError, match=r"layer 0: worker process died 2 times"):
+        with WorkerPool(1, tmp_path) as pool:
+            pool.run(_jobs(bigger, tmp_path, [0]), lambda p: os.kill(pool.procs[0].pid, signal.SIGKILL),
+                     lambda d: None)
+    assert not list(tmp_path.iterdir())
+
+
 def test_stats_and_clean(tiny, tmp_path, capsys, monkeypatch):
     out = tmp_path / "st"
     assert run(["--model", str(tiny), "--out", str(out), "--workers", "0", "--no-progress"], capsys)[0] == 0

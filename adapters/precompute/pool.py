@@ -22,6 +22,7 @@ from . import messages as m
 from .worker import worker_main
 
 JOIN_TIMEOUT_S = 5.0
+MAX_RETRIES = 1  # fresh processes per layer after a worker died on it
 
 
 class WorkerError(RuntimeError):
@@ -63,24 +64,31 @@ class WorkerPool:
         self.procs: list[mp.process.BaseProcess] = []
         self.conns = []
         self.busy: dict[object, int] = {}  # connection -> layer in flight
-        ctx = _context()
+        self.restarts = 0
+        self._ctx = _context()
         try:
-            with _hide_main_module():
-                for _ in range(n):
-                    parent_end, child_end = ctx.Pipe(duplex=True)
-                    p = ctx.Process(target=worker_main, args=(child_end,), daemon=True, name="precompute-worker")
-                    p.start()
-                    child_end.close()  # so a dead worker reads as EOF here
-                    self.procs.append(p)
-                    self.conns.append(parent_end)
+            for _ in range(n):
+                p, c = self._start()
+                self.procs.append(p)
+                self.conns.append(c)
         except BaseException:
             self.close(ok=False)
             raise
+
+    def _start(self):
+        parent_end, child_end = self._ctx.Pipe(duplex=True)
+        with _hide_main_module():
+            p = self._ctx.Process(target=worker_main, args=(child_end,), daemon=True, name="precompute-worker")
+            p.start()
+        child_end.close()  # so a dead worker reads as EOF here
+        return p, parent_end
 
     def run(self, jobs: list[m.LayerJob], on_progress: Callable[[m.Progress], None],
             on_done: Callable[[m.LayerDone], None]) -> None:
         """Run every job; raises WorkerError on the first failed layer or dead worker."""
         todo = deque(jobs)
+        by_layer = {j.layer: j for j in jobs}
+        tries = dict.fromkeys(by_layer, 0)
         idle = list(self.conns)
         while todo or self.busy:
             while todo and idle:
@@ -92,9 +100,23 @@ class WorkerPool:
                 try:
                     msg = m.to_parent.decode(c.recv_bytes())
                 except (EOFError, OSError):
-                    p = self.procs[self.conns.index(c)]
-                    p.join(0.5)
-                    raise WorkerError(self.busy[c], f"worker process died (exit code {p.exitcode})", False) from None
+                    # A worker may die at any moment (OOM killer, a stray signal): its layer is
+                    # retried once on a fresh process; its own .partial file goes first.
+                    i = self.conns.index(c)
+                    dead, layer = self.procs[i], self.busy.pop(c)
+                    dead.join(JOIN_TIMEOUT_S)
+                    for f in self.partial_dir.glob(f"layer_{layer:03d}.safetensors.{dead.pid}.partial"):
+                        f.unlink(missing_ok=True)
+                    c.close()
+                    tries[layer] += 1
+                    if tries[layer] > MAX_RETRIES:
+                        raise WorkerError(layer, f"worker process died {tries[layer]} times (last exit code "
+                                          f"{dead.exitcode})", False) from None
+                    self.procs[i], self.conns[i] = self._start()
+                    self.restarts += 1
+                    todo.appendleft(by_layer[layer])
+                    idle.append(self.conns[i])
+                    continue
                 match msg:
                     case m.Progress():
                         on_progress(msg)
