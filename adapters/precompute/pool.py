@@ -1,5 +1,8 @@
 """A small pool of precompute worker processes driven over pipes with msgspec messages.
 
+A worker that dies mid-layer is replaced by a fresh process and its layer retried
+(MAX_RETRIES times); a layer that fails with an error comes back as a `LayerFailed` value.
+
 Shutdown protocol (the one place it is written down; `WorkerPool.close` follows it):
   1. stop intake: no new `LayerJob` is sent once the run ends or fails or a signal arrives;
   2. normal end: every worker gets `Stop` and is joined with a timeout;
@@ -85,7 +88,8 @@ class WorkerPool:
 
     def run(self, jobs: list[m.LayerJob], on_progress: Callable[[m.Progress], None],
             on_done: Callable[[m.LayerDone], None]) -> None:
-        """Run every job; raises WorkerError on the first failed layer or dead worker."""
+        """Run every job; raises WorkerError on the first failed layer, or on a layer whose
+        worker died more than MAX_RETRIES times (a dead worker is replaced, its layer requeued)."""
         todo = deque(jobs)
         by_layer = {j.layer: j for j in jobs}
         tries = dict.fromkeys(by_layer, 0)
