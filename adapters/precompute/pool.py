@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
-import sys
 from collections import deque
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -34,22 +33,6 @@ class WorkerError(RuntimeError):
     def __init__(self, layer: int, message: str, bad_input: bool, tb: str = ""):
         super().__init__(f"layer {layer}: {message}" + ("" if bad_input or not tb else f"\n--- worker traceback ---\n{tb}"))
         self.layer, self.bad_input = layer, bad_input
-
-
-@contextlib.contextmanager
-def _hide_main_module():
-    # spawn/forkserver children re-import the parent's __main__ unless it has no file or
-    # spec; the bin/ launchers call main() at import time, so a child would run the CLI
-    # again. The worker target lives in this package and needs nothing from __main__.
-    main = sys.modules["__main__"]
-    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
-    main.__dict__.pop("__file__", None)
-    main.__dict__["__spec__"] = None
-    try:
-        yield
-    finally:
-        main.__dict__.pop("__spec__", None)
-        main.__dict__.update(saved)
 
 
 def _context() -> mp.context.BaseContext:
@@ -80,9 +63,8 @@ class WorkerPool:
 
     def _start(self):
         parent_end, child_end = self._ctx.Pipe(duplex=True)
-        with _hide_main_module():
-            p = self._ctx.Process(target=worker_main, args=(child_end,), daemon=True, name="precompute-worker")
-            p.start()
+        p = self._ctx.Process(target=worker_main, args=(child_end,), daemon=True, name="precompute-worker")
+        p.start()
         child_end.close()  # so a dead worker reads as EOF here
         return p, parent_end
 
