@@ -55,9 +55,11 @@ def _load_all() -> None:
 
 
 def names() -> list[str]:
-    """Registered format names, in detection order."""
+    """Registered format names, in detection order: the order of `_ADAPTER_MODULES`, whatever
+    order the modules happened to be imported in (an adapter registered from elsewhere last)."""
     _load_all()
-    return list(_ADAPTERS)
+    rank = {mod: i for i, mod in enumerate(_ADAPTER_MODULES)}
+    return sorted(_ADAPTERS, key=lambda n: rank.get(_ADAPTERS[n].__module__, len(rank)))
 
 
 def get_adapter(name: str) -> type[Checkpoint]:
@@ -71,8 +73,8 @@ def get_adapter(name: str) -> type[Checkpoint]:
 def detect_format(path: str | os.PathLike) -> str | None:
     """The first registered format whose `detect` accepts `path`, or None."""
     _load_all()
-    for name, cls in _ADAPTERS.items():
-        if cls.detect(Path(path)):
+    for name in names():
+        if _ADAPTERS[name].detect(Path(path)):
             return name
     return None
 
@@ -86,6 +88,7 @@ def open_checkpoint(path: str | os.PathLike, format: str | None = None) -> Check
         raise CheckpointError(path, "does not exist", fix="give the directory of a model checkpoint")
     name = detect_format(path)
     if name is None:
-        looked = "; ".join(f"{n} ({getattr(c, 'looks_for', 'its own layout')})" for n, c in _ADAPTERS.items())
+        looked = "; ".join(f"{n} ({getattr(c, 'looks_for', 'its own layout')})" for n in names()
+                          for c in [_ADAPTERS[n]])
         raise CheckpointError(path, "no known checkpoint format found", fix=f"looked for: {looked}")
     return _ADAPTERS[name](path)

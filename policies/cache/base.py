@@ -136,7 +136,8 @@ class CachePolicy(abc.ABC):
         ids = sorted({int(e) for e in experts if int(e) >= 0})
         if ids and ids[-1] >= self.E:
             raise ValueError(f"{self.name}: expert {ids[-1]} out of range 0..{self.E - 1}")
-        need = int(self.sizes[layer, ids].sum()) if ids else 0
+        # Up to top_k experts always fit (checked at construction); more may not.
+        need = int(self.sizes[layer, ids].sum()) if len(ids) > self.K else 0
         if need > min(self.capacity[Tier.VRAM], self.capacity[Tier.RAM]):
             raise ValueError(f"{self.name}: layer {layer} needs {len(ids)} experts ({need} bytes) at once; "
                              f"VRAM holds {self.capacity[Tier.VRAM]}, RAM {self.capacity[Tier.RAM]} bytes "
