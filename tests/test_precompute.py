@@ -313,3 +313,12 @@ def test_sigint_handler_is_restored_after_main(tiny, tmp_path, capsys):
     run(["--model", str(tiny), "--out", str(tmp_path / "st"), "--workers", "0", "--no-progress"], capsys)
     assert signal.getsignal(signal.SIGTERM) is before
     assert os.path.exists(tmp_path / "st" / "store.json")
+
+
+def test_explicit_precompute_subcommand_is_the_default_one(tiny, tmp_path, capsys):
+    # The original tool spelled it `precompute precompute --model ...`; both forms build the same store.
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(["precompute", "--model", str(tiny), "--out", str(a), "--workers", "0", "--no-progress"], capsys)[0] == 0
+    assert run(["--model", str(tiny), "--out", str(b), "--workers", "0", "--no-progress"], capsys)[0] == 0
+    assert files_of(a).keys() == files_of(b).keys()
+    assert all(files_of(a)[k] == files_of(b)[k] for k in files_of(a) if k != "store.json")

@@ -1,6 +1,6 @@
 """`precompute`: build, check, size or remove the packed expert store.
 
-  precompute --model DIR [--out DIR] [--dtype bfloat16|float16|mxfp4] [--force] [--workers N] [--format NAME]
+  precompute [precompute] --model DIR [--out DIR] [--dtype bfloat16|float16|mxfp4] [--force] [--workers N] [--format NAME]
   precompute validate --store DIR [--model DIR] [--samples N]
   precompute stats --store DIR [--detailed]
   precompute clean --store DIR [--force]
@@ -88,6 +88,8 @@ def _run(argv: list[str]) -> int:
     from .build import RefusedError
     from .pool import WorkerError
 
+    if argv and argv[0] == "precompute":  # the explicit form of the default subcommand
+        argv = argv[1:]
     cmd = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     try:
         if cmd is None:
