@@ -249,3 +249,19 @@ def test_an_expert_can_be_read_with_o_direct(store):
     data = bytes(buf[: x.length])
     assert data == st.read_expert(1, x.expert) and bytes(buf[x.length:]) == bytes(x.read_length - x.length)
     st.verify(1, x.expert, data)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_from_a_device_buffer_matches_the_cpu(store):
+    # The pipeline copies an expert's stored bytes into VRAM and decodes there (MXFP4 on the GPU).
+    dtype, out = store
+    st = StoreCheckpoint(out)
+    for layer, expert in ((0, 0), (2, 5)):
+        x = st.expert_range(layer, expert)
+        host = torch.zeros(x.read_length, dtype=torch.uint8)
+        host[: x.length] = torch.frombuffer(bytearray(st.read_expert(layer, expert)), dtype=torch.uint8)
+        want = st.decode_from_buffer(host, "cpu")
+        got = st.decode_from_buffer(host.cuda(), "cuda")
+        assert sorted(got) == sorted(want)
+        for r in want:
+            assert got[r].is_cuda and torch.equal(bits(got[r].cpu()), bits(want[r]))
