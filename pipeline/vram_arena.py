@@ -1,0 +1,154 @@
+"""The VRAM tier: one device allocation cut into fixed expert slots (CPU tensors without CUDA).
+
+    VramArena(store, num_slots, device)
+      slot_bytes_for(store) -> int   bytes one slot needs (staticmethod)
+      raw_view(i)   -> uint8 view    where an H2D copy lands for bf16/fp16 stores (the slot itself)
+      tensors(i)    -> {role: view}  the expert's dense tensors inside slot i, built once here
+      staging(k)    -> uint8 view    mxfp4 only: compressed-bytes landing buffer k (see below)
+      close()                        drop the allocations
+
+Nothing is allocated after construction: every per-slot view is precomputed, so filling a
+slot is one copy (bf16/fp16: the stored bytes ARE the tensors) or one copy into a staging
+buffer plus one decode into the slot (mxfp4: move 4.25 bits per weight, expand on the GPU).
+The arena only holds memory; who may write a slot, and when, is the copy engine's and the
+scheduler's business (`pipeline.copy_engine`: fences and events).
+"""
+from __future__ import annotations
+
+import torch
+
+from adapters.store import StoreCheckpoint
+
+# Each decoded tensor starts on this boundary inside a slot: aligned vector loads in kernels.
+TENSOR_ALIGN = 256
+_TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "U8": torch.uint8, "F32": torch.float32}
+
+
+def _round_up(n: int, align: int) -> int:
+    return -(-n // align) * align
+
+
+def _normalise(device: torch.device | str) -> torch.device:
+    """`cuda` -> `cuda:<current>`, so that device comparisons and per-device caches agree."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _dense_offsets(store: StoreCheckpoint) -> list[tuple[str, torch.dtype, tuple[int, ...], int, int]]:
+    """(role, dtype, shape, offset, nbytes) of each decoded tensor inside an mxfp4 slot."""
+    out, pos = [], 0
+    for t in store.dense_tensors:
+        out.append((t.role, _TORCH[t.dtype], tuple(t.shape), pos, t.nbytes))
+        pos = _round_up(pos + t.nbytes, TENSOR_ALIGN)
+    return out
+
+
+class VramArena:
+    """One device allocation (`num_slots * slot_bytes` uint8) divided into fixed slots.
+
+    Allocated once; expert tensors are views into slots; nothing is allocated on the hot
+    path. For mxfp4 stores a small pool of staging buffers (`num_staging`, each the
+    expert's `read_length`, one separate allocation) receives the compressed bytes; the copy
+    engine decodes from there into the slot on the same stream.
+    """
+
+    def __init__(self, store: StoreCheckpoint, num_slots: int, device: torch.device | str, *,
+                 num_staging: int = 2):
+        self.store = store
+        self.device = _normalise(device)
+        self.dtype = store.dtype
+        self.num_slots = int(num_slots)
+        self.slot_bytes = self.slot_bytes_for(store)
+        self.read_length = max(x.read_length for x in store.index.experts)
+        self.expert_length = max(x.length for x in store.index.experts)  # a copy needs at least this
+        self.decodes = store.dtype == "mxfp4"
+        top_k = store.spec.top_k
+        if self.num_slots < top_k:
+            raise ValueError(f"VRAM arena of {self.num_slots} slots cannot hold one layer's top-{top_k} experts; "
+                             f"give it at least {top_k} slots")
+        self.num_staging = int(num_staging) if self.decodes else 0
+        if self.decodes and self.num_staging < 1:
+            raise ValueError(f"an mxfp4 store needs at least 1 staging buffer, got num_staging={num_staging}")
+        staging_bytes = self.num_staging * self.read_length
+        need = self.num_slots * self.slot_bytes + staging_bytes
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            if need > free:
+                fit = max(0, (free - staging_bytes) // self.slot_bytes)
+                raise ValueError(f"VRAM arena of {self.num_slots} slots x {self.slot_bytes} bytes "
+                                 f"(+{staging_bytes} staging) = {need} bytes, but {self.device} has {free} of "
+                                 f"{total} bytes free; use at most {fit} slots")
+        self._buf: torch.Tensor | None = torch.empty(self.num_slots * self.slot_bytes, dtype=torch.uint8,
+                                                     device=self.device)
+        self._staging_buf: torch.Tensor | None = (
+            torch.empty(staging_bytes, dtype=torch.uint8, device=self.device) if self.decodes else None)
+        self._raw = [self._buf[i * self.slot_bytes:(i + 1) * self.slot_bytes] for i in range(self.num_slots)]
+        self._staging = [self._staging_buf[k * self.read_length:(k + 1) * self.read_length]
+                         for k in range(self.num_staging)] if self._staging_buf is not None else []
+        self._tensors = [self._slot_tensors(raw) for raw in self._raw]
+        if self.decodes:
+            # Build the decode table now rather than inside the first copy on the hot path.
+            from adapters.mxfp4 import _table
+            _table(self.device)
+
+    @staticmethod
+    def slot_bytes_for(store: StoreCheckpoint) -> int:
+        """Bytes one VRAM slot needs: a bf16/fp16 expert's `read_length` (the raw bytes are the
+        tensors; the whole padded read is copied), or for mxfp4 the decoded dense tensors, each
+        starting on a 256-byte boundary."""
+        if store.dtype == "mxfp4":
+            *_, (_, _, _, off, nbytes) = _dense_offsets(store)
+            return _round_up(off + nbytes, TENSOR_ALIGN)
+        return max(x.read_length for x in store.index.experts)
+
+    def _slot_tensors(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.decodes:
+            # The store's own slicing, once: dtype views into the slot, no copy.
+            return self.store.decode_from_buffer(raw, self.device)
+        res = {}
+        for role, dtype, shape, off, nbytes in _dense_offsets(self.store):
+            res[role] = raw[off:off + nbytes].view(dtype).view(shape)
+        return res
+
+    def _check_slot(self, i: int) -> None:
+        if self._buf is None:
+            raise RuntimeError("VramArena is closed")
+        if not 0 <= i < self.num_slots:
+            raise IndexError(f"VRAM slot {i} out of range 0..{self.num_slots - 1}")
+
+    def raw_view(self, i: int) -> torch.Tensor:
+        """uint8 view of slot i (`slot_bytes`): where a bf16/fp16 copy lands; for mxfp4 the
+        decoded tensors' bytes (copies land in `staging(k)` instead)."""
+        self._check_slot(i)
+        return self._raw[i]
+
+    def tensors(self, i: int) -> dict[str, torch.Tensor]:
+        """The expert's dense tensors (roles and dtypes of `store.dense_tensors`) as views of
+        slot i. Valid only once a transfer into the slot has completed."""
+        self._check_slot(i)
+        return self._tensors[i]
+
+    def staging(self, k: int) -> torch.Tensor:
+        """mxfp4 stores: staging buffer k (`read_length` bytes) for compressed bytes."""
+        if not 0 <= k < self.num_staging:
+            raise IndexError(f"staging buffer {k} out of range 0..{self.num_staging - 1} "
+                             f"(this {self.dtype} arena has {self.num_staging})")
+        return self._staging[k]
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_slots * self.slot_bytes + self.num_staging * self.read_length
+
+    def close(self) -> None:
+        """Drop the allocations (the caching allocator may keep them for reuse); idempotent."""
+        self._buf = self._staging_buf = None
+        self._raw, self._staging, self._tensors = [], [], []
+
+    def __repr__(self) -> str:
+        return (f"VramArena({self.num_slots} slots x {self.slot_bytes} B on {self.device}, {self.dtype}, "
+                f"{self.num_staging} staging)")
+
+
+__all__ = ["VramArena", "TENSOR_ALIGN"]
