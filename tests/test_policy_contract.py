@@ -207,3 +207,26 @@ def test_watermark_never_exceeds_capacity_on_shared_traces(shared_traces):
                 assert policy.used_bytes(Tier.VRAM) <= policy.capacity[Tier.VRAM]
                 assert policy.used_bytes(Tier.RAM) <= policy.capacity[Tier.RAM]
         policy.check()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forget_follows_the_executors_own_evictions(name):
+    # The pipeline evicted (0, 3) to serve a demand before the policy planned anything.
+    policy = build(name)
+    policy.on_activation(Activation(layer=0, experts=(3, 4)))
+    for e in (3, 4):
+        policy.complete(0, e, Tier.RAM, True)
+        policy.complete(0, e, Tier.VRAM, True)
+    used_v, used_r = policy.used_bytes(Tier.VRAM), policy.used_bytes(Tier.RAM)
+    assert policy.forget(0, 3, Tier.VRAM)
+    assert policy.where(0, 3, Tier.VRAM) == ABSENT and policy.where(0, 3, Tier.RAM) == RESIDENT
+    assert policy.used_bytes(Tier.VRAM) == used_v - 1
+    assert not policy.forget(0, 3, Tier.VRAM)  # already absent: nothing changes
+    # Leaving RAM also leaves VRAM under containment (the VRAM copy had its RAM backing).
+    assert policy.forget(0, 4, Tier.RAM)
+    assert policy.where(0, 4, Tier.RAM) == ABSENT and policy.where(0, 4, Tier.VRAM) == ABSENT
+    assert policy.used_bytes(Tier.RAM) == used_r - 1 and policy.used_bytes(Tier.VRAM) == used_v - 2
+    policy.check()
+    # The next access asks for both again.
+    plan = policy.on_activation(Activation(layer=0, experts=(3, 4)))
+    assert {(m.layer, m.expert) for m in plan.promotions} >= {(0, 3), (0, 4)}

@@ -177,6 +177,17 @@ class CachePolicy(abc.ABC):
             self._drop(Tier.VRAM, layer, expert)  # nothing left to copy from
         return True
 
+    def forget(self, layer: int, expert: int, tier: Tier) -> bool:
+        """The executor dropped (layer, expert) from `tier` on its own (e.g. to serve a demand
+        before this policy planned it); the book follows. With containment, leaving RAM also
+        leaves VRAM. False if the book had it absent already."""
+        if self.state[tier][layer, expert] == ABSENT:
+            return False
+        self._drop(tier, layer, expert)
+        if tier == Tier.RAM and self.config.containment and self.state[Tier.VRAM][layer, expert] != ABSENT:
+            self._drop(Tier.VRAM, layer, expert)
+        return True
+
     # ---- queries --------------------------------------------------------------------------
     def where(self, layer: int, expert: int, tier: Tier) -> int:
         """ABSENT, LOADING or RESIDENT."""
