@@ -92,6 +92,9 @@ class VramArena:
             # Build the decode table now rather than inside the first copy on the hot path.
             from adapters.mxfp4 import _table
             _table(self.device)
+        if self.device.type == "cuda":
+            # The table and the slots were made on this stream; copy streams use them next.
+            torch.cuda.current_stream(self.device).synchronize()
 
     @staticmethod
     def slot_bytes_for(store: StoreCheckpoint) -> int:
@@ -142,7 +145,11 @@ class VramArena:
         return self.num_slots * self.slot_bytes + self.num_staging * self.read_length
 
     def close(self) -> None:
-        """Drop the allocations (the caching allocator may keep them for reuse); idempotent."""
+        """Drop the allocations (the caching allocator may keep them for reuse); idempotent.
+        Close the copy engine first; on CUDA this also waits for the device, so that memory
+        a copy stream may still write is never handed to another allocation."""
+        if self._buf is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self._buf = self._staging_buf = None
         self._raw, self._staging, self._tensors = [], [], []
 

@@ -369,3 +369,11 @@ def test_h2d_probe_measures_a_positive_bandwidth():
 
     bw = raw_h2d_bandwidth(8 << 20, 3)
     assert 1e8 < bw < 1e12
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
+def test_h2d_probe_without_cuda_says_so():
+    from pipeline.bench.h2d_probe import raw_h2d_bandwidth
+
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        raw_h2d_bandwidth(1 << 20, 2)
