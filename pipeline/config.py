@@ -1,0 +1,90 @@
+"""The pipeline's configuration: a frozen, validated struct, also loadable from TOML or JSON.
+
+Sizes are bytes or strings with a unit (`"6GiB"`, `"512MiB"`, `"24GB"`); budgets are
+checked against the store when the pipeline opens (`PipelineConfig.check_budgets`), so an
+impossible budget fails with the numbers before anything is allocated.
+"""
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import msgspec
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def parse_size(value: int | str, what: str = "size") -> int:
+    """`6GiB` -> 6442450944; plain integers are bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"{what} {value!r} does not parse; write bytes or a number with a unit "
+                             f"such as 512MiB, 6GiB, 24GB")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ValueError(f"{what} must be positive, got {value!r}")
+    return n
+
+
+class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    store: str  # packed expert store directory (bin/precompute)
+    vram: int | str  # VRAM budget for expert slots
+    ram: int | str  # pinned host RAM budget for expert slots
+    policy: str = "nextuse"
+    predictor: str | None = "ewma"  # None for policies that take none
+    predictor_options: dict[str, float | int | str] = {}
+    device: str = "auto"  # auto: CUDA when available, else the VRAM tier lives on the CPU
+    readers: int | None = None  # reader processes; None = the pool's default for the disk
+    read_timeout_s: float = 10.0  # a read taking longer kills and replaces its reader
+    read_attempts: int = 3  # tries of one read (fresh reader each time) before it is an error
+    verify_checksums: bool = True  # readers check each expert's crc32 against store.json
+    prefetch_reads: int = 8  # prefetch disk reads in flight at once (credits)
+    prefetch_copies: int = 4  # prefetch H2D copies in flight at once (credits)
+    actor_queue: int = 256  # activation events queued for the policy actor (events)
+    close_timeout_s: float = 10.0  # close() returns within about this, whatever is in flight
+
+    def __post_init__(self) -> None:
+        parse_size(self.vram, "vram")
+        parse_size(self.ram, "ram")
+        if self.device not in DEVICES:
+            raise ValueError(f"device {self.device!r} unknown; valid: {', '.join(DEVICES)}")
+        for name in ("read_timeout_s", "close_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("read_attempts", "prefetch_reads", "prefetch_copies", "actor_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.readers is not None and self.readers < 1:
+            raise ValueError(f"readers must be >= 1, got {self.readers}")
+
+    @property
+    def vram_bytes(self) -> int:
+        return parse_size(self.vram, "vram")
+
+    @property
+    def ram_bytes(self) -> int:
+        return parse_size(self.ram, "ram")
+
+
+def load_config(path: str | Path, **overrides) -> PipelineConfig:
+    """Read a PipelineConfig from a .toml or .json file; keyword overrides win."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+        data = tomllib.loads(text.decode()) if path.suffix == ".toml" else json.loads(text)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read pipeline config ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: pipeline config must be a table/object")
+    data.update(overrides)
+    try:
+        return msgspec.convert(data, PipelineConfig)
+    except (msgspec.ValidationError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
