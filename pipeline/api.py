@@ -1,0 +1,232 @@
+"""`ExpertPipeline`: what a decode loop embeds, synchronous or async.
+
+    with ExpertPipeline.open(store_dir, vram="6GiB", ram="24GiB") as pipe:
+        weights = pipe.fetch(layer, expert_ids, router_weights=w, token_id=t)
+        # one dict of tensors per expert, views of VRAM slots, ready on the current stream
+
+    async with await ExpertPipeline.aopen(store_dir, vram=..., ram=...) as pipe:
+        weights = await pipe.afetch(layer, expert_ids)
+
+`open` runs the pipeline's event loop (uvloop) on a dedicated thread; `aopen` runs it on
+the caller's loop. Tensors handed out by a fetch stay valid until a later fetch: the slot
+is overwritten only by a copy that waits on a fence recorded by that later fetch on the
+caller's stream (DESIGN: no use-after-free). One pipeline serves one decode loop: a sync
+`fetch` from a second thread is refused with a clear error.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import torch
+
+from policies.events import Activation
+
+from .config import PipelineConfig
+from .copy_engine import CopyStats
+from .readers import ReaderStats
+from .scheduler import SchedulerStats
+
+
+class PipelineClosed(RuntimeError):
+    """The pipeline was closed; open a new one."""
+
+
+class PipelineStats(msgspec.Struct, frozen=True):
+    device: str
+    vram_slots: int
+    vram_free: int
+    ram_slots: int
+    ram_free: int
+    pinned: bool
+    scheduler: SchedulerStats
+    readers: ReaderStats
+    copies: CopyStats
+    actor: object  # policies.actor.ActorStats
+
+
+class ExpertPipeline:
+    def __init__(self, cfg: PipelineConfig, parts, loop: asyncio.AbstractEventLoop,
+                 thread: threading.Thread | None, routers: dict[int, np.ndarray] | None):
+        self.config = cfg
+        self._p = parts  # pipeline.assembly.Parts
+        self._loop, self._thread = loop, thread
+        self._routers = routers or {}
+        self._hint: dict[int, tuple[float, ...]] | None = None
+        self._seq = 0
+        self._owner: int | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self.spec = parts.store.spec
+
+    # ---- opening -----------------------------------------------------------------------------
+    @classmethod
+    def open(cls, store: str | Path, *, vram: int | str, ram: int | str, routers=None,
+             reader_hooks: dict | None = None, **options) -> "ExpertPipeline":
+        """Open on a dedicated uvloop thread (for a synchronous decode loop). `options` are
+        PipelineConfig fields; `reader_hooks` are fault-injection hooks for tests
+        (pipeline.reader_worker)."""
+        import uvloop
+
+        cfg = PipelineConfig(store=str(store), vram=vram, ram=ram, **options)
+        loop = uvloop.new_event_loop()
+        thread = threading.Thread(target=_run_loop, args=(loop,), name="expert-pipeline", daemon=True)
+        thread.start()
+        try:
+            parts = asyncio.run_coroutine_threadsafe(_assemble(cfg, reader_hooks), loop).result()
+        except BaseException:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=cfg.close_timeout_s)
+            loop.close()
+            raise
+        return cls(cfg, parts, loop, thread, routers)
+
+    @classmethod
+    async def aopen(cls, store: str | Path, *, vram: int | str, ram: int | str, routers=None,
+                    reader_hooks: dict | None = None, **options) -> "ExpertPipeline":
+        """Open on the running event loop (for an async decode loop)."""
+        cfg = PipelineConfig(store=str(store), vram=vram, ram=ram, **options)
+        parts = await _assemble(cfg, reader_hooks)
+        return cls(cfg, parts, asyncio.get_running_loop(), None, routers)
+
+    # ---- the decode loop's calls ---------------------------------------------------------------
+    def fetch(self, layer: int, expert_ids, *, router_weights=None, token_id: int | None = None):
+        """The experts' dense tensors (one dict per id, in order), ready on the current stream."""
+        if self._thread is None:
+            raise RuntimeError("this pipeline was opened with aopen(): use `await pipe.afetch(...)`")
+        with self._lock:
+            seq, fence, ids = self._begin(layer, expert_ids, router_weights, token_id)
+            fut = asyncio.run_coroutine_threadsafe(self._p.scheduler.demand(layer, ids, seq, fence), self._loop)
+            return self._finish(fut.result(timeout=self._demand_timeout()))
+
+    async def afetch(self, layer: int, expert_ids, *, router_weights=None, token_id: int | None = None):
+        seq, fence, ids = self._begin(layer, expert_ids, router_weights, token_id, thread_check=False)
+        coro = self._p.scheduler.demand(layer, ids, seq, fence)
+        if self._thread is not None:  # the pipeline's loop runs elsewhere: bridge to it
+            res = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+        else:
+            res = await asyncio.wait_for(coro, self._demand_timeout())
+        return self._finish(res)
+
+    def hint(self, layer: int, hidden_state) -> None:
+        """Score later layers' experts from `hidden_state` with their routers (router lookahead);
+        the scores ride on the next activation event."""
+        if not self._routers:
+            raise ValueError("hint() needs router weights: pass routers={layer: weight [E, hidden]} to open()")
+        from policies.predictors.lookahead import router_scores
+
+        h = np.asarray(hidden_state.float().cpu() if isinstance(hidden_state, torch.Tensor) else hidden_state,
+                       dtype=np.float64).reshape(-1)
+        self._hint = {l: tuple(float(x) for x in router_scores(h, w)) for l, w in self._routers.items() if l > layer}
+
+    def stats(self) -> PipelineStats:
+        p = self._p
+        return PipelineStats(device=str(p.device), vram_slots=len(p.scheduler.vram),
+                             vram_free=p.scheduler.vram.free_count(), ram_slots=len(p.scheduler.ram),
+                             ram_free=p.scheduler.ram.free_count(), pinned=p.ram_arena.pinned,
+                             scheduler=p.scheduler.stats(), readers=p.readers.stats(),
+                             copies=p.engine.stats(), actor=p.actor.stats())
+
+    # ---- closing -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Ordered shutdown (pipeline.assembly.shutdown), within about config.close_timeout_s."""
+        if self._closed:
+            return
+        self._closed = True
+        from .assembly import shutdown
+
+        if self._thread is None:
+            raise RuntimeError("this pipeline was opened with aopen(): use `await pipe.aclose()`")
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(self._p, self.config.close_timeout_s),
+                                             self._loop).result(timeout=self.config.close_timeout_s * 2)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=self.config.close_timeout_s)
+            if not self._thread.is_alive():
+                self._loop.close()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        from .assembly import shutdown
+
+        await shutdown(self._p, self.config.close_timeout_s)
+
+    def __enter__(self) -> "ExpertPipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "ExpertPipeline":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _begin(self, layer, expert_ids, router_weights, token_id, thread_check=True):
+        if self._closed:
+            raise PipelineClosed("the ExpertPipeline is closed; open a new one")
+        if thread_check:
+            me = threading.get_ident()
+            if self._owner is None:
+                self._owner = me
+            elif self._owner != me:
+                raise RuntimeError("ExpertPipeline.fetch from a second thread: one pipeline serves one decode "
+                                   "loop (its tensors are valid until that loop's next fetch); open one per thread")
+        s = self.spec
+        ids = [int(e) for e in expert_ids]
+        if not 0 <= int(layer) < s.num_layers:
+            raise IndexError(f"layer {layer} out of range: the store has {s.num_layers} MoE layers")
+        bad = [e for e in ids if not 0 <= e < s.num_experts]
+        if bad:
+            raise IndexError(f"expert ids {bad} out of range: the store has {s.num_experts} experts per layer")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"expert ids {ids} repeat an expert")
+        if len(ids) > len(self._p.scheduler.vram):
+            raise ValueError(f"{len(ids)} experts at once but the VRAM budget holds {len(self._p.scheduler.vram)}")
+        self._seq += 1
+        fence = self._p.engine.fence()  # on the caller's current stream, before this fetch's uses
+        weights = None if router_weights is None else tuple(float(w) for w in
+                                                           (router_weights.tolist() if hasattr(router_weights, "tolist")
+                                                            else router_weights))
+        event = Activation(layer=int(layer), experts=tuple(ids), weights=weights, token_id=token_id,
+                           hint=self._hint, time=self._loop.time())
+        self._hint = None
+        if self._thread is not None:
+            self._p.actor.publish_threadsafe(event)
+        else:
+            self._p.actor.publish(event)
+        return self._seq, fence, ids
+
+    def _finish(self, results) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for slot, transfer in results:
+            if transfer is not None:
+                transfer.make_stream_wait()  # the caller's stream waits on the copy's event
+            out.append(self._p.vram_arena.tensors(slot.index))
+        return out
+
+    def _demand_timeout(self) -> float:
+        c = self.config
+        return c.read_timeout_s * c.read_attempts + c.close_timeout_s
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    loop.run_forever()
+
+
+async def _assemble(cfg: PipelineConfig, reader_hooks: dict | None):
+    from .assembly import assemble
+
+    return await assemble(cfg, reader_hooks=reader_hooks)
+
+
+__all__ = ["ExpertPipeline", "PipelineClosed", "PipelineStats"]

@@ -1,0 +1,147 @@
+"""Building the pipeline's parts in order, and taking them down in the reverse order.
+
+Shutdown protocol (the one place it is written down; `ExpertPipeline.close` follows it):
+  1. stop intake: the API refuses new fetches (PipelineClosed) before this runs;
+  2. stop the policy actor without draining: pending events only cost prediction;
+  3. cancel queued prefetches and in-flight scheduler tasks (bounded wait);
+  4. stop the copy engine: its streams/thread finish what was enqueued (bounded);
+  5. stop the reader processes: stop marker, join with a timeout, kill survivors;
+  6. release memory: the VRAM arena, then the RAM arena (unregister, munmap, unlink).
+Every step runs even when an earlier one fails; the first error is re-raised at the end.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from adapters.store import StoreCheckpoint
+from policies.actor import PolicyActor
+from policies.cache.registry import make_policy, policy_class
+from policies.events import Tier
+from policies.predictors.registry import make_predictor
+
+from .config import PipelineConfig
+from .copy_engine import CopyEngine
+from .ram_arena import RamArena
+from .readers import ReaderPool
+from .scheduler import Scheduler
+from .vram_arena import VramArena
+
+
+@dataclass
+class Parts:
+    store: StoreCheckpoint
+    device: torch.device
+    ram_arena: RamArena
+    vram_arena: VramArena
+    engine: CopyEngine
+    readers: ReaderPool
+    policy: object
+    actor: PolicyActor
+    scheduler: Scheduler
+
+
+class _PolicyLink:
+    """What the scheduler tells the policy: transfer outcomes (through the actor, which
+    records a failing policy) and its own evictions. Both run on the loop thread."""
+
+    def __init__(self, actor: PolicyActor, policy):
+        self._actor, self._policy = actor, policy
+
+    def complete(self, layer: int, expert: int, tier: Tier, ok: bool) -> None:
+        self._actor.complete(layer, expert, tier, ok)
+
+    def forget(self, layer: int, expert: int, tier: Tier) -> None:
+        self._policy.forget(layer, expert, tier)
+
+
+def _device(cfg: PipelineConfig) -> torch.device:
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is available; use device='auto' or 'cpu'")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def plan_slots(cfg: PipelineConfig, store: StoreCheckpoint) -> tuple[int, int, int, int]:
+    """(vram slots, vram slot bytes, ram slots, ram slot bytes) for the budgets; ValueError
+    with the numbers when a budget cannot hold one layer's top-k working set."""
+    top_k = store.spec.top_k
+    vram_slot = VramArena.slot_bytes_for(store)
+    ram_slot = max(x.read_length for x in store.index.experts)
+    n_vram, n_ram = cfg.vram_bytes // vram_slot, cfg.ram_bytes // ram_slot
+    for tier, n, size, budget in (("vram", n_vram, vram_slot, cfg.vram_bytes), ("ram", n_ram, ram_slot, cfg.ram_bytes)):
+        if n < top_k:
+            raise ValueError(f"{tier} budget {budget} bytes holds {n} experts of {size} bytes, fewer than one "
+                             f"layer's top-{top_k} working set; give {tier} at least {top_k * size} bytes")
+    return n_vram, vram_slot, n_ram, ram_slot
+
+
+async def assemble(cfg: PipelineConfig, *, reader_hooks: dict | None = None) -> Parts:
+    store = StoreCheckpoint(cfg.store)
+    spec = store.spec
+    n_vram, vram_slot, n_ram, ram_slot = plan_slots(cfg, store)
+    cls = policy_class(cfg.policy)  # unknown names fail here, before anything is allocated
+    predictor = None
+    if cls.uses_predictor:
+        predictor = make_predictor(cfg.predictor or "ewma", spec.num_layers, spec.num_experts, spec.top_k,
+                                   **cfg.predictor_options)
+    # The policy counts in RAM-slot units so its capacities are exactly the slot counts.
+    policy = make_policy(cfg.policy, predictor, num_layers=spec.num_layers, num_experts=spec.num_experts,
+                         top_k=spec.top_k, vram_bytes=n_vram * ram_slot, ram_bytes=n_ram * ram_slot,
+                         expert_bytes=ram_slot, containment=n_ram >= n_vram)
+    device = _device(cfg)
+    with contextlib.ExitStack() as stack:
+        ram_arena = RamArena.create(n_ram, ram_slot)
+        stack.callback(ram_arena.close)
+        vram_arena = VramArena(store, n_vram, device)
+        stack.callback(vram_arena.close)
+        engine = CopyEngine(device)
+        stack.callback(engine.close)
+        readers = ReaderPool(ram_arena.path, ram_arena.size, num_readers=cfg.readers,
+                             timeout_s=cfg.read_timeout_s, max_attempts=cfg.read_attempts, hooks=reader_hooks)
+        try:
+            await readers.start()
+        except BaseException:
+            await readers.close()
+            raise
+        scheduler_box: list[Scheduler] = []
+        actor = PolicyActor(policy, on_plan=lambda stamped: scheduler_box[0].on_plan(stamped),
+                            queue_size=cfg.actor_queue)
+        scheduler = Scheduler(store=store, ram_arena=ram_arena, vram_arena=vram_arena, engine=engine,
+                              readers=readers, policy=_PolicyLink(actor, policy), top_k=spec.top_k,
+                              prefetch_reads=cfg.prefetch_reads, prefetch_copies=cfg.prefetch_copies,
+                              verify_checksums=cfg.verify_checksums, is_stale=actor.is_stale)
+        scheduler_box.append(scheduler)
+        actor.start()
+        stack.pop_all()
+    return Parts(store, device, ram_arena, vram_arena, engine, readers, policy, actor, scheduler)
+
+
+async def shutdown(p: Parts, timeout: float) -> None:
+    """The shutdown protocol in the module docstring; bounded by about `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    left = lambda: max(0.1, deadline - time.monotonic())  # noqa: E731
+    errors: list[BaseException] = []
+    steps = (
+        lambda: p.actor.stop(drain=False),
+        lambda: p.scheduler.close(left() / 3),
+        lambda: _sync(p.engine.close),
+        lambda: p.readers.close(),
+        lambda: _sync(p.vram_arena.close),
+        lambda: _sync(p.ram_arena.close),
+    )
+    for step in steps:
+        try:
+            await step()
+        except BaseException as e:  # keep going: every resource must be released
+            errors.append(e)
+    if errors:
+        raise errors[0]
+
+
+async def _sync(fn) -> None:
+    fn()

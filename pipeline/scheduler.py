@@ -1,0 +1,370 @@
+"""The asyncio scheduler: serves demand fetches and turns the policy's plans into transfers.
+
+Everything here runs on the pipeline's event loop thread. Tiers are fixed slot tables
+(`pipeline.slots`) over the RAM arena (filled by reader processes) and the VRAM arena
+(filled by the copy engine). The policy actor decides *what* to move; this module only
+moves bytes, and it is the single source of truth about what is where.
+
+- Demand (`demand`): experts already in VRAM are returned at once; a copy in flight is
+  returned with its transfer (the caller's stream waits on its event); a miss takes a free
+  VRAM slot or evicts the least recently demanded one, reads the expert from disk if RAM
+  lacks it, and copies it on the demand stream. Demand never waits behind prefetches: it
+  uses no credits, overtakes queued reads, and takes over a queued prefetch of its expert.
+- Plans (`on_plan`): evictions free slots, stagings queue disk reads, promotions queue H2D
+  copies; prefetches run in priority order under in-flight credits (`prefetch_reads`,
+  `prefetch_copies`). A move that cannot run (no free slot, stale plan) is reported to the
+  policy as failed so its book rolls back.
+- Safety: a VRAM slot handed out by fetch N is overwritten only by a copy that waits on a
+  fence recorded by a later fetch; a RAM slot is reused only when no copy reads from it;
+  prefetches never hold more VRAM slots than leave room for one layer's top-k.
+- When the scheduler evicts on its own (a demand victim), it tells the policy (`forget`).
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+
+import msgspec
+
+from policies.events import Tier
+
+from .readers import read_request
+from .slots import FREE, LOADING, READY, Key, Slot, SlotTable
+
+
+class SchedulerStats(msgspec.Struct, frozen=True):
+    fetches: int
+    vram_hits: int  # demanded experts already in VRAM (a copy in flight counts: no new transfer)
+    vram_misses: int
+    ram_hits: int  # VRAM misses served from RAM
+    ram_misses: int  # VRAM misses read from disk
+    prefetch_copies: int
+    prefetch_reads: int
+    prefetch_dropped: int  # planned moves that could not run (no slot, stale, failed)
+    bytes_h2d: int
+    bytes_nvme: int
+    stall_seconds: float  # time demand fetches spent waiting for reads (the loop side)
+    evictions_vram: int
+    evictions_ram: int
+    queued_prefetches: int
+
+
+class Scheduler:
+    def __init__(self, *, store, ram_arena, vram_arena, engine, readers, policy, top_k: int,
+                 prefetch_reads: int, prefetch_copies: int, verify_checksums: bool, is_stale=None):
+        self.store, self.ram_arena, self.vram_arena = store, ram_arena, vram_arena
+        self.engine, self.readers, self.policy = engine, readers, policy
+        self.is_stale = is_stale or (lambda stamped: False)
+        self.verify = verify_checksums
+        self.ram = SlotTable(ram_arena.num_slots, "RAM")
+        self.vram = SlotTable(vram_arena.num_slots, "VRAM")
+        # Prefetches may hold at most this many VRAM slots, so a demand always finds top_k.
+        self.copy_credits = max(0, min(prefetch_copies, vram_arena.num_slots - top_k))
+        self.read_credits = max(0, min(prefetch_reads, ram_arena.num_slots - top_k))
+        self._copy_queue: list = []  # heap of (priority, order, key, stamped)
+        self._read_queue: list = []
+        self._queued: dict[tuple[Tier, Key], object] = {}  # move -> stamped plan (queued only)
+        self._copy_after_read: dict[Key, tuple] = {}  # promotions waiting for their staging
+        self._order = itertools.count()
+        self._req_ids = itertools.count(1)
+        self._tasks: set[asyncio.Task] = set()
+        self._fence = None  # the latest fetch's fence and its sequence number
+        self._fence_seq = -1
+        self._c = dict.fromkeys(SchedulerStats.__struct_fields__, 0)
+        self._c["stall_seconds"] = 0.0
+        self.closed = False
+
+    # ---- demand ----------------------------------------------------------------------------
+    async def demand(self, layer: int, experts: list[int], seq: int, fence) -> list[tuple[Slot, object]]:
+        """Make `experts` of `layer` available in VRAM; returns (slot, transfer or None) each."""
+        if fence is not None:
+            self._fence, self._fence_seq = fence, seq
+        self._c["fetches"] += 1
+        keys = [(layer, e) for e in experts]
+        for key in keys:  # pin first, so no eviction below picks an expert of this fetch
+            slot = self.vram.lookup(key)
+            if slot is not None:
+                slot.handed_seq = seq
+        return list(await asyncio.gather(*(self._demand_one(key, seq) for key in keys)))
+
+    async def _demand_one(self, key: Key, seq: int) -> tuple[Slot, object]:
+        slot = self.vram.lookup(key)
+        if slot is not None:
+            self._c["vram_hits"] += 1
+            slot.last_use, slot.handed_seq = seq, seq
+            if slot.state == LOADING and slot.transfer is None:  # a prefetch still reading from disk
+                await self._wait_ready(slot)
+            return slot, slot.transfer
+        self._c["vram_misses"] += 1
+        self._drop_queued(Tier.VRAM, key)  # demand takes over a queued prefetch of it
+        slot = self.vram.take_free(key) or await self._evict_for_demand(key, seq)
+        slot.last_use, slot.handed_seq = seq, seq
+        t0 = time.perf_counter()
+        try:
+            rslot = await self._ensure_ram(key, demand=True)
+        except BaseException as e:
+            self._fail_slot(self.vram, slot, e)
+            raise
+        self._c["stall_seconds"] += time.perf_counter() - t0
+        self._copy(slot, rslot, demand=True)
+        return slot, slot.transfer
+
+    async def _evict_for_demand(self, key: Key, seq: int) -> Slot:
+        """A VRAM slot for a demand when none is free: the least recently demanded READY slot
+        not handed out by this fetch; while every candidate is still being filled (copies in
+        flight), wait for one to land. Budgets leave top_k slots beyond prefetches, so one
+        always comes."""
+        while True:
+            slot = self.vram.take_free(key)  # a concurrent demand may have freed one meanwhile
+            if slot is not None:
+                return slot
+            victim = self.vram.lru_victim(lambda s: s.handed_seq < seq)
+            if victim is not None:
+                self._evict(self.vram, victim, tell_policy=True)
+                return self.vram.take_free(key)
+            filling = [s.transfer for s in self.vram.slots
+                       if s.state == LOADING and s.transfer is not None and s.handed_seq < seq]
+            assert filling, "budget check guarantees top_k VRAM slots beyond this fetch's own"
+            await asyncio.wait([self._spawn(t.wait()) for t in filling], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.sleep(0)  # let the finished copies mark their slots READY
+
+    # ---- RAM tier ----------------------------------------------------------------------------
+    async def _ensure_ram(self, key: Key, *, demand: bool) -> Slot:
+        """The RAM slot holding `key`, reading it from disk first if needed."""
+        rslot = self.ram.lookup(key)
+        if rslot is not None:
+            if rslot.state == READY:
+                if demand:
+                    self._c["ram_hits"] += 1
+                return rslot
+            if demand:
+                self._c["ram_misses"] += 1
+            await self._wait_ready(rslot)
+            return rslot
+        if demand:
+            self._c["ram_misses"] += 1
+            self._drop_queued(Tier.RAM, key)
+        rslot = self.ram.take_free(key)
+        if rslot is None:
+            victim = self.ram.lru_victim(lambda s: s.users == 0 and s.key not in self.vram.where)
+            victim = victim or self.ram.lru_victim(lambda s: s.users == 0)
+            if victim is None:
+                raise RuntimeError(f"RAM tier: all {len(self.ram)} slots busy with copies; raise the RAM budget")
+            self._evict(self.ram, victim, tell_policy=True)
+            rslot = self.ram.take_free(key)
+        rslot.reading = self._spawn(self._read(rslot, key, demand))
+        await self._wait_ready(rslot)
+        return rslot
+
+    async def _read(self, rslot: Slot, key: Key, demand: bool) -> bool:
+        """Fill `rslot` from disk; failures go to the slot's waiters (and the policy), not up."""
+        req = read_request(self.store, key[0], key[1], next(self._req_ids),
+                           self.ram_arena.slot_offset(rslot.index), verify=self.verify)
+        try:
+            await self.readers.read(req, demand=demand)
+        except BaseException as e:
+            self._fail_slot(self.ram, rslot, e)
+            self.policy.complete(key[0], key[1], Tier.RAM, False)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return False
+        self._c["bytes_nvme"] += req.read_length
+        rslot.state, rslot.reading = READY, None
+        self._wake(rslot, None)
+        self.policy.complete(key[0], key[1], Tier.RAM, True)
+        self._pump()
+        return True
+
+    # ---- copies ------------------------------------------------------------------------------
+    def _copy(self, slot: Slot, rslot: Slot, *, demand: bool) -> None:
+        entry = self.store.expert_range(*slot.key)
+        after = self._fence if slot.handed_seq < self._fence_seq else None
+        rslot.users += 1
+        slot.transfer = self.engine.copy_in(self.ram_arena.slot(rslot.index), slot.index, self.vram_arena,
+                                            entry.read_length, demand=demand, after=after)
+        self._c["bytes_h2d"] += entry.read_length
+        self._wake(slot, None)  # waiters take the transfer and wait on its event themselves
+        self._spawn(self._finish_copy(slot, rslot, slot.transfer, demand))
+
+    async def _finish_copy(self, slot: Slot, rslot: Slot, transfer, demand: bool) -> None:
+        ok = True
+        try:
+            await transfer.wait()
+        except Exception:
+            ok = False
+        finally:
+            rslot.users -= 1
+        key = slot.key
+        if slot.transfer is transfer:
+            if ok:
+                slot.state, slot.transfer = READY, None
+            else:
+                self.vram.release(slot)
+        self.policy.complete(key[0], key[1], Tier.VRAM, ok)
+        if not demand:
+            self.copy_credits += 1
+        self._pump()
+
+    # ---- plans -------------------------------------------------------------------------------
+    def on_plan(self, stamped) -> None:
+        """The actor's callback: apply evictions now, queue prefetches by priority."""
+        if self.closed:
+            return
+        plan = stamped.plan
+        for mv in plan.evictions:
+            table = self.vram if mv.tier == Tier.VRAM else self.ram
+            slot = table.lookup((mv.layer, mv.expert))
+            self._drop_queued(mv.tier, (mv.layer, mv.expert))
+            if slot is not None and slot.state == READY and self._evictable(table, slot):
+                self._evict(table, slot, tell_policy=False)
+        for mv in plan.stagings:
+            self._queue(self._read_queue, Tier.RAM, mv, stamped)
+        for mv in plan.promotions:
+            key = (mv.layer, mv.expert)
+            if key in self.vram.where:  # already there or on its way (e.g. demand got it first)
+                if self.vram.where[key].state == READY:
+                    self.policy.complete(mv.layer, mv.expert, Tier.VRAM, True)
+                continue
+            self._queue(self._copy_queue, Tier.VRAM, mv, stamped)
+        self._pump()
+
+    def _evictable(self, table: SlotTable, slot: Slot) -> bool:
+        if table is self.vram:
+            return slot.handed_seq < self._fence_seq or slot.handed_seq < 0
+        return slot.users == 0 and slot.reading is None
+
+    def _queue(self, heap: list, tier: Tier, mv, stamped) -> None:
+        key = (mv.layer, mv.expert)
+        self._queued[(tier, key)] = stamped
+        heapq.heappush(heap, (mv.priority, next(self._order), key, stamped))
+
+    def _drop_queued(self, tier: Tier, key: Key) -> None:
+        self._queued.pop((tier, key), None)  # its heap entry is skipped when popped
+
+    def _pump(self) -> None:
+        """Start queued prefetches while credits last, best priority first."""
+        while self.read_credits > 0 and self._read_queue:
+            key, stamped, _ = self._pop(self._read_queue, Tier.RAM)
+            if key is None:
+                continue
+            if key in self.ram.where:
+                continue
+            rslot = self.ram.take_free(key)
+            if rslot is None:
+                self._dropped(key, Tier.RAM)
+                continue
+            self.read_credits -= 1
+            self._c["prefetch_reads"] += 1
+            rslot.reading = self._spawn(self._prefetch_read(rslot, key))
+        while self.copy_credits > 0 and self._copy_queue:
+            key, stamped, priority = self._pop(self._copy_queue, Tier.VRAM)
+            if key is None or key in self.vram.where:
+                continue
+            rslot = self.ram.lookup(key)
+            if rslot is None or rslot.state != READY:
+                # The policy stages what it promotes (same plan); copy once the bytes are in RAM.
+                if rslot is not None or (Tier.RAM, key) in self._queued:
+                    self._copy_after_read[key] = (priority, stamped)
+                else:
+                    self._dropped(key, Tier.VRAM)
+                continue
+            slot = self.vram.take_free(key)
+            if slot is None:
+                self._dropped(key, Tier.VRAM)
+                continue
+            self.copy_credits -= 1
+            self._c["prefetch_copies"] += 1
+            self._copy(slot, rslot, demand=False)
+
+    async def _prefetch_read(self, rslot: Slot, key: Key) -> None:
+        try:
+            ok = await self._read(rslot, key, False)  # a failure reaches the policy and any waiter
+        finally:
+            self.read_credits += 1
+        waiting = self._copy_after_read.pop(key, None)
+        if waiting is not None:
+            if ok:
+                self._queue(self._copy_queue, Tier.VRAM, _Move(key, waiting[0]), waiting[1])
+            else:
+                self._dropped(key, Tier.VRAM)
+        self._pump()
+
+    def _pop(self, heap: list, tier: Tier):
+        priority, _, key, stamped = heapq.heappop(heap)
+        if self._queued.get((tier, key)) is not stamped:
+            return None, None, 0.0  # superseded or taken over by demand
+        del self._queued[(tier, key)]
+        if self.is_stale(stamped):
+            self._dropped(key, tier)
+            return None, None, 0.0
+        return key, stamped, priority
+
+    def _dropped(self, key: Key, tier: Tier) -> None:
+        self._c["prefetch_dropped"] += 1
+        self.policy.complete(key[0], key[1], tier, False)
+
+    # ---- common ------------------------------------------------------------------------------
+    def _evict(self, table: SlotTable, slot: Slot, *, tell_policy: bool) -> None:
+        key = slot.key
+        self._c["evictions_vram" if table is self.vram else "evictions_ram"] += 1
+        table.release(slot)
+        if tell_policy:
+            self.policy.forget(key[0], key[1], Tier.VRAM if table is self.vram else Tier.RAM)
+
+    def _fail_slot(self, table: SlotTable, slot: Slot, exc: BaseException) -> None:
+        if slot.key is not None and table.where.get(slot.key) is slot:
+            table.release(slot)
+        self._wake(slot, exc)
+
+    async def _wait_ready(self, slot: Slot) -> None:
+        if slot.state == READY or (slot.transfer is not None):
+            return
+        fut = asyncio.get_running_loop().create_future()
+        slot.waiters.append(fut)
+        await fut
+
+    @staticmethod
+    def _wake(slot: Slot, exc: BaseException | None) -> None:
+        waiters, slot.waiters = slot.waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_exception(exc) if exc is not None else fut.set_result(None)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def close(self, timeout: float) -> None:
+        """Cancel queued prefetches and in-flight tasks; bounded by `timeout` seconds."""
+        self.closed = True
+        self._read_queue.clear()
+        self._copy_queue.clear()
+        self._queued.clear()
+        self._copy_after_read.clear()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(**{**self._c, "queued_prefetches": len(self._queued)})
+
+
+class _Move(msgspec.Struct, frozen=True):
+    """A promotion re-queued after its staging finished (the plan's own Move is gone)."""
+
+    key: Key
+    priority: float
+
+    @property
+    def layer(self) -> int:
+        return self.key[0]
+
+    @property
+    def expert(self) -> int:
+        return self.key[1]

@@ -1,0 +1,281 @@
+"""ExpertPipeline end to end, CPU mode (the VRAM tier on the CPU, a copy thread for streams).
+
+Bit-exactness: a tiny model decoded over a synthetic trace through budgets that force
+constant eviction hands out exactly the tensors of a direct load, for every store dtype.
+Faults: readers killed or hung, a truncated store file, a flipped byte, a closed
+pipeline, a second thread, close under heavy prefetch. Every test ends with no child
+process and no new /dev/shm file (the `no_leaks` fixture).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adapters.errors import CheckpointError
+from adapters.store import StoreCheckpoint
+from pipeline.api import ExpertPipeline, PipelineClosed
+from pipeline.assembly import plan_slots
+from pipeline.config import PipelineConfig, load_config
+from pipeline.readers import ReaderError
+from pipeline.vram_arena import VramArena
+from policies.synthetic import SyntheticConfig, generate
+from policies.traces import decode_steps
+from tests.helpers_pipeline import STORE_DTYPES, bit_pattern, build_tiny_store, no_leaks  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pipe")
+    return {d: build_tiny_store(root, d) for d in STORE_DTYPES}
+
+
+def budgets(store_dir: Path, vram_experts: int, ram_experts: int) -> dict:
+    st = StoreCheckpoint(store_dir)
+    ram_slot = max(x.read_length for x in st.index.experts)
+    return {"vram": VramArena.slot_bytes_for(st) * vram_experts, "ram": ram_slot * ram_experts}
+
+
+def trace_visits(store_dir: Path, tokens: int = 12, seed: int = 1):
+    spec = StoreCheckpoint(store_dir).spec
+    trace = generate(SyntheticConfig(layers=spec.num_layers, experts=spec.num_experts, top_k=spec.top_k,
+                                     requests=2, prompt_tokens=3, decode_tokens=tokens // 2, seed=seed))
+    for step in decode_steps(trace, include_prefill=False):
+        for layer in range(spec.num_layers):
+            yield layer, [int(e) for e in step.layer_experts(layer)], int(step.token_ids[0])
+
+
+def assert_same(got: dict, want: dict, where) -> None:
+    assert sorted(got) == sorted(want), where
+    for role in want:
+        assert got[role].dtype == want[role].dtype and got[role].shape == want[role].shape, (where, role)
+        assert torch.equal(bit_pattern(got[role]), bit_pattern(want[role])), (where, role)
+
+
+@pytest.mark.parametrize("dtype", STORE_DTYPES)
+def test_bit_exact_under_constant_eviction(stores, dtype, no_leaks):
+    st = StoreCheckpoint(stores[dtype])
+    direct = {}
+    with ExpertPipeline.open(stores[dtype], **budgets(stores[dtype], st.spec.top_k + 1, st.spec.top_k + 2),
+                             device="cpu", readers=2) as pipe:
+        checked = 0
+        for layer, ids, token in trace_visits(stores[dtype]):
+            got = pipe.fetch(layer, ids, token_id=token)
+            for e, tensors in zip(ids, got):
+                want = direct.setdefault((layer, e), st.load_expert(layer, e))
+                assert_same(tensors, want, (layer, e))
+                checked += 1
+        s = pipe.stats()
+    assert checked > 50
+    # The budgets really forced traffic: most fetches missed VRAM and many went to disk.
+    assert s.scheduler.evictions_vram > checked // 3 and s.scheduler.bytes_nvme > 0
+    assert s.vram_slots == st.spec.top_k + 1 and s.readers.reads_ok > 0
+
+
+async def test_async_decode_loop_with_afetch_is_bit_exact(stores, no_leaks):
+    store = stores["mxfp4"]
+    st = StoreCheckpoint(store)
+    async with await ExpertPipeline.aopen(store, **budgets(store, st.spec.top_k + 1, st.spec.top_k + 3),
+                                          device="cpu", readers=2) as pipe:
+        for layer, ids, token in list(trace_visits(store, tokens=6)):
+            got = await pipe.afetch(layer, ids, token_id=token)
+            for e, tensors in zip(ids, got):
+                assert_same(tensors, st.load_expert(layer, e), (layer, e))
+        assert pipe.stats().scheduler.fetches > 0
+
+
+def test_generous_budgets_hit_after_warm_up_and_prefetch_runs(stores, no_leaks):
+    store = stores["bfloat16"]
+    spec = StoreCheckpoint(store).spec
+    everything = spec.num_layers * spec.num_experts
+    with ExpertPipeline.open(store, **budgets(store, everything, everything), device="cpu", readers=2) as pipe:
+        visits = list(trace_visits(store, tokens=10))
+        for layer, ids, token in visits:
+            pipe.fetch(layer, ids, token_id=token)
+        s = pipe.stats().scheduler
+    # With room for every expert, each is loaded at most once: misses <= distinct experts.
+    distinct = {(l, e) for l, ids, _ in visits for e in ids}
+    assert s.vram_misses <= len(distinct) and s.vram_hits >= len(visits) * spec.top_k - len(distinct)
+
+
+def test_readers_sigkilled_mid_read_repeatedly_still_give_exact_tensors(stores, no_leaks):
+    store = stores["bfloat16"]
+    st = StoreCheckpoint(store)
+    stop = threading.Event()
+    with ExpertPipeline.open(store, **budgets(store, st.spec.top_k, st.spec.top_k), device="cpu", readers=2,
+                             read_timeout_s=5.0, read_attempts=10, reader_hooks={"delay_s": 0.01}) as pipe:
+        readers = pipe._p.readers
+
+        def killer():
+            while not stop.wait(0.03):
+                for pid in readers.reader_pids(busy_only=True)[:1]:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+        t = threading.Thread(target=killer)
+        t.start()
+        try:
+            for layer, ids, token in list(trace_visits(store, tokens=8)):
+                for e, tensors in zip(ids, pipe.fetch(layer, ids, token_id=token)):
+                    assert_same(tensors, st.load_expert(layer, e), (layer, e))
+        finally:
+            stop.set()
+            t.join()
+        assert pipe.stats().readers.restarts >= 2
+
+
+def test_a_hung_reader_is_replaced_and_the_fetch_completes(stores, tmp_path, no_leaks):
+    store = stores["float16"]
+    st = StoreCheckpoint(store)
+    flag = tmp_path / "hang"
+    flag.write_text("")
+    with ExpertPipeline.open(store, **budgets(store, st.spec.top_k, st.spec.top_k), device="cpu", readers=1,
+                             read_timeout_s=0.5, reader_hooks={"hang_once": str(flag), "hang_s": 60}) as pipe:
+        t0 = time.monotonic()
+        got = pipe.fetch(0, [0, 1])
+        assert time.monotonic() - t0 < 20
+        assert_same(got[1], st.load_expert(0, 1), (0, 1))
+        assert pipe.stats().readers.timeouts >= 1
+
+
+def _copy_store(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_a_truncated_store_file_is_a_clear_error_naming_it(stores, tmp_path, no_leaks):
+    store = _copy_store(stores["bfloat16"], tmp_path / "s")
+    st = StoreCheckpoint(store)
+    with ExpertPipeline.open(store, **budgets(store, st.spec.top_k, st.spec.top_k), device="cpu", readers=1,
+                             read_attempts=2) as pipe:
+        entry = st.expert_range(1, 6)
+        os.truncate(store / entry.file, entry.offset + 100)  # damaged after the pipeline opened it
+        with pytest.raises((CheckpointError, ReaderError)) as info:
+            pipe.fetch(1, [6, 0])
+        assert entry.file in str(info.value) and "6" in str(info.value)
+        pipe.fetch(0, [0, 1])  # other layers still work
+
+
+def test_a_flipped_byte_is_a_checksum_error_naming_the_expert(stores, tmp_path, no_leaks):
+    store = _copy_store(stores["mxfp4"], tmp_path / "s")
+    st = StoreCheckpoint(store)
+    with ExpertPipeline.open(store, **budgets(store, st.spec.top_k, st.spec.top_k), device="cpu", readers=1) as pipe:
+        entry = st.expert_range(2, 3)
+        with open(store / entry.file, "r+b") as f:
+            f.seek(entry.offset + 17)
+            b = f.read(1)
+            f.seek(entry.offset + 17)
+            f.write(bytes([b[0] ^ 0x40]))
+        with pytest.raises(CheckpointError, match=r"(?i)checksum|crc") as info:
+            pipe.fetch(2, [3])
+        assert entry.file in str(info.value)
+
+
+def test_closed_pipeline_refuses_and_close_is_idempotent(stores, no_leaks):
+    store = stores["bfloat16"]
+    pipe = ExpertPipeline.open(store, **budgets(store, 4, 4), device="cpu", readers=1)
+    pipe.fetch(0, [1, 2])
+    pipe.close()
+    pipe.close()
+    with pytest.raises(PipelineClosed, match="closed"):
+        pipe.fetch(0, [1, 2])
+
+
+def test_a_second_thread_is_refused_with_a_clear_error(stores, no_leaks):
+    store = stores["bfloat16"]
+    with ExpertPipeline.open(store, **budgets(store, 4, 4), device="cpu", readers=1) as pipe:
+        pipe.fetch(0, [1, 2])
+        errors = []
+
+        def other():
+            try:
+                pipe.fetch(1, [0, 1])
+            except RuntimeError as e:
+                errors.append(str(e))
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert errors and "second thread" in errors[0]
+        pipe.fetch(1, [0, 1])  # the owner carries on
+
+
+def test_close_during_heavy_prefetch_is_bounded_and_leaks_nothing(stores, no_leaks):
+    store = stores["bfloat16"]
+    spec = StoreCheckpoint(store).spec
+    everything = spec.num_layers * spec.num_experts
+    pipe = ExpertPipeline.open(store, **budgets(store, everything, everything), device="cpu", readers=2,
+                               reader_hooks={"delay_s": 0.05}, close_timeout_s=3.0)
+    for layer, ids, token in list(trace_visits(store, tokens=4))[:6]:
+        pipe.fetch(layer, ids, token_id=token)
+    t0 = time.monotonic()
+    pipe.close()
+    assert time.monotonic() - t0 < 8
+
+
+def test_impossible_budgets_and_unknown_names_fail_before_allocating(stores, no_leaks):
+    store = stores["mxfp4"]
+    st = StoreCheckpoint(store)
+    one = budgets(store, 1, 1)
+    with pytest.raises(ValueError, match=r"vram budget \d+ bytes holds 1 experts .* at least \d+ bytes"):
+        ExpertPipeline.open(store, vram=one["vram"], ram="1GiB", device="cpu")
+    with pytest.raises(ValueError, match=r"ram budget .* top-2"):
+        ExpertPipeline.open(store, vram="1GiB", ram=one["ram"], device="cpu")
+    with pytest.raises(KeyError, match="unknown policy 'fifo'; valid: .*lru"):
+        ExpertPipeline.open(store, vram="1GiB", ram="1GiB", policy="fifo", device="cpu")
+    with pytest.raises(ValueError, match="does not parse"):
+        ExpertPipeline.open(store, vram="lots", ram="1GiB", device="cpu")
+    with pytest.raises(CheckpointError, match="store.json"):
+        ExpertPipeline.open(store.parent, vram="1GiB", ram="1GiB", device="cpu")
+    n_vram, _, n_ram, _ = plan_slots(PipelineConfig(store=str(store), vram="1MiB", ram="1MiB"), st)
+    assert n_vram >= st.spec.top_k and n_ram >= st.spec.top_k
+
+
+def test_bad_fetch_arguments_are_clear(stores, no_leaks):
+    store = stores["bfloat16"]
+    with ExpertPipeline.open(store, **budgets(store, 4, 4), device="cpu", readers=1) as pipe:
+        with pytest.raises(IndexError, match="layer 9 out of range"):
+            pipe.fetch(9, [0])
+        with pytest.raises(IndexError, match=r"expert ids \[99\] out of range"):
+            pipe.fetch(0, [99])
+        with pytest.raises(ValueError, match="repeat"):
+            pipe.fetch(0, [1, 1])
+
+
+def test_config_from_toml_and_json(tmp_path, stores):
+    (tmp_path / "p.toml").write_text(f'store = "{stores["bfloat16"]}"\nvram = "6GiB"\nram = "24GiB"\npolicy = "lru"\n')
+    cfg = load_config(tmp_path / "p.toml", readers=3)
+    assert cfg.vram_bytes == 6 * 2**30 and cfg.policy == "lru" and cfg.readers == 3
+    (tmp_path / "p.json").write_text(json.dumps({"store": "s", "vram": 1, "ram": 2, "bogus": 1}))
+    with pytest.raises(ValueError, match="bogus"):
+        load_config(tmp_path / "p.json")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_hint_needs_routers_and_feeds_the_next_event(stores, no_leaks):
+    store = stores["bfloat16"]
+    spec = StoreCheckpoint(store).spec
+    with ExpertPipeline.open(store, **budgets(store, 4, 4), device="cpu", readers=1) as pipe:
+        with pytest.raises(ValueError, match="routers"):
+            pipe.hint(0, np.zeros(spec.hidden_size))
+    routers = {l: np.random.default_rng(l).standard_normal((spec.num_experts, spec.hidden_size))
+               for l in range(spec.num_layers)}
+    with ExpertPipeline.open(store, **budgets(store, 4, 4), device="cpu", readers=1, routers=routers,
+                             policy="nextuse", predictor="lookahead") as pipe:
+        pipe.hint(0, torch.ones(spec.hidden_size))
+        assert set(pipe._hint) == set(range(1, spec.num_layers))
+        pipe.fetch(0, [0, 1])
+        assert pipe._hint is None  # consumed by the activation event
