@@ -1,0 +1,216 @@
+"""Child side of the reader pool: one process reads experts from the store into the RAM arena.
+
+Kept to os, mmap, zlib, msgspec, signal (no torch, no adapters) so a fresh reader starts in
+a fraction of a second when one has to be replaced. It also defines the wire messages, which
+the parent (pipeline.readers) re-exports.
+
+Protocol over one duplex `multiprocessing.Pipe` per reader, msgpack-encoded tagged Structs:
+    reader -> parent  Ready(pid)                 once the arena is mapped
+    parent -> reader  ReadRequest                one expert: ONE positional read into the arena
+    reader -> parent  ReadDone(id, ok, ...)      per request; errors travel as values
+    parent -> reader  Stop()                     finish and exit
+Each expert is read with ONE `os.preadv` of `read_length` bytes at the store's 4 KiB-aligned
+offset, into the arena slice at `arena_offset`, with O_DIRECT where the file system allows
+(tmpfs refuses it at open; some file systems only at the first read: both fall back to a
+normal descriptor for that file, and every reply says which was used). The crc32 of the
+first `length` bytes is checked here, so verification runs in parallel over the readers.
+A reader exits when the parent dies (PR_SET_PDEATHSIG, plus a ppid check on every poll
+timeout) and ignores SIGINT: the parent owns shutdown.
+"""
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import signal
+import sys
+import time
+import traceback
+import zlib
+
+import msgspec
+
+POLL_S = 0.5  # how often an idle reader checks that its parent is still there
+
+
+class ReadRequest(msgspec.Struct, frozen=True, tag=True):
+    """Read expert (layer, expert): `read_length` bytes at `offset` of `file` into the arena
+    at `arena_offset`; the first `length` bytes are the expert, crc32 `checksum` (None = do
+    not verify)."""
+
+    id: int
+    layer: int
+    expert: int
+    file: str
+    offset: int
+    read_length: int
+    length: int
+    arena_offset: int
+    checksum: int | None
+
+
+class ReadDone(msgspec.Struct, frozen=True, tag=True):
+    """Reply to ReadRequest `id`. `kind`: "ok", "checksum" (bytes read but crc32 differs),
+    "short" (the file ends early: truncated), "os" (an OSError, e.g. missing file), "bad"
+    (a request that cannot be served, e.g. outside the arena), "bug" (anything else).
+    `error` carries the formatted traceback (or the problem) when not ok."""
+
+    id: int
+    ok: bool
+    error: str | None
+    seconds: float
+    o_direct: bool
+    kind: str = "ok"
+    nbytes: int = 0
+
+
+class Ready(msgspec.Struct, frozen=True, tag=True):
+    pid: int
+
+
+class Stop(msgspec.Struct, frozen=True, tag=True):
+    pass
+
+
+ToReader = ReadRequest | Stop
+FromReader = ReadDone | Ready
+
+# Test hooks (keys of reader_main's `hooks`), so tests can make reads slow or hang:
+#   "delay_s":   sleep this long before every read (to kill readers mid-read)
+#   "hang_once": a path; the first reader to unlink it sleeps for "hang_s" (default 3600)
+#                before its read (exactly one hang across restarts)
+
+
+def _set_pdeathsig() -> None:
+    """Ask Linux to SIGKILL us when the parent dies (best effort; the ppid poll backs it up)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _Files:
+    """Opened store files, by path: (fd, uses O_DIRECT). Opened once per reader."""
+
+    def __init__(self, want_direct: bool):
+        self.want_direct = want_direct and hasattr(os, "O_DIRECT")
+        self.fds: dict[str, tuple[int, bool]] = {}
+
+    def get(self, path: str) -> tuple[int, bool]:
+        got = self.fds.get(path)
+        if got is None:
+            got = None
+            if self.want_direct:
+                try:
+                    got = (os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC), True)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:  # EINVAL: the file system refuses O_DIRECT
+                        raise
+            if got is None:
+                got = (os.open(path, os.O_RDONLY | os.O_CLOEXEC), False)
+            self.fds[path] = got
+        return got
+
+    def fall_back(self, path: str) -> tuple[int, bool]:
+        """O_DIRECT was accepted at open but refused at the read: reopen normally."""
+        fd, _ = self.fds.pop(path)
+        os.close(fd)
+        got = (os.open(path, os.O_RDONLY | os.O_CLOEXEC), False)
+        self.fds[path] = got
+        return got
+
+    def close(self) -> None:
+        for fd, _ in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _serve(req: ReadRequest, arena: memoryview, files: _Files, hooks: dict) -> ReadDone:
+    t0 = time.perf_counter()
+    where = f"expert {req.layer}/{req.expert} (layer {req.layer}, expert {req.expert}) in {req.file}"
+    end = req.arena_offset + req.read_length
+    if req.arena_offset < 0 or end > len(arena) or not 0 < req.length <= req.read_length:
+        return ReadDone(req.id, False, f"{where}: {req.read_length} bytes at arena offset {req.arena_offset} do not "
+                        f"fit the {len(arena)}-byte arena (or length {req.length} exceeds read_length)",
+                        0.0, False, "bad")
+    if hooks.get("delay_s"):
+        time.sleep(float(hooks["delay_s"]))
+    if hooks.get("hang_once"):
+        try:
+            os.unlink(hooks["hang_once"])
+            time.sleep(float(hooks.get("hang_s", 3600)))
+        except FileNotFoundError:
+            pass
+    fd, direct = files.get(req.file)
+    dst = arena[req.arena_offset:end]
+    try:
+        n = os.preadv(fd, [dst], req.offset)
+    except OSError as e:
+        if not (direct and e.errno == errno.EINVAL):
+            raise
+        fd, direct = files.fall_back(req.file)
+        n = os.preadv(fd, [dst], req.offset)
+    if n < req.length:
+        return ReadDone(req.id, False, f"{where}: short read, {n} of {req.length} bytes at offset {req.offset}: the "
+                        f"file is truncated (re-run `precompute --force`)", time.perf_counter() - t0, direct,
+                        "short", n)
+    if req.checksum is not None:
+        got = zlib.crc32(arena[req.arena_offset:req.arena_offset + req.length]) & 0xFFFFFFFF
+        if got != req.checksum:
+            return ReadDone(req.id, False, f"{where}: crc32 {got:08x}, the index says {req.checksum:08x}",
+                            time.perf_counter() - t0, direct, "checksum", n)
+    return ReadDone(req.id, True, None, time.perf_counter() - t0, direct, "ok", n)
+
+
+def reader_main(conn, arena_path: str, arena_size: int, parent_pid: int, o_direct: bool = True,
+                hooks: dict | None = None) -> None:
+    """Loop of one reader process (module level so that "spawn" can start it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _set_pdeathsig()
+    if os.getppid() != parent_pid:  # the parent died before PDEATHSIG was armed
+        return
+    hooks = dict(hooks or {})
+    encode = msgspec.msgpack.Encoder().encode
+    decode = msgspec.msgpack.Decoder(ToReader).decode
+    fd = os.open(arena_path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        mm = mmap.mmap(fd, arena_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    arena = memoryview(mm)
+    files = _Files(o_direct)
+    conn.send_bytes(encode(Ready(os.getpid())))
+    try:
+        while True:
+            if not conn.poll(POLL_S):
+                if os.getppid() != parent_pid:
+                    return
+                continue
+            try:
+                msg = decode(conn.recv_bytes())
+            except EOFError:  # the parent closed its end
+                return
+            match msg:
+                case Stop():
+                    return
+                case ReadRequest() as req:
+                    try:
+                        done = _serve(req, arena, files, hooks)
+                    except OSError:
+                        done = ReadDone(req.id, False, traceback.format_exc(), 0.0, False, "os")
+                    except Exception:
+                        done = ReadDone(req.id, False, traceback.format_exc(), 0.0, False, "bug")
+                    try:
+                        conn.send_bytes(encode(done))
+                    except (BrokenPipeError, ConnectionResetError):
+                        return
+    finally:
+        files.close()
+        arena.release()
+        mm.close()
