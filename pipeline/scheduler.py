@@ -22,8 +22,10 @@ moves bytes, and it is the single source of truth about what is where.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
+import threading
 import time
 
 import msgspec
@@ -72,11 +74,29 @@ class Scheduler:
         self._tasks: set[asyncio.Task] = set()
         self._fence = None  # the latest fetch's fence and its sequence number
         self._fence_seq = -1
+        # The one thing another thread does here: `try_resident`, the caller-thread fast path.
+        # It and the loop's plan evictions decide "pinned or evictable" under this lock.
+        self.table_lock = threading.Lock()
         self._c = dict.fromkeys(SchedulerStats.__struct_fields__, 0)
         self._c["stall_seconds"] = 0.0
         self.closed = False
 
     # ---- demand ----------------------------------------------------------------------------
+    def try_resident(self, layer: int, experts: list[int], seq: int, fence) -> list[Slot] | None:
+        """Caller-thread fast path: the slots if every expert is READY in VRAM (pinned for this
+        fetch, no hop to the loop), else None and nothing changes."""
+        with self.table_lock:
+            slots = [self.vram.where.get((layer, e)) for e in experts]
+            if not all(s is not None and s.state == READY for s in slots):
+                return None
+            if fence is not None:
+                self._fence, self._fence_seq = fence, seq
+            for slot in slots:
+                slot.handed_seq = slot.last_use = seq
+            self._c["fetches"] += 1
+            self._c["vram_hits"] += len(slots)
+        return slots
+
     async def demand(self, layer: int, experts: list[int], seq: int, fence) -> list[tuple[Slot, object]]:
         """Make `experts` of `layer` available in VRAM; returns (slot, transfer or None) each."""
         if fence is not None:
@@ -124,11 +144,17 @@ class Scheduler:
             if victim is not None:
                 self._evict(self.vram, victim, tell_policy=True)
                 return self.vram.take_free(key)
-            filling = [s.transfer for s in self.vram.slots
-                       if s.state == LOADING and s.transfer is not None and s.handed_seq < seq]
+            filling = [s for s in self.vram.slots if s.state == LOADING and s.handed_seq < seq]
             assert filling, "budget check guarantees top_k VRAM slots beyond this fetch's own"
-            await asyncio.wait([self._spawn(t.wait()) for t in filling], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([self._spawn(self._settled(s)) for s in filling], return_when=asyncio.FIRST_COMPLETED)
             await asyncio.sleep(0)  # let the finished copies mark their slots READY
+
+    async def _settled(self, slot: Slot) -> None:
+        """Until a filling VRAM slot is READY or released (its outcome is someone else's to report)."""
+        with contextlib.suppress(Exception):
+            await self._wait_ready(slot)
+            if slot.transfer is not None:
+                await slot.transfer.wait()
 
     # ---- RAM tier ----------------------------------------------------------------------------
     async def _ensure_ram(self, key: Key, *, demand: bool) -> Slot:
@@ -217,8 +243,9 @@ class Scheduler:
             table = self.vram if mv.tier == Tier.VRAM else self.ram
             slot = table.lookup((mv.layer, mv.expert))
             self._drop_queued(mv.tier, (mv.layer, mv.expert))
-            if slot is not None and slot.state == READY and self._evictable(table, slot):
-                self._evict(table, slot, tell_policy=False)
+            with self.table_lock:
+                if slot is not None and slot.state == READY and self._evictable(table, slot):
+                    self._evict(table, slot, tell_policy=False)
         for mv in plan.stagings:
             self._queue(self._read_queue, Tier.RAM, mv, stamped)
         for mv in plan.promotions:
@@ -319,7 +346,8 @@ class Scheduler:
         self._wake(slot, exc)
 
     async def _wait_ready(self, slot: Slot) -> None:
-        if slot.state == READY or (slot.transfer is not None):
+        """Until a LOADING slot is READY (RAM) or has its copy issued (VRAM); raises its failure."""
+        if slot.state != LOADING or slot.transfer is not None:
             return
         fut = asyncio.get_running_loop().create_future()
         slot.waiters.append(fut)

@@ -13,6 +13,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("pipeline.bench.simulate_cmd", "replay a routing trace through cache policies against Belady"),
     "quality": ("pipeline.bench.quality_cmd", "recall@k / precision@k of the predictors on a trace"),
+    "limits": ("pipeline.bench.limits_cmd", "the pipeline's hops against raw disk / H2D limits, fetch overhead"),
 }
 DEFAULT_SUBCOMMAND = "default"
 

@@ -1,0 +1,198 @@
+"""`prefetch-bench limits --store DIR`: the pipeline's hops against the physical limits, in one run.
+
+Measured side by side on the same machine, same store, same sizes:
+  disk   raw O_DIRECT reads of every expert's byte range (threads = readers)  vs  the reader
+         processes filling RAM-arena slots (page cache dropped before each);
+  H2D    raw pinned host -> device copies of expert-sized blocks  vs  the copy engine's
+         promotions from the shared pinned RAM arena into VRAM slots (MXFP4 stores: bytes
+         moved compressed and decoded on the GPU, so the decode is in the figure);
+  fetch  the cost of `fetch` for experts already in VRAM (host time per call).
+Without CUDA the H2D rows are skipped and fetch runs with the VRAM tier on the CPU.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+TARGETS = {"disk": 0.9, "h2d": 0.9, "fetch_us": 50.0}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--store", required=True, help="packed expert store (bin/precompute)")
+    p.add_argument("--readers", type=int, default=4, help="reader processes = raw-read threads (default 4)")
+    p.add_argument("--batch", type=int, default=64, help="experts per promotion batch (default 64)")
+    p.add_argument("--fetches", type=int, default=2000, help="timed fetches of resident experts")
+    p.add_argument("--json", help="write the figures here")
+
+
+def _drop_cache(paths) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def raw_read_ranges(ranges, threads: int, o_direct: bool = True) -> float:
+    """Bytes/s reading each (path, offset, length) with one positional read, `threads` at once,
+    into page-aligned buffers (O_DIRECT where the file system allows)."""
+    import mmap
+
+    size = max(n for _, _, n in ranges)
+    bufs = [mmap.mmap(-1, size) for _ in range(threads)]
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if o_direct else 0)
+    fds: dict[str, int] = {}
+    for path, _, _ in ranges:
+        if path not in fds:
+            try:
+                fds[path] = os.open(path, flags)
+            except OSError:
+                fds[path] = os.open(path, os.O_RDONLY)
+    chunks = [ranges[i::threads] for i in range(threads)]
+
+    def work(i):
+        view = memoryview(bufs[i])
+        for path, off, n in chunks[i]:
+            got = os.preadv(fds[path], [view[:n]], off)
+            assert got == n, (path, off, n, got)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as ex:
+        list(ex.map(work, range(threads)))
+    seconds = time.perf_counter() - t0
+    for fd in fds.values():
+        os.close(fd)
+    return sum(n for _, _, n in ranges) / seconds
+
+
+async def _readers_fill(store, arena, readers: int) -> tuple[float, bool]:
+    from ..readers import ReaderPool, read_request
+
+    experts = store.index.experts
+    async with ReaderPool(arena.path, arena.size, num_readers=readers) as pool:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(pool.read(read_request(store, x.layer, x.expert, i, arena.slot_offset(i)))
+                               for i, x in enumerate(experts)))
+        seconds = time.perf_counter() - t0
+        o_direct = pool.stats().o_direct
+    return sum(x.read_length for x in experts) / seconds, o_direct
+
+
+def _h2d(store, arena, batch: int) -> tuple[float, float]:
+    """(raw pinned copies, engine promotions) in bytes/s over `batch` expert-sized blocks."""
+    import torch
+
+    from ..copy_engine import CopyEngine
+    from ..vram_arena import VramArena
+
+    experts = store.index.experts[:batch]
+    n = len(experts)
+    size = max(x.read_length for x in experts)
+    moved = sum(x.read_length for x in experts)
+    src = torch.empty(n, size, dtype=torch.uint8, pin_memory=True)
+    src.fill_(3)
+    dst = torch.empty(n, size, dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()
+    best_raw = 0.0
+    for _ in range(3):
+        with torch.cuda.stream(stream):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            for i, x in enumerate(experts):
+                dst[i, : x.read_length].copy_(src[i, : x.read_length], non_blocking=True)
+            end.record(stream)
+        end.synchronize()
+        best_raw = max(best_raw, moved / (start.elapsed_time(end) / 1e3))
+    del src, dst
+    vram = VramArena(store, n, "cuda")
+    engine = CopyEngine("cuda")
+    best_engine = 0.0
+    try:
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            ts = [engine.copy_in(arena.slot(i), i, vram, x.read_length, demand=False) for i, x in enumerate(experts)]
+            for t in ts:
+                t.make_stream_wait()
+            torch.cuda.current_stream().synchronize()
+            best_engine = max(best_engine, moved / (time.perf_counter() - t0))
+    finally:
+        engine.close()
+        vram.close()
+    return best_raw, best_engine
+
+
+def _fetch_overhead(store_dir: str, store, fetches: int) -> tuple[float, str]:
+    from ..api import ExpertPipeline
+    from ..vram_arena import VramArena
+
+    spec = store.spec
+    n = spec.num_layers * spec.num_experts
+    ram_slot = max(x.read_length for x in store.index.experts)
+    with ExpertPipeline.open(store_dir, vram=VramArena.slot_bytes_for(store) * n, ram=ram_slot * n) as pipe:
+        calls = [(l, list(range(e, e + spec.top_k))) for l in range(spec.num_layers)
+                 for e in range(0, spec.num_experts - spec.top_k + 1, spec.top_k)]
+        for layer, ids in calls:
+            pipe.fetch(layer, ids)
+        for layer, ids in calls:  # everything resident now; wait for the copies to land
+            pipe.fetch(layer, ids)
+        t0 = time.perf_counter()
+        for i in range(fetches):
+            layer, ids = calls[i % len(calls)]
+            pipe.fetch(layer, ids)
+        per_call = (time.perf_counter() - t0) / fetches
+        device = str(pipe.stats().device)
+    return per_call * 1e6, device
+
+
+def run(args) -> int:
+    import torch
+
+    from adapters.store import StoreCheckpoint
+
+    from ..ram_arena import RamArena
+
+    store = StoreCheckpoint(args.store)
+    experts = store.index.experts
+    files = sorted({str(store.root / x.file) for x in experts})
+    ranges = [(str(store.root / x.file), x.offset, x.read_length) for x in experts]
+    res: dict = {"store": str(args.store), "dtype": store.dtype, "experts": len(experts),
+                 "expert_read_bytes": max(x.read_length for x in experts), "readers": args.readers}
+    _drop_cache(files)
+    res["disk_raw_gbps"] = raw_read_ranges(ranges, args.readers) / 1e9
+    slot = max(x.read_length for x in experts)
+    arena = RamArena.create(len(experts), slot)
+    try:
+        _drop_cache(files)
+        bw, o_direct = asyncio.run(_readers_fill(store, arena, args.readers))
+        res["disk_readers_gbps"], res["readers_o_direct"] = bw / 1e9, o_direct
+        res["ram_arena_pinned"] = arena.pinned
+        if torch.cuda.is_available():
+            raw, eng = _h2d(store, arena, min(args.batch, len(experts)))
+            res["h2d_raw_gbps"], res["h2d_promotion_gbps"] = raw / 1e9, eng / 1e9
+            res["card"] = torch.cuda.get_device_name()
+    finally:
+        arena.close()
+    res["fetch_resident_us"], res["fetch_device"] = _fetch_overhead(args.store, store, args.fetches)
+    rows = [("disk: readers / raw O_DIRECT", res["disk_readers_gbps"], res["disk_raw_gbps"], "GB/s", TARGETS["disk"])]
+    if "h2d_raw_gbps" in res:
+        rows.append(("H2D: promotions / raw pinned", res["h2d_promotion_gbps"], res["h2d_raw_gbps"], "GB/s",
+                     TARGETS["h2d"]))
+    print(f"store {args.store}: {len(experts)} experts of {res['expert_read_bytes']} bytes ({store.dtype}), "
+          f"{args.readers} readers, card {res.get('card', 'none')}")
+    print(f"{'hop':32s} {'ours':>9s} {'limit':>9s} {'ratio':>6s} {'target':>7s}")
+    for name, ours, limit, unit, target in rows:
+        print(f"{name:32s} {ours:9.2f} {limit:9.2f} {ours / limit:6.2f} {target:>7.2f}  ({unit})")
+    print(f"{'fetch of resident experts':32s} {res['fetch_resident_us']:9.1f} {'':9s} {'':6s} "
+          f"{'<' + str(int(TARGETS['fetch_us'])):>7s}  (us per call, top-{store.spec.top_k}, {res['fetch_device']})")
+    if args.json:
+        tmp = Path(args.json).with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=2))
+        os.replace(tmp, args.json)
+    return 0
