@@ -279,3 +279,18 @@ def test_hint_needs_routers_and_feeds_the_next_event(stores, no_leaks):
         assert set(pipe._hint) == set(range(1, spec.num_layers))
         pipe.fetch(0, [0, 1])
         assert pipe._hint is None  # consumed by the activation event
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", STORE_DTYPES)
+def test_bit_exact_on_the_gpu_under_constant_eviction(stores, dtype, no_leaks):
+    # Tensors come back as views of VRAM slots, ready on the current stream: reading them on
+    # that stream (here .cpu(), which syncs it) must see the landed, decoded bytes.
+    st = StoreCheckpoint(stores[dtype])
+    with ExpertPipeline.open(stores[dtype], **budgets(stores[dtype], st.spec.top_k + 1, st.spec.top_k + 2),
+                             device="cuda", readers=2) as pipe:
+        for layer, ids, token in trace_visits(stores[dtype]):
+            for e, tensors in zip(ids, pipe.fetch(layer, ids, token_id=token)):
+                assert all(t.is_cuda for t in tensors.values())
+                assert_same({k: v.cpu() for k, v in tensors.items()}, st.load_expert(layer, e), (layer, e))
+        assert pipe.stats().pinned  # the shared RAM arena was registered with CUDA
