@@ -309,3 +309,65 @@ async def test_o_direct_off_is_honoured_and_a_request_outside_the_arena_is_refus
 def test_bad_pool_settings_raise_with_the_numbers():
     with pytest.raises(ValueError, match="num_readers >= 1.*got 0, 3, 10"):
         ReaderPool("/dev/shm/x", 4096, num_readers=0)
+
+
+_ORPHANING_PARENT = """
+import asyncio, os
+from pipeline.ram_arena import RamArena
+from pipeline.readers import ReaderPool
+
+async def main():
+    arena = RamArena.create(1, 4096, pin=False)
+    pool = ReaderPool(arena.path, arena.size, num_readers=2)
+    await pool.start()
+    arena.close()  # the readers keep their own mapping; no file may outlive the test
+    print(*pool.reader_pids(), flush=True)
+    os._exit(0)  # die without any shutdown
+
+asyncio.run(main())
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"  # exited; waiting for init to reap it
+
+
+def test_readers_exit_when_their_parent_dies(bin_env):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _ORPHANING_PARENT], env=bin_env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 5
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_gone(p) for p in pids), [Path(f"/proc/{p}/cmdline").read_bytes() for p in pids if not _gone(p)]
+
+
+async def test_a_pending_id_cannot_be_reused(stores):
+    st = StoreCheckpoint(stores["bfloat16"])
+    with arena_for(st, 2) as arena:
+        async with ReaderPool(arena.path, arena.size, num_readers=1, hooks={"delay_s": 0.2}) as pool:
+            first = asyncio.create_task(pool.read(read_request(st, 0, 0, 5, 0)))
+            await asyncio.sleep(0)
+            with pytest.raises(ValueError, match="request id 5 is already pending"):
+                await pool.read(read_request(st, 0, 1, 5, arena.slot_offset(1)))
+            await first
+            await pool.read(read_request(st, 0, 1, 5, arena.slot_offset(1)))  # free again once done
+
+
+def test_raw_read_bandwidth_runs_buffered_or_direct_and_checks_its_arguments(stores):
+    from pipeline.bench.disk_probe import raw_read_bandwidth
+
+    files = sorted(Path(stores["mxfp4"]).glob("layer_*.safetensors"))
+    assert raw_read_bandwidth(files, 8192, 2) > 0
+    assert raw_read_bandwidth(files, 5000, 1, o_direct=False) > 0
+    with pytest.raises(ValueError, match="threads >= 1.*got 0"):
+        raw_read_bandwidth(files, 8192, 0)
