@@ -7,6 +7,10 @@
 
 `read_request(store, layer, expert, id, arena_offset)` builds a request from a StoreCheckpoint.
 
+Request ids are the caller's (e.g. a slot number or a counter) and must be unique among
+pending reads. Readers keep each store file open once opened: a store rewritten in place
+(`precompute --force`) needs a new pool.
+
 Readers (pipeline.reader_worker) are started with the "spawn" context (never fork: the parent
 holds CUDA and asyncio state). Everything is event-driven: `loop.add_reader` on each reader's
 pipe for replies and on its process sentinel for its death; timeouts are `call_later` timers.
@@ -115,7 +119,7 @@ class ReaderPool:
 
     def __init__(self, arena_path: str, arena_size: int, *, num_readers: int | None = None,
                  timeout_s: float = 10.0, max_attempts: int = 3, o_direct: bool = True,
-                 hooks: dict | None = None):
+                 close_grace_s: float = CLOSE_GRACE_S, hooks: dict | None = None):
         num_readers = DEFAULT_NUM_READERS if num_readers is None else num_readers
         if num_readers < 1 or max_attempts < 1 or timeout_s <= 0:
             raise ValueError(f"ReaderPool needs num_readers >= 1, max_attempts >= 1, timeout_s > 0; got "
@@ -123,7 +127,8 @@ class ReaderPool:
         self.arena_path, self.arena_size = arena_path, arena_size
         self.num_readers, self.timeout_s, self.max_attempts, self.o_direct = (num_readers, timeout_s, max_attempts,
                                                                             o_direct)
-        self._hooks = dict(hooks or {})  # test hooks, see reader_worker
+        self.close_grace_s = close_grace_s
+        self._hooks = dict(hooks or {})  # test hooks (slow or hung reads), see reader_worker
         self._ctx = multiprocessing.get_context("spawn")
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(FromReader).decode
@@ -365,12 +370,12 @@ class ReaderPool:
     #     a reader may still be writing an in-flight slot until step 5, so the caller must
     #     not reuse those slots, nor close the arena, before close() returns);
     #  3. stop listening to the readers' pipes and sentinels;
-    #  4. send Stop to every reader and wait up to CLOSE_GRACE_S for all of them to exit
+    #  4. send Stop to every reader and wait up to close_grace_s for all of them to exit
     #     (a reader finishes the read it is in, then exits);
     #  5. SIGKILL the survivors and reap them (bounded: a killed process exits at once);
     #  6. close the pipes. The arena belongs to the caller, who closes it after this.
     async def close(self) -> None:
-        """Ordered shutdown (see the protocol above); returns within ~CLOSE_GRACE_S + 1 s."""
+        """Ordered shutdown (see the protocol above); returns within ~close_grace_s + 1 s."""
         if self._closing:
             return
         self._closing = True  # 1
@@ -393,7 +398,7 @@ class ReaderPool:
             self._loop.add_reader(r.proc.sentinel, lambda f=f: f.done() or f.set_result(None))
             exited.append(f)
         if exited:
-            await asyncio.wait(exited, timeout=CLOSE_GRACE_S)
+            await asyncio.wait(exited, timeout=self.close_grace_s)
         for r in readers:
             self._loop.remove_reader(r.proc.sentinel)
             if r.proc.is_alive():
