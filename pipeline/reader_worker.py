@@ -79,6 +79,7 @@ FromReader = ReadDone | Ready
 #   "delay_s":   sleep this long before every read (to kill readers mid-read)
 #   "hang_once": a path; the first reader to unlink it sleeps for "hang_s" (default 3600)
 #                before its read (exactly one hang across restarts)
+#   "die_at_start": exit (code 3) before mapping the arena, as a broken install would
 
 
 def _set_pdeathsig() -> None:
@@ -176,6 +177,8 @@ def reader_main(conn, arena_path: str, arena_size: int, parent_pid: int, o_direc
     if os.getppid() != parent_pid:  # the parent died before PDEATHSIG was armed
         return
     hooks = dict(hooks or {})
+    if hooks.get("die_at_start"):
+        os._exit(3)
     encode = msgspec.msgpack.Encoder().encode
     decode = msgspec.msgpack.Decoder(ToReader).decode
     fd = os.open(arena_path, os.O_RDWR | os.O_CLOEXEC)

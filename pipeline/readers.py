@@ -149,6 +149,14 @@ class ReaderPool:
         """Spawn the readers and wait until each has mapped the arena (bounded)."""
         if self._loop is not None:
             raise RuntimeError("ReaderPool.start() called twice")
+        try:
+            have = os.path.getsize(self.arena_path)
+        except OSError as e:
+            raise ValueError(f"RAM arena file {self.arena_path} cannot be opened ({e.strerror}); pass the path of a "
+                             f"live RamArena (arena.path)") from None
+        if have < self.arena_size:
+            raise ValueError(f"RAM arena file {self.arena_path} holds {have} bytes, the pool was told "
+                             f"{self.arena_size}; pass arena.size")
         self._loop = asyncio.get_running_loop()
         self._ready_waiter = self._loop.create_future()
         for _ in range(self.num_readers):

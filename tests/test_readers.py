@@ -371,3 +371,15 @@ def test_raw_read_bandwidth_runs_buffered_or_direct_and_checks_its_arguments(sto
     assert raw_read_bandwidth(files, 5000, 1, o_direct=False) > 0
     with pytest.raises(ValueError, match="threads >= 1.*got 0"):
         raw_read_bandwidth(files, 8192, 0)
+
+
+async def test_a_wrong_arena_or_readers_that_cannot_start_fail_start_clearly(stores):
+    with pytest.raises(ValueError, match=r"/dev/shm/tlmc-missing cannot be opened .*arena\.path"):
+        await ReaderPool("/dev/shm/tlmc-missing", 4096).start()
+    with RamArena.create(1, 4096, pin=False) as arena:
+        with pytest.raises(ValueError, match=rf"holds 4096 bytes, the pool was told 8192"):
+            await ReaderPool(arena.path, 8192).start()
+        pool = ReaderPool(arena.path, arena.size, num_readers=1, hooks={"die_at_start": True})
+        with pytest.raises(RuntimeError, match=r"3 reader processes in a row died before starting .*exit code 3"):
+            await pool.start()
+        assert pool.reader_pids() == []
