@@ -209,7 +209,12 @@ class CopyEngine:
             self.prefetch_stream = torch.cuda.Stream(self.device, priority=prefetch_priority)
             self._pool = _EventPool()
             self._pending: deque[Transfer] = deque()
-            self._staging_last: dict[tuple[int, int], Transfer] = {}
+            # MXFP4: decodes run on companion streams of the same priorities, so a copy overlaps
+            # the previous expert's decode; each staging buffer is reused after its decode.
+            self.decode_streams = {True: torch.cuda.Stream(self.device, priority=demand_priority),
+                                   False: torch.cuda.Stream(self.device, priority=prefetch_priority)}
+            self._staging_turn = {True: 0, False: 0}
+            self._staging_free: dict[tuple[int, int], object] = {}
         else:
             self._cv = threading.Condition(self._lock)
             self._heap: list = []
@@ -249,31 +254,60 @@ class CopyEngine:
 
     def _copy_cuda(self, src, slot, arena, nbytes, demand, after) -> Transfer:
         stream = self.demand_stream if demand else self.prefetch_stream
-        k = (0 if demand else 1) % max(1, arena.num_staging)
         try:
             if isinstance(src, torch.Tensor) and not src.is_pinned():
                 with self._lock:
                     self._n["pageable"] += 1
-            with torch.cuda.stream(stream):
-                if after is not None:
-                    after.make_stream_wait(stream)
-                prev = self._staging_last.get((id(arena), k)) if arena.decodes else None
-                if prev is not None and prev._event is not None:
-                    stream.wait_event(prev._event)  # the other stream may still decode from it
-                self._land(src, slot, arena, nbytes, k, non_blocking=True)
-                event = self._pool.get()
-                event.record(stream)
+            if arena.decodes:
+                event = self._copy_and_decode_cuda(src, slot, arena, nbytes, demand, after, stream)
+            else:
+                with torch.cuda.stream(stream):
+                    if after is not None:
+                        after.make_stream_wait(stream)
+                    self._land(src, slot, arena, nbytes, 0, non_blocking=True)
+                    event = self._pool.get()
+                    event.record(stream)
         except Exception as e:  # noqa: BLE001 - carried to wait(), as on the CPU path
             with self._lock:
                 self._n["failed"] += 1
             return Transfer(demand=demand, nbytes=nbytes, slot=slot, error=e)
         t = Transfer(demand=demand, nbytes=nbytes, slot=slot, event=event, pool=self._pool, src=src)
-        if arena.decodes:
-            self._staging_last[(id(arena), k)] = t
         self._pending.append(t)
         while self._pending and self._pending[0].done():
             self._pending.popleft()
         return t
+
+    def _copy_and_decode_cuda(self, src, slot, arena, nbytes, demand, after, stream):
+        """MXFP4: the compressed bytes land in a staging buffer on the copy stream; the decode
+        into the slot runs on a companion decode stream. Each copy stream rotates over its own
+        staging buffers, so the next copy overlaps this decode (the copy engine and the SMs
+        work at once). Returns the event recorded after the decode."""
+        _check_copy(src, arena, nbytes)
+        half = max(1, arena.num_staging // 2)
+        base = 0 if demand or arena.num_staging < 2 else half
+        turn = self._staging_turn[demand]
+        self._staging_turn[demand] = turn + 1
+        k = base + turn % half
+        staging = arena.staging(k)
+        decode_stream = self.decode_streams[demand]
+        free = self._staging_free.get((id(arena), k))
+        if free is None:  # one engine-owned event per buffer, re-recorded after each decode
+            free = self._staging_free[(id(arena), k)] = torch.cuda.Event()
+        with torch.cuda.stream(stream):
+            stream.wait_event(free)  # the previous decode from this buffer has read it
+            staging[:nbytes].copy_(src[:nbytes], non_blocking=True)
+            landed = self._pool.get()
+            landed.record(stream)
+        with torch.cuda.stream(decode_stream):
+            decode_stream.wait_event(landed)
+            self._pool.put(landed)  # a wait captures the event's state now; re-recording later is safe
+            if after is not None:  # the decode writes the slot: it waits for the slot's release
+                after.make_stream_wait(decode_stream)
+            self._decode(arena, staging, arena.tensors(slot))
+            done = self._pool.get()
+            done.record(decode_stream)
+            free.record(decode_stream)
+        return done
 
     # -- the CPU copy thread ------------------------------------------------------------------
     def _worker(self) -> None:
@@ -341,7 +375,7 @@ class CopyEngine:
             self._pool.closed = True
             self._pool._free.clear()
             self._pending.clear()
-            self._staging_last.clear()
+            self._staging_free.clear()
             return
         with self._cv:
             self._closed = True

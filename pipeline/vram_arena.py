@@ -55,7 +55,7 @@ class VramArena:
     """
 
     def __init__(self, store: StoreCheckpoint, num_slots: int, device: torch.device | str, *,
-                 num_staging: int = 2):
+                 num_staging: int = 4):
         self.store = store
         self.device = _normalise(device)
         self.dtype = store.dtype
