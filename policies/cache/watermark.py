@@ -3,8 +3,8 @@
 For each tier t (VRAM, RAM) the benefit density of expert (l, e) is
     rho_t = p * C_t / S,   C_t = S / bandwidth_t  (the transfer time a hit at t avoids),
 with p the predictor's probability of use at the layer's next visit and S the bytes.
-A dual price lambda_t per tier is updated by projected subgradient against the tier's byte
-capacity: lambda_t <- max(0, lambda_t + eta * (wanted_t - capacity_t) / capacity_t * scale_t),
+A dual price lambda_t per tier is updated (once per token) by projected subgradient against
+the tier's byte capacity: lambda_t <- max(0, lambda_t + eta * (wanted_t - capacity_t) / capacity_t * scale_t),
 wanted_t = bytes of experts with rho_t > lambda_t, scale_t = 1 / bandwidth_t (so lambda is in
 density units). Admission (prefetch / staging, `lookahead` / `stage_lookahead` layers ahead)
 needs rho > lambda * (1 + hysteresis) and may evict only experts with
@@ -75,7 +75,9 @@ class WatermarkPolicy(PredictedPolicy):
 
     def _speculate(self, layer, now, call):
         c = self.config
-        self._update_prices()
+        # Once per token (an [L, E] pass per tier): per visit it cost more than the replay.
+        if layer == 0:
+            self._update_prices()
         for ahead, tier in ((c.lookahead, Tier.VRAM), (c.stage_lookahead, Tier.RAM)):
             if ahead == 0 or ahead >= self.L:
                 continue
@@ -88,13 +90,12 @@ class WatermarkPolicy(PredictedPolicy):
                 continue
             cands = cands[np.argsort(-rho[cands], kind="stable")][:c.max_prefetch or self.K]
             when = now + ahead * c.seconds_per_layer
-            keep = {t: self.density(t) for t in (Tier.VRAM, Tier.RAM)}
             for e in cands.tolist():
                 if tier == Tier.VRAM:
                     # Its RAM copy must be admissible too (containment): same price rule there.
-                    if not self._prefetch(nl, e, when, call, below=None, keep=keep,
+                    if not self._prefetch(nl, e, when, call, below=None,
                                           below_by_tier={Tier.VRAM: evict_below,
                                                          Tier.RAM: self.lam[Tier.RAM] * (1 - c.hysteresis)}):
                         break
-                elif not self._stage(nl, e, when, call, below=evict_below, keep=keep[Tier.RAM]):
+                elif not self._stage(nl, e, when, call, below=evict_below):
                     break
