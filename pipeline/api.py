@@ -25,7 +25,7 @@ import torch
 
 from policies.events import Activation
 
-from .config import PipelineConfig
+from .config import PipelineConfig, load_config
 from .copy_engine import CopyStats
 from .readers import ReaderStats
 from .scheduler import SchedulerStats
@@ -69,9 +69,19 @@ class ExpertPipeline:
         """Open on a dedicated uvloop thread (for a synchronous decode loop). `options` are
         PipelineConfig fields; `reader_hooks` are fault-injection hooks for tests
         (pipeline.reader_worker)."""
+        cfg = PipelineConfig(store=str(store), vram=vram, ram=ram, **options)
+        return cls.open_config(cfg, routers=routers, reader_hooks=reader_hooks)
+
+    @classmethod
+    def open_config(cls, cfg: PipelineConfig | str | Path, *, routers=None, reader_hooks: dict | None = None,
+                    **overrides) -> "ExpertPipeline":
+        """Open from a PipelineConfig or a .toml/.json file of one (keyword overrides win)."""
         import uvloop
 
-        cfg = PipelineConfig(store=str(store), vram=vram, ram=ram, **options)
+        if not isinstance(cfg, PipelineConfig):
+            cfg = load_config(cfg, **overrides)
+        elif overrides:
+            cfg = msgspec.structs.replace(cfg, **overrides)
         loop = uvloop.new_event_loop()
         thread = threading.Thread(target=_run_loop, args=(loop,), name="expert-pipeline", daemon=True)
         thread.start()

@@ -167,6 +167,8 @@ class Scheduler:
                 return rslot
             if demand:
                 self._c["ram_misses"] += 1
+                if not rslot.read_demand and not rslot.upgrade:  # overtake the queued prefetches
+                    rslot.upgrade = self.readers.cancel(rslot.read_id)
             await self._wait_ready(rslot)
             return rslot
         if demand:
@@ -186,16 +188,24 @@ class Scheduler:
 
     async def _read(self, rslot: Slot, key: Key, demand: bool) -> bool:
         """Fill `rslot` from disk; failures go to the slot's waiters (and the policy), not up."""
-        req = read_request(self.store, key[0], key[1], next(self._req_ids),
-                           self.ram_arena.slot_offset(rslot.index), verify=self.verify)
-        try:
-            await self.readers.read(req, demand=demand)
-        except BaseException as e:
-            self._fail_slot(self.ram, rslot, e)
-            self.policy.complete(key[0], key[1], Tier.RAM, False)
-            if isinstance(e, asyncio.CancelledError):
+        while True:
+            req = read_request(self.store, key[0], key[1], next(self._req_ids),
+                               self.ram_arena.slot_offset(rslot.index), verify=self.verify)
+            rslot.read_id, rslot.read_demand = req.id, demand
+            try:
+                await self.readers.read(req, demand=demand)
+                break
+            except asyncio.CancelledError:
+                if rslot.upgrade and asyncio.current_task().cancelling() == 0:
+                    rslot.upgrade, demand = False, True  # the pool dropped it from its queue: resubmit
+                    continue
+                self._fail_slot(self.ram, rslot, RuntimeError(f"read of expert {key} cancelled: the pipeline is closing"))
+                self.policy.complete(key[0], key[1], Tier.RAM, False)
                 raise
-            return False
+            except BaseException as e:
+                self._fail_slot(self.ram, rslot, e)
+                self.policy.complete(key[0], key[1], Tier.RAM, False)
+                return False
         self._c["bytes_nvme"] += req.read_length
         rslot.state, rslot.reading = READY, None
         self._wake(rslot, None)

@@ -23,6 +23,9 @@ class Slot:
     transfer: object | None = None  # VRAM: the copy filling it (Transfer); None once READY
     users: int = 0  # RAM: H2D copies reading from it; it is not reusable while > 0
     reading: object | None = None  # RAM: the asyncio.Task reading it from disk
+    read_id: int = 0  # RAM: the reader request in flight, and whether it is a demand read
+    read_demand: bool = False
+    upgrade: bool = False  # RAM: a demand asked to re-queue a prefetch read as demand
     waiters: list = field(default_factory=list)  # futures woken when it becomes READY (or fails)
 
 

@@ -27,6 +27,7 @@ from pipeline.assembly import plan_slots
 from pipeline.config import PipelineConfig, load_config
 from pipeline.readers import ReaderError
 from pipeline.vram_arena import VramArena
+from policies.events import Activation
 from policies.synthetic import SyntheticConfig, generate
 from policies.traces import decode_steps
 from tests.helpers_pipeline import STORE_DTYPES, bit_pattern, build_tiny_store, no_leaks  # noqa: F401
@@ -265,6 +266,16 @@ def test_config_from_toml_and_json(tmp_path, stores):
         load_config(tmp_path / "missing.toml")
 
 
+def test_open_from_a_config_file(tmp_path, stores, no_leaks):
+    store = stores["bfloat16"]
+    b = budgets(store, 4, 4)
+    (tmp_path / "p.toml").write_text(f'store = "{store}"\nvram = {b["vram"]}\nram = {b["ram"]}\n'
+                                     f'policy = "lfu"\ndevice = "cpu"\n')
+    with ExpertPipeline.open_config(tmp_path / "p.toml", readers=1) as pipe:
+        assert pipe.config.policy == "lfu" and pipe.config.readers == 1
+        assert_same(pipe.fetch(0, [3])[0], StoreCheckpoint(store).load_expert(0, 3), (0, 3))
+
+
 def test_hint_needs_routers_and_feeds_the_next_event(stores, no_leaks):
     store = stores["bfloat16"]
     spec = StoreCheckpoint(store).spec
@@ -294,3 +305,26 @@ def test_bit_exact_on_the_gpu_under_constant_eviction(stores, dtype, no_leaks):
                 assert all(t.is_cuda for t in tensors.values())
                 assert_same({k: v.cpu() for k, v in tensors.items()}, st.load_expert(layer, e), (layer, e))
         assert pipe.stats().pinned  # the shared RAM arena was registered with CUDA
+
+
+def test_a_demand_overtakes_queued_prefetch_reads(stores, no_leaks):
+    # One slow reader and 16 staged prefetches: keys[0] is being read, keys[1..5] wait in the
+    # reader pool (prefetch_reads=6 credits), the rest in the scheduler's queue. A demand for
+    # either kind is served next, not after the prefetches queued before it.
+    from policies.actor import StampedPlan
+    from policies.events import Move, Plan, Tier
+
+    store = stores["bfloat16"]
+    spec = StoreCheckpoint(store).spec
+    everything = spec.num_layers * spec.num_experts
+    with ExpertPipeline.open(store, **budgets(store, everything, everything), device="cpu", readers=1,
+                             prefetch_reads=6, policy="lru", reader_hooks={"delay_s": 0.1}) as pipe:
+        keys = [(l, e) for l in range(spec.num_layers) for e in range(spec.num_experts)][:16]
+        plan = Plan(stagings=tuple(Move(l, e, Tier.RAM, float(i + 1)) for i, (l, e) in enumerate(keys)))
+        stamped = StampedPlan(plan=plan, cause=Activation(layer=keys[0][0], experts=()), time=0.0, seq=10**6)
+        pipe._loop.call_soon_threadsafe(pipe._p.scheduler.on_plan, stamped)
+        time.sleep(0.05)
+        pipe.fetch(keys[5][0], [keys[5][1]])  # queued inside the reader pool
+        assert pipe.stats().readers.reads_ok <= 3, "waited behind the prefetches queued in the pool"
+        pipe.fetch(keys[12][0], [keys[12][1]])  # still in the scheduler's prefetch queue
+        assert pipe.stats().readers.reads_ok <= 6, "waited behind the prefetches queued in the scheduler"
