@@ -135,6 +135,19 @@ class ExpertPipeline:
                        dtype=np.float64).reshape(-1)
         self._hint = {l: tuple(float(x) for x in router_scores(h, w)) for l, w in self._routers.items() if l > layer}
 
+    def hint_scores(self, scores: dict[int, "np.ndarray | list[float]"]) -> None:
+        """Router-lookahead scores computed elsewhere, {later layer: per-expert scores}; they
+        ride on the next activation event (what `hint` computes from a hidden state)."""
+        E = self.spec.num_experts
+        hint = {}
+        for l, v in scores.items():
+            v = [float(x) for x in v]
+            if not 0 <= int(l) < self.spec.num_layers or len(v) != E:
+                raise ValueError(f"hint for layer {l}: need a layer in 0..{self.spec.num_layers - 1} "
+                                 f"and {E} scores, got {len(v)}")
+            hint[int(l)] = tuple(v)
+        self._hint = hint
+
     def stats(self) -> PipelineStats:
         p = self._p
         return PipelineStats(device=str(p.device), vram_slots=len(p.scheduler.vram),

@@ -290,6 +290,10 @@ def test_hint_needs_routers_and_feeds_the_next_event(stores, no_leaks):
         assert set(pipe._hint) == set(range(1, spec.num_layers))
         pipe.fetch(0, [0, 1])
         assert pipe._hint is None  # consumed by the activation event
+        pipe.hint_scores({1: np.arange(spec.num_experts)})
+        assert pipe._hint[1][-1] == spec.num_experts - 1
+        with pytest.raises(ValueError, match="scores"):
+            pipe.hint_scores({1: [0.0]})
 
 
 @pytest.mark.gpu
