@@ -82,6 +82,8 @@ class WatermarkPolicy(PredictedPolicy):
             if ahead == 0 or ahead >= self.L:
                 continue
             nl = (layer + ahead) % self.L
+            if self.p[nl].max() < c.prefetch_min_prob:  # the usual case: nothing to speculate on
+                continue
             rho = self.p[nl] * self.factor[tier][nl]
             admit, evict_below = self.lam[tier] * (1 + c.hysteresis), self.lam[tier] * (1 - c.hysteresis)
             cands = np.flatnonzero((self.state[tier][nl] == ABSENT) & (rho > admit)
