@@ -1,10 +1,10 @@
 """`prefetch-bench` with no arguments: the built-in default run (what `make bench` does).
 
-Until the GPU replay benchmark exists this runs the parts that do: it makes a small
-GPT-OSS-shaped checkpoint and a synthetic routing trace under `data/generated/` (once;
-reused afterwards), packs the checkpoint into an MXFP4 expert store with the precompute
-worker, validates it, and replays the trace through the cache policies against Belady.
-Every step goes through the same command-line entry points a user would type.
+Makes a small GPT-OSS-shaped checkpoint (4 layers x 16 experts, hidden 256) and a matching
+synthetic routing trace under `data/generated/` (once; reused afterwards), packs the
+checkpoint into an MXFP4 expert store with the precompute worker, validates it, and runs
+`replay --baselines` on it: on the GPU if there is one, else on the CPU, a few dozen tokens,
+a short table. Every step goes through the same command-line entry points a user would type.
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 GENERATED = Path(__file__).resolve().parents[2] / "data" / "generated"
-MODEL_ARGS = ["--format", "gpt-oss", "--preset", "gpt-oss-20b", "--layers", "4", "--experts", "8",
-              "--hidden", "512", "--intermediate", "512", "--seed", "0"]
-TRACE_ARGS = ["--layers", "24", "--experts", "32", "--top-k", "4", "--requests", "8",
-              "--prompt-tokens", "32", "--decode-tokens", "128", "--seed", "0",
-              "--expert-bytes", str(3 * 2880 * 2880 * 2)]
+LAYERS, EXPERTS, TOP_K = 4, 16, 4
+MODEL_ARGS = ["--format", "gpt-oss", "--preset", "gpt-oss-20b", "--layers", str(LAYERS), "--experts", str(EXPERTS),
+              "--top-k", str(TOP_K), "--hidden", "256", "--intermediate", "256", "--seed", "0"]
+TRACE_ARGS = ["--layers", str(LAYERS), "--experts", str(EXPERTS), "--top-k", str(TOP_K), "--requests", "2",
+              "--prompt-tokens", "8", "--decode-tokens", "24", "--seed", "0"]
 
 
 def _step(title: str, fn, argv: list[str]) -> None:
@@ -36,8 +36,8 @@ def run_default() -> int:
 
     from .cli import main as bench
 
-    model, store = GENERATED / "default-gpt-oss", GENERATED / "default-gpt-oss-store"
-    trace = GENERATED / "default-trace.npz"
+    model, store = GENERATED / "default-replay-gpt-oss", GENERATED / "default-replay-store"
+    trace = GENERATED / "default-replay-trace.npz"
     if not (model / "original" / "config.json").exists():
         _step("make-model", make_model, [*MODEL_ARGS, "--out", str(model)])
     _step("precompute", precompute, ["precompute", "--model", str(model), "--out", str(store),
@@ -45,8 +45,8 @@ def run_default() -> int:
     _step("validate", precompute, ["validate", "--store", str(store), "--samples", "4"])
     if not trace.exists():
         _step("make-trace", make_trace, [*TRACE_ARGS, "--out", str(trace)])
-    _step("simulate", bench, ["simulate", "--trace", str(trace), "--vram-capacity", "0.25",
-                              "--ram-capacity", "0.5"])
+    _step("replay", bench, ["replay", "--store", str(store), "--trace", str(trace), "--vram", "0.25",
+                            "--ram", "0.5", "--baselines"])
     return 0
 
 

@@ -22,6 +22,7 @@ POLICIES: dict[str, str] = {
     "lfu": "policies.cache.lfu:LFUPolicy",
     "watermark": "policies.cache.watermark:WatermarkPolicy",
     "nextuse": "policies.cache.nextuse:NextUsePolicy",
+    "lru-lookahead": "policies.cache.lru_lookahead:LRULookaheadPolicy",
 }
 DEFAULT_POLICY = "nextuse"
 # The default pair: EWMA with a slow decay, blended in `nextuse` with the long-run frequency

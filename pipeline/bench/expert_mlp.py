@@ -1,0 +1,77 @@
+"""The expert MLP of each store family, run on the dense tensors `ExpertPipeline.fetch` returns.
+
+    expert_forward(family, tensors, x) -> y          x [n, H] -> y [n, H], in the weights' dtype
+    moe_forward(family, experts, x, weights, rows=None) -> y
+        router-weighted sum of several experts; `rows[i]` (optional) selects which rows of x
+        expert i sees (a prefill pass routes each row to its own experts)
+
+Families and roles (adapters/base.py):
+  gpt-oss : mlp1_weight [2I, H] (+ bias) -> interleaved gate x[..., ::2] / linear x[..., 1::2];
+            gate clamped max=7, linear to [-7, 7]; (linear + 1) * gate * sigmoid(1.702 gate);
+            mlp2_weight [H, I] (+ bias)
+  fused   : the same maths with transformers' GptOss layout: gate_up_proj [H, 2I] (+ bias),
+            down_proj [I, H] (+ bias), x @ W instead of x @ W.T
+  mixtral : w2(silu(w1 x) * w3 x)
+  qwen-moe: down_proj(silu(gate_proj x) * up_proj x)
+Nothing here allocates beyond the activations of the math itself.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+GPT_OSS_ALPHA, GPT_OSS_LIMIT = 1.702, 7.0
+FAMILIES = ("gpt-oss", "fused", "mixtral", "qwen-moe")
+
+
+def _gpt_oss_glu(h: torch.Tensor) -> torch.Tensor:
+    gate, linear = h[..., ::2], h[..., 1::2]
+    gate = gate.clamp(max=GPT_OSS_LIMIT)
+    linear = linear.clamp(min=-GPT_OSS_LIMIT, max=GPT_OSS_LIMIT)
+    return (linear + 1) * (gate * torch.sigmoid(gate * GPT_OSS_ALPHA))
+
+
+def expert_forward(family: str, t: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """One expert on activations x [n, H] (cast to the weights' dtype); returns [n, H]."""
+    if family == "gpt-oss":
+        w1 = t["mlp1_weight"]
+        x = x.to(w1.dtype)
+        h = F.linear(x, w1, t.get("mlp1_bias"))
+        return F.linear(_gpt_oss_glu(h), t["mlp2_weight"], t.get("mlp2_bias"))
+    if family == "fused":
+        w1 = t["gate_up_proj"]
+        x = x.to(w1.dtype)
+        h = x @ w1
+        if "gate_up_proj_bias" in t:
+            h = h + t["gate_up_proj_bias"]
+        y = _gpt_oss_glu(h) @ t["down_proj"]
+        return y + t["down_proj_bias"] if "down_proj_bias" in t else y
+    if family == "mixtral":
+        x = x.to(t["w1"].dtype)
+        return F.linear(F.silu(F.linear(x, t["w1"])) * F.linear(x, t["w3"]), t["w2"])
+    if family == "qwen-moe":
+        x = x.to(t["gate_proj"].dtype)
+        return F.linear(F.silu(F.linear(x, t["gate_proj"])) * F.linear(x, t["up_proj"]), t["down_proj"])
+    raise ValueError(f"expert MLP: family {family!r} unknown; valid: {', '.join(FAMILIES)}")
+
+
+def moe_forward(family: str, experts: list[dict[str, torch.Tensor]], x: torch.Tensor, weights,
+                rows: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """sum_i weights[i] * expert_i(x[rows[i]]) scattered back to [n, H] (all rows when rows[i] is None)."""
+    if len(weights) != len(experts) or (rows is not None and len(rows) != len(experts)):
+        raise ValueError(f"moe_forward: {len(experts)} experts, {len(weights)} weights"
+                         f"{'' if rows is None else f', {len(rows)} row sets'}")
+    out = None
+    for i, (t, w) in enumerate(zip(experts, weights)):
+        sel = None if rows is None else rows[i]
+        xi = x if sel is None else x.index_select(0, sel)
+        y = expert_forward(family, t, xi) * w
+        if out is None:
+            out = torch.zeros(x.shape[0], y.shape[-1], dtype=y.dtype, device=y.device)
+        if sel is None:
+            out += y
+        else:
+            out.index_add_(0, sel, y)
+    if out is None:
+        raise ValueError("moe_forward: no experts")
+    return out

@@ -1,0 +1,96 @@
+"""The ways `prefetch-bench replay` opens and drives the pipeline, one per method.
+
+    baseline_methods() -> list[Method]       resident, on-demand, on-demand-disk, lru-lookahead,
+                                             watermark-ewma, ours, ours+lookahead
+    extra_methods(policies, predictor) -> list[Method]     what --policy / --predictor add
+    slots_for(method, budget_vram_slots, budget_ram_slots, store) -> (vram slots, ram slots)
+
+A method is a recipe (frozen struct): the policy and predictor by registry name, how its
+VRAM and RAM budgets are set ("budget" = the run's --vram / --ram, "top_k" = exactly one
+layer's working set, "all" = every expert), whether every expert is fetched once untimed
+before timing (`warm`), and whether it receives the emulated router-lookahead hints.
+"""
+from __future__ import annotations
+
+import msgspec
+
+from adapters.errors import UnknownNameError
+from policies.cache.registry import DEFAULT_POLICY, DEFAULT_PREDICTOR, parse_predictor_spec, policy_class
+from policies.predictors.registry import predictor_class
+
+SIZES = ("budget", "top_k", "all")
+# Predictors that read Activation.hint, so they get the lookahead signal.
+HINTED_PREDICTORS = ("lookahead", "fusion")
+
+
+class Method(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    policy: str
+    predictor: str | None = None  # registry name; None for policies that take none
+    predictor_options: dict[str, float | int | str] = {}
+    vram: str = "budget"
+    ram: str = "budget"
+    warm: bool = False
+    lookahead: bool = False  # hand it the emulated next-layer router scores
+    note: str = ""
+
+    def __post_init__(self):
+        for what in (self.vram, self.ram):
+            if what not in SIZES:
+                raise ValueError(f"method {self.name}: size {what!r} unknown; valid: {', '.join(SIZES)}")
+
+
+def _predictor(spec: str) -> tuple[str, dict]:
+    name, opts = parse_predictor_spec(spec)
+    predictor_class(name)  # unknown names fail now, listing the valid ones
+    return name, opts
+
+
+def baseline_methods() -> list[Method]:
+    ours_pred, ours_opts = _predictor(DEFAULT_PREDICTOR)
+    return [
+        Method(name="resident", policy="lru", vram="all", ram="all", warm=True,
+               note="every expert in VRAM, warmed: the ceiling"),
+        Method(name="on-demand", policy="lru", vram="top_k", ram="all", warm=True,
+               note="VRAM = top_k slots, every use copied from pinned RAM (a framework's CPU offload)"),
+        Method(name="on-demand-disk", policy="lru", vram="top_k", ram="top_k",
+               note="VRAM = RAM = top_k slots: every use read from the store, then copied"),
+        Method(name="lru-lookahead", policy="lru-lookahead", predictor="lookahead", lookahead=True,
+               note="LRU per layer + next-layer router lookahead (the Mixtral offloading demo)"),
+        Method(name="watermark-ewma", policy="watermark", predictor="ewma", note="the original design"),
+        Method(name="ours", policy=DEFAULT_POLICY, predictor=ours_pred, predictor_options=ours_opts,
+               note=f"{DEFAULT_POLICY} + {DEFAULT_PREDICTOR}"),
+        Method(name="ours+lookahead", policy=DEFAULT_POLICY, predictor="fusion", lookahead=True,
+               note=f"{DEFAULT_POLICY} + fusion(ewma, lookahead)"),
+    ]
+
+
+def extra_methods(policies: list[str], predictor: str | None) -> list[Method]:
+    """One method per --policy name, with --predictor (default: the registry's default)."""
+    out = []
+    for name in policies:
+        cls = policy_class(name)  # UnknownNameError lists the valid policies
+        pred, opts = (None, {})
+        if cls.uses_predictor:
+            pred, opts = _predictor(predictor or DEFAULT_PREDICTOR)
+        label = name if pred is None else f"{name}/{predictor or DEFAULT_PREDICTOR}"
+        out.append(Method(name=label, policy=name, predictor=pred, predictor_options=opts,
+                          lookahead=pred in HINTED_PREDICTORS, note="--policy"))
+    return out
+
+
+def select(methods: list[Method], names: list[str]) -> list[Method]:
+    """The methods called `names`, in that order; unknown names list the valid ones."""
+    by = {m.name: m for m in methods}
+    for n in names:
+        if n not in by:
+            raise UnknownNameError("method", n, list(by))
+    return [by[n] for n in names]
+
+
+def slots_for(method: Method, vram_slots: int, ram_slots: int, top_k: int, total: int) -> tuple[int, int]:
+    """(VRAM slots, RAM slots) of `method` given the run's budgets in slots."""
+    pick = {"budget": None, "top_k": top_k, "all": total}
+    v = pick[method.vram] if pick[method.vram] is not None else vram_slots
+    r = pick[method.ram] if pick[method.ram] is not None else ram_slots
+    return v, max(r, v) if method.ram == "budget" else r

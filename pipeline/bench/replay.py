@@ -1,0 +1,255 @@
+"""The decode loop of `prefetch-bench replay`: a trace's forward passes run for real through the pipeline.
+
+    check_fit(spec, trace)                       ValueError (one line) if the trace is larger than the store
+    build_passes(trace, include_prefill, limit)  -> list[Pass]
+    emulate_hints(passes, E, recall, seed)       -> per pass, per layer l: scores for layer l + 1 (or None)
+    Model(spec, device, seed)                    the non-expert stand-in (attention + router matmuls)
+    run_loop(model, passes, fetch, hints=None, hint_sink=None, progress=None) -> LoopResult
+    run_method(store_dir, store, method, vram_slots, ram_slots, passes, model, hints, ...) -> MethodRun
+
+Per pass and per layer, in order: the stand-in of the layer's non-expert work on the hidden
+state (`attn_matmuls` bf16 [n,H]x[H,H] matmuls and the router [n,H]x[H,E]: a *measured
+stand-in*, not a real attention), then the emulated lookahead hint for layer l+1 (methods
+that use lookahead), then `fetch(layer, ids)` of the trace's experts (in groups of top_k for
+a prefill pass, whose layers need the union of its rows' experts) and the family's expert
+MLP on the returned tensors, router-weighted, added to the hidden state. The trace's expert
+ids drive routing, so locality is the trace's; the values carried are irrelevant to it.
+
+Timing: everything runs on the current stream; each pass ends with a device synchronise
+(on CUDA) and is timed with the host clock around it, so a pass's time includes every copy
+it waited for. `fetch_s` is host time spent inside `fetch` calls.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import msgspec
+import numpy as np
+import torch
+
+from policies.traces import PREFILL, Trace, decode_steps
+
+from .expert_mlp import moe_forward
+
+
+def check_fit(spec, trace: Trace) -> None:
+    """Refuse a trace the store cannot serve, naming the dimension and how to make a matching store."""
+    fix = (f"make a matching store: bin/make-model --format gpt-oss --preset gpt-oss-20b --layers "
+           f"{trace.num_layers} --experts {trace.num_experts} --top-k {trace.top_k} --hidden 512 "
+           f"--intermediate 512 --out MODEL && bin/precompute --model MODEL --out STORE --dtype mxfp4")
+    for what, t, s in (("layers", trace.num_layers, spec.num_layers), ("experts per layer", trace.num_experts,
+                                                                       spec.num_experts),
+                       ("top-k", trace.top_k, spec.top_k)):
+        if t > s:
+            raise ValueError(f"trace has {t} {what} but the store has {s}; {fix}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """One forward pass: `ids[l]` the experts of layer l (router order, or a prefill union),
+    `weights[l]` their router weights, `rows[l]` (prefill) per expert the rows routed to it."""
+
+    phase: int
+    n: int  # rows (tokens) in the pass
+    token_ids: tuple[int, ...]
+    ids: tuple[tuple[int, ...], ...]
+    weights: tuple[tuple[float, ...], ...]
+    rows: tuple[tuple[tuple[int, ...], ...], ...] | None
+
+
+def build_passes(trace: Trace, include_prefill: bool, limit: int | None = None) -> list[Pass]:
+    out: list[Pass] = []
+    for step in decode_steps(trace, include_prefill=include_prefill):
+        if limit is not None and len(out) >= limit:
+            break
+        start, stop = step.rows
+        L = trace.num_layers
+        ids, ws, rows = [], [], []
+        for layer in range(L):
+            e = step.layer_experts(layer).astype(int).tolist()
+            w = step.layer_weights(layer).astype(float).tolist()
+            if not all(np.isfinite(w)) or len(w) != len(e) or not e:
+                w = [1.0 / max(1, len(e))] * len(e)
+            ids.append(tuple(e))
+            ws.append(tuple(w))
+            if step.phase == PREFILL:
+                block = trace.experts[start:stop, layer]
+                rows.append(tuple(tuple(np.flatnonzero((block == x).any(axis=1)).tolist()) for x in e))
+        out.append(Pass(int(step.phase), stop - start, tuple(int(t) for t in step.token_ids), tuple(ids),
+                        tuple(ws), tuple(rows) if step.phase == PREFILL else None))
+    return out
+
+
+def emulate_hints(passes: list[Pass], num_experts: int, recall: float, seed: int) -> list[list[np.ndarray | None]]:
+    """Router lookahead emulated: before layer l, scores for layer l+1 in which each true
+    expert appears with probability `recall`, else a random wrong expert takes its place.
+    Chosen experts score 10 (minus a small rank step), the rest 0. Seeded: every method gets the same."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for p in passes:
+        per = []
+        for layer in range(len(p.ids)):
+            if layer + 1 >= len(p.ids):
+                per.append(None)  # the next token's layer 0 is not visible from here
+                continue
+            true = list(p.ids[layer + 1])
+            chosen: list[int] = []
+            for e in true:
+                if rng.random() < recall:
+                    chosen.append(e)
+                else:
+                    wrong = [x for x in range(num_experts) if x not in true and x not in chosen]
+                    if wrong:
+                        chosen.append(int(rng.choice(wrong)))
+            s = np.zeros(num_experts)
+            for r, e in enumerate(chosen):
+                s[e] = max(s[e], 10.0 - 0.01 * r)
+            per.append(s)
+        out.append(per)
+    return out
+
+
+class Model:
+    """The model around the experts: embeddings, the non-expert stand-in per layer, norms."""
+
+    def __init__(self, spec, device: torch.device, *, seed: int = 0, attn_matmuls: int = 4,
+                 dtype: torch.dtype = torch.bfloat16):
+        g = torch.Generator().manual_seed(seed)
+        H, E = spec.hidden_size, spec.num_experts
+        self.family, self.top_k, self.device, self.dtype = spec.family, spec.top_k, device, dtype
+        self.attn_matmuls = attn_matmuls
+        scale = H ** -0.5
+        self.embed = (torch.randn(64, H, generator=g)).to(device, dtype)
+        self.attn = [(torch.randn(H, H, generator=g) * scale).to(device, dtype) for _ in range(attn_matmuls)]
+        self.router = (torch.randn(H, E, generator=g) * scale).to(device, dtype)
+
+    @staticmethod
+    def _norm(h: torch.Tensor) -> torch.Tensor:
+        hf = h.float()
+        return (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype)
+
+    def embed_rows(self, token_ids) -> torch.Tensor:
+        idx = torch.tensor([t % 64 for t in token_ids], device=self.device)
+        return self.embed.index_select(0, idx)
+
+    def non_expert(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stand-in of attention + router: (new hidden, router logits)."""
+        a = self._norm(h)
+        for w in self.attn:
+            a = a @ w
+        h = h + a
+        return h, self._norm(h) @ self.router
+
+    def experts(self, h: torch.Tensor, tensors, weights, rows) -> torch.Tensor:
+        y = moe_forward(self.family, tensors, self._norm(h), weights, rows)
+        return h + y.to(h.dtype)
+
+
+class LoopResult(msgspec.Struct):
+    pass_seconds: list[float]
+    fetch_seconds: float
+    tokens: int
+    outputs: list | None = None  # final hidden state per pass (CPU), when asked
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_loop(model: Model, passes: list[Pass], fetch, *, hints=None, hint_sink=None, progress=None,
+             keep_outputs: bool = False) -> LoopResult:
+    """Run `passes` with `fetch(layer, ids) -> [tensors]`; hints go to `hint_sink({layer: scores})`."""
+    K, dev = model.top_k, model.device
+    times, outs, fetch_s, tokens = [], [], 0.0, 0
+    _sync(dev)
+    for i, p in enumerate(passes):
+        t0 = time.perf_counter()
+        h = model.embed_rows(p.token_ids)
+        for layer, ids in enumerate(p.ids):
+            h, _logits = model.non_expert(h)
+            if hint_sink is not None and hints is not None and hints[i][layer] is not None:
+                hint_sink({layer + 1: hints[i][layer]})
+            for c in range(0, len(ids), K):
+                chunk = ids[c:c + K]
+                f0 = time.perf_counter()
+                tensors = fetch(layer, chunk)
+                fetch_s += time.perf_counter() - f0
+                rows = None
+                if p.rows is not None:
+                    rows = [torch.tensor(r, device=dev, dtype=torch.long) for r in p.rows[layer][c:c + K]]
+                h = model.experts(h, tensors, p.weights[layer][c:c + K], rows)
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+        tokens += p.n
+        if keep_outputs:
+            outs.append(h.detach().to("cpu", copy=True))
+        if progress is not None:
+            progress(1)
+    return LoopResult(times, fetch_s, tokens, outs if keep_outputs else None)
+
+
+class MethodRun(msgspec.Struct):
+    loop: LoopResult
+    before: object  # SchedulerStats after warm-up
+    after: object  # SchedulerStats at the end
+    device: str
+    pinned: bool
+
+
+def open_pipeline(store_dir, method, vram_bytes: int, ram_bytes: int, device: str, readers: int | None):
+    from ..api import ExpertPipeline
+
+    return ExpertPipeline.open(store_dir, vram=vram_bytes, ram=ram_bytes, policy=method.policy,
+                               predictor=method.predictor, predictor_options=dict(method.predictor_options),
+                               device=device, readers=readers)
+
+
+def warm_up(pipe, spec, model: Model) -> None:
+    """Fetch every expert once, then once more so copies have landed (untimed)."""
+    K = spec.top_k
+    for _ in range(2):
+        for layer in range(spec.num_layers):
+            for e in range(0, spec.num_experts, K):
+                pipe.fetch(layer, list(range(e, min(e + K, spec.num_experts))))
+    _sync(model.device)
+
+
+def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes: list[Pass], model: Model,
+               hints, *, device: str, readers: int | None = None, progress=None,
+               keep_outputs: bool = False) -> MethodRun:
+    with open_pipeline(store_dir, method, vram_bytes, ram_bytes, device, readers) as pipe:
+        if method.warm:
+            warm_up(pipe, store.spec, model)
+        before = pipe.stats().scheduler
+        loop = run_loop(model, passes, pipe.fetch, hints=hints if method.lookahead else None,
+                        hint_sink=pipe.hint_scores if method.lookahead else None, progress=progress,
+                        keep_outputs=keep_outputs)
+        st = pipe.stats()
+        return MethodRun(loop, before, st.scheduler, st.device, st.pinned)
+
+
+def direct_fetch(store, device: torch.device):
+    """A `fetch` that loads experts straight from the store (the resident reference), cached."""
+    cache: dict[tuple[int, int], dict] = {}
+
+    def fetch(layer, ids):
+        for e in ids:
+            if (layer, e) not in cache:
+                cache[(layer, e)] = store.load_expert(layer, e, device)
+        return [cache[(layer, e)] for e in ids]
+
+    return fetch
+
+
+def compute_only_fetch(store, device: torch.device):
+    """A `fetch` returning top_k experts loaded once: times the math with nothing to move."""
+    pool = [store.load_expert(0, e, device) for e in range(store.spec.top_k)]
+    return lambda layer, ids: pool[: len(ids)]
+
+
+def access_keys(passes: list[Pass], num_experts: int, top_k: int) -> np.ndarray:
+    """The expert keys layer * E + e in fetch order (Belady's input)."""
+    keys = [layer * num_experts + e for p in passes for layer, ids in enumerate(p.ids) for e in ids]
+    return np.asarray(keys, dtype=np.int64)

@@ -1,0 +1,287 @@
+"""`prefetch-bench replay --store DIR --trace PATH --vram X [--vram Y ...] [--ram Y] [--baselines] ...`
+
+The end-to-end decode benchmark: a trace's forward passes run for real through the pipeline
+(pipeline/bench/replay.py), once per method (pipeline/bench/methods.py), in this process,
+one after another, on the same store and trace; the physical limits are measured in the same
+run (raw pinned H2D, or host memcpy in CPU mode; raw O_DIRECT disk reads of the store's
+expert ranges; the math per token with nothing to move), and the oracle bound is computed:
+tokens/s if VRAM loads were exactly Belady's minimum at that capacity, moved at the raw H2D
+bandwidth and overlapped perfectly with compute,
+    time/token = max(compute/token, belady_loads * expert_bytes / tokens / raw_h2d).
+Every input is checked before anything runs: a bad one is a one-line error (exit 2) and no
+JSON is written.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+DEFAULT_RECALL = 0.8
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--store", required=True, help="packed expert store (bin/precompute)")
+    p.add_argument("--trace", required=True, help="routing trace (.npz, moe-routing-trace/1)")
+    p.add_argument("--vram", action="append", help="VRAM budget: a fraction of all experts (0.1) or bytes "
+                   "(6GiB); repeat for a sweep (default 0.1)")
+    p.add_argument("--ram", default="0.5", help="RAM budget: fraction of all experts or bytes (default 0.5)")
+    p.add_argument("--baselines", action="store_true", help="also run resident, on-demand, on-demand-disk, "
+                   "lru-lookahead, watermark-ewma")
+    p.add_argument("--policy", action="append", default=[], help="add a method with this cache policy (repeatable)")
+    p.add_argument("--predictor", help="predictor of the --policy methods, e.g. ewma:alpha=0.05")
+    p.add_argument("--methods", help="run only these methods (comma-separated names)")
+    p.add_argument("--tokens", type=int, help="replay at most this many forward passes")
+    p.add_argument("--include-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help="run each request's prefill rows as one forward pass (default on)")
+    p.add_argument("--lookahead-recall", type=float, default=DEFAULT_RECALL,
+                   help="emulated router lookahead: P(a true next-layer expert is seen) (default 0.8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--readers", type=int, help="reader processes (default: the pool's)")
+    p.add_argument("--attn-matmuls", type=int, default=4, help="[n,H]x[H,H] matmuls of the attention stand-in")
+    p.add_argument("--disk-probe-bytes", default="1GiB", help="cap on bytes read by the raw disk probe")
+    p.add_argument("--json", help="write every figure and setting here (atomically)")
+    p.add_argument("--plot", help="PNG of tokens/s and VRAM hit rate against the VRAM budget (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def parse_budget(text: str, what: str, total: int, slot_bytes: int, top_k: int) -> int:
+    """Slots for a budget given as a fraction of all experts or as bytes; ValueError if < top_k."""
+    from ..config import parse_size
+
+    try:
+        frac = float(text)
+    except ValueError:
+        frac = None
+    if frac is not None and 0 < frac <= 1:
+        slots = min(total, round(frac * total))
+    else:
+        try:
+            slots = min(total, parse_size(text, f"--{what}") // slot_bytes)
+        except ValueError as e:
+            raise ValueError(f"{e} (or a fraction of all experts in (0, 1], e.g. 0.1)") from None
+    if slots < top_k:
+        raise ValueError(f"--{what} {text} holds {slots} experts of {slot_bytes} bytes, fewer than top-k={top_k}; "
+                         f"give at least {top_k * slot_bytes} bytes or a fraction >= {top_k / total:.3g}")
+    return slots
+
+
+def _mem_available() -> int:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def _fits(nbytes_vram: int, nbytes_ram: int, device) -> str | None:
+    """Why this many bytes would not fit (None if they do)."""
+    import torch
+
+    host = nbytes_ram + (nbytes_vram if device.type == "cpu" else 0)
+    if host > 0.8 * _mem_available():
+        return f"needs {host / 1e9:.1f} GB of host memory, {_mem_available() / 1e9:.1f} GB available"
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if nbytes_vram > free - (1 << 30):
+            return f"needs {nbytes_vram / 1e9:.1f} GB of VRAM, {free / 1e9:.1f} GB free"
+    return None
+
+
+def _limits(store, device, cap_bytes: int, seed: int) -> dict:
+    import torch
+
+    from .h2d_probe import raw_h2d_bandwidth
+    from .limits_cmd import _drop_cache, raw_read_ranges
+
+    experts = store.index.experts
+    size = max(x.read_length for x in experts)
+    out = {}
+    n = max(1, min(len(experts), cap_bytes // size))
+    step = max(1, len(experts) // n)
+    pick = experts[::step][:n]
+    ranges = [(str(store.root / x.file), x.offset, x.read_length) for x in pick]
+    try:
+        _drop_cache(sorted({p for p, _, _ in ranges}))
+    except OSError:
+        pass
+    out["disk_raw_gbps"] = raw_read_ranges(ranges, threads=4) / 1e9
+    copy_bytes = max(size, min(256 << 20, 16 * size))
+    if device.type == "cuda":
+        out["h2d_raw_gbps"] = raw_h2d_bandwidth(copy_bytes, 5, device) / 1e9
+        out["h2d_link"] = "pinned host -> device"
+    else:  # CPU mode: the "VRAM" tier is host memory, its copies are memcpy
+        src = torch.empty(copy_bytes, dtype=torch.uint8).fill_(1)
+        dst = torch.zeros_like(src)  # touched: the timed copies pay no page faults
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            best = min(best, time.perf_counter() - t0)
+        out["h2d_raw_gbps"] = copy_bytes / best / 1e9
+        out["h2d_link"] = "host memcpy (CPU mode)"
+    return out
+
+
+def _validate(args):
+    """Everything that can be wrong with the input, checked before any work."""
+    from adapters.store import StoreCheckpoint
+    from policies.traces import load_trace
+
+    from ..vram_arena import VramArena
+    from . import methods as M
+    from .replay import check_fit
+
+    if not os.path.isdir(args.store):
+        raise ValueError(f"store {args.store} does not exist; make one with bin/make-model + bin/precompute")
+    store = StoreCheckpoint(args.store)
+    trace = load_trace(args.trace)
+    check_fit(store.spec, trace)
+    if not 0 <= args.lookahead_recall <= 1:
+        raise ValueError(f"--lookahead-recall must be in [0, 1], got {args.lookahead_recall}")
+    if args.tokens is not None and args.tokens < 1:
+        raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
+    if args.attn_matmuls < 0:
+        raise ValueError(f"--attn-matmuls must be >= 0, got {args.attn_matmuls}")
+    spec = store.spec
+    total = spec.num_layers * spec.num_experts
+    vslot = VramArena.slot_bytes_for(store)
+    rslot = max(x.read_length for x in store.index.experts)
+    vrams = [(v, parse_budget(v, "vram", total, vslot, spec.top_k)) for v in (args.vram or ["0.1"])]
+    ram = parse_budget(args.ram, "ram", total, rslot, spec.top_k)
+    methods = []
+    if args.baselines:
+        methods += M.baseline_methods()
+    else:
+        methods += [m for m in M.baseline_methods() if m.name.startswith("ours")]
+    methods += M.extra_methods(args.policy, args.predictor)
+    if args.methods:
+        methods = M.select(methods + [m for m in M.baseline_methods() if m not in methods],
+                           [n.strip() for n in args.methods.split(",") if n.strip()])
+    if args.plot:
+        from .report import check_plot_available
+
+        check_plot_available()
+    from ..config import parse_size
+
+    cap = parse_size(args.disk_probe_bytes, "--disk-probe-bytes")
+    return store, trace, methods, vrams, ram, vslot, rslot, cap
+
+
+def run(args) -> int:
+    store, trace, methods, vrams, ram_slots, vslot, rslot, cap = _validate(args)
+    import torch
+
+    from policies.cache.belady import belady_min
+
+    from . import report as R
+    from .methods import slots_for
+    from .replay import (Model, access_keys, build_passes, compute_only_fetch, emulate_hints, run_loop,
+                         run_method)
+
+    spec = store.spec
+    total = spec.num_layers * spec.num_experts
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    passes = build_passes(trace, args.include_prefill, args.tokens)
+    if not passes:
+        raise ValueError(f"trace {args.trace} has no forward passes to replay"
+                         f"{'' if args.include_prefill else ' (decode rows); try --include-prefill'}")
+    tokens = sum(p.n for p in passes)
+    hints = emulate_hints(passes, spec.num_experts, args.lookahead_recall, args.seed)
+    model = Model(spec, device, seed=args.seed, attn_matmuls=args.attn_matmuls)
+    show = not args.no_progress
+    print(f"replay: store {args.store} ({spec.family}, {store.dtype}, {spec.num_layers} layers x "
+          f"{spec.num_experts} experts, top-{spec.top_k}, H={spec.hidden_size}, I={spec.intermediate_size}, "
+          f"{rslot} bytes/expert moved), trace {args.trace}: {len(passes)} passes, {tokens} tokens, device {device}")
+    print(f"  non-expert work is a measured STAND-IN ({args.attn_matmuls} bf16 [n,H]x[H,H] matmuls + router "
+          f"[n,H]x[H,E]), not a real attention; router lookahead is EMULATED (recall {args.lookahead_recall}, "
+          f"seed {args.seed}), the same signal for every method that uses it")
+
+    limits = _limits(store, device, cap, args.seed)
+    run_loop(model, passes[:2], compute_only_fetch(store, device))  # warm-up: kernels, allocator
+    fixed: dict[str, dict] = {}  # methods whose budgets do not depend on --vram run once
+
+    def run_one(m, vram_slots, vram_text, compute_s_tok):
+        v, r = slots_for(m, vram_slots, ram_slots, spec.top_k, total)
+        why = _fits(v * vslot, r * rslot, device)
+        if why:
+            return R.skipped_row(m.name, m, f"does not fit: {why}")
+        bar = R.progress_bar(len(passes), f"{m.name} @ {vram_text}", show)
+        try:
+            mr = run_method(args.store, store, m, v * vslot, r * rslot, passes, model, hints,
+                            device=str(device), readers=args.readers, progress=bar)
+        finally:
+            bar.close()
+        return R.method_row(m.name, m, mr, compute_s_tok, v, r)
+
+    # Compute per token with everything resident: the resident method when it runs and fits,
+    # else the math on top_k preloaded experts with nothing to move.
+    resident = next((m for m in methods if m.name == "resident"), None)
+    row = run_one(resident, vrams[0][1], vrams[0][0], 0.0) if resident else None
+    if row is not None and not row["skipped"]:
+        fixed["resident"] = row
+        compute_s_tok, source = row["seconds"] / row["tokens"], "resident method"
+    else:
+        if row is not None:
+            fixed["resident"] = row
+        bar = R.progress_bar(len(passes), "compute only", show)
+        comp = run_loop(model, passes, compute_only_fetch(store, device), progress=bar)
+        bar.close()
+        compute_s_tok, source = sum(comp.pass_seconds) / tokens, f"top-{spec.top_k} preloaded experts"
+    if "resident" in fixed and not fixed["resident"]["skipped"]:
+        fixed["resident"]["stall_ms_per_token"] = 0.0
+    t0 = time.perf_counter()
+    for p in passes[: min(len(passes), 16)]:  # the stand-in alone
+        h = model.embed_rows(p.token_ids)
+        for _ in p.ids:
+            h, _ = model.non_expert(h)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    standin_ms_tok = (time.perf_counter() - t0) / sum(p.n for p in passes[:16]) * 1e3
+    limits.update(compute_ms_per_token=compute_s_tok * 1e3, compute_source=source,
+                  standin_ms_per_token=standin_ms_tok)
+    print(f"  limits: raw {limits['h2d_link']} {limits['h2d_raw_gbps']:.2f} GB/s, raw O_DIRECT disk "
+          f"{limits['disk_raw_gbps']:.2f} GB/s, compute {compute_s_tok * 1e3:.3f} ms/token with nothing to move "
+          f"({source}; the stand-in alone {standin_ms_tok:.3f} ms/token)")
+
+    keys = access_keys(passes, spec.num_experts, spec.top_k)
+    budgets = []
+    for vram_text, vram_slots in vrams:
+        hits, loads = belady_min(keys, vram_slots)
+        oracle_s_tok = max(compute_s_tok, loads * rslot / tokens / (limits["h2d_raw_gbps"] * 1e9))
+        budget = {"vram": vram_text, "vram_slots": vram_slots, "vram_bytes": vram_slots * vslot,
+                  "ram_slots": ram_slots, "belady_loads": loads, "belady_hit_rate": hits / max(1, len(keys)),
+                  "oracle_tokens_per_s": 1.0 / oracle_s_tok, "methods": []}
+        for m in methods:
+            if m.name in fixed:
+                budget["methods"].append(fixed[m.name])
+                continue
+            row = run_one(m, vram_slots, vram_text, compute_s_tok)
+            if m.vram != "budget" and m.ram != "budget":
+                fixed[m.name] = row
+            budget["methods"].append(row)
+        R.add_ratios(budget["methods"], budget["oracle_tokens_per_s"])
+        R.print_table(budget, budget["methods"])
+        budgets.append(budget)
+    result = {"settings": {k: v for k, v in vars(args).items() if k != "func"}, "environment": R.environment(),
+              "store": {"path": args.store, "family": spec.family, "dtype": store.dtype, "layers": spec.num_layers,
+                        "experts": spec.num_experts, "top_k": spec.top_k, "hidden": spec.hidden_size,
+                        "intermediate": spec.intermediate_size, "expert_read_bytes": rslot, "vram_slot_bytes": vslot},
+              "trace": {"path": args.trace, "model": trace.meta.model, "layers": trace.num_layers,
+                        "experts": trace.num_experts, "top_k": trace.top_k, "rows": trace.tokens},
+              "passes": len(passes), "tokens": tokens, "device": str(device),
+              "stand_in": f"{args.attn_matmuls} bf16 [n,H]x[H,H] matmuls + router [n,H]x[H,E] (not a real attention)",
+              "lookahead": f"emulated: recall {args.lookahead_recall}, seed {args.seed}",
+              "timing": "host clock per pass, device synchronised at the end of each pass",
+              "limits": limits, "budgets": budgets}
+    if args.json:
+        R.write_json(args.json, result)
+    if args.plot:
+        R.plot(args.plot, budgets)
+        print(f"plot: {args.plot}")
+    return 0

@@ -1,0 +1,182 @@
+"""What `prefetch-bench replay` prints and writes: progress bar, table, JSON, plot.
+
+    progress_bar(total, desc, enabled) -> callable(n) with .close()   (tqdm on stderr)
+    method_row(name, method, run, compute_s_per_token, slots) -> dict  the figures of one method
+    add_ratios(rows, oracle_tokens_per_s)                               ratios to the oracle and on-demand
+    print_table(budget, rows, file)                                     the table of one VRAM budget
+    environment() -> dict                                               machine, card, driver, torch
+    write_json(path, obj)                                               atomic (temp file + rename)
+    plot(path, budgets)                                                 tokens/s and VRAM hit rate vs budget
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+
+class _NoBar:
+    def __call__(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Bar:
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __call__(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bar is a nicety; the run goes on without it
+        return _NoBar()
+    return _Bar(tqdm(total=total, desc=desc, unit="pass", file=sys.stderr, leave=False))
+
+
+def method_row(name: str, method, run, compute_s_per_token: float, vram_slots: int, ram_slots: int) -> dict:
+    """Figures of one method's timed replay (scheduler counters taken as after - before warm-up)."""
+    a, b = run.after, run.before
+    d = {k: getattr(a, k) - getattr(b, k) for k in ("vram_hits", "vram_misses", "ram_hits", "ram_misses",
+                                                    "bytes_h2d", "bytes_nvme", "prefetch_copies",
+                                                    "prefetch_reads", "prefetch_dropped", "stall_seconds")}
+    seconds = sum(run.loop.pass_seconds)
+    tokens = run.loop.tokens
+    uses = d["vram_hits"] + d["vram_misses"]
+    ms_tok = seconds / max(1, tokens) * 1e3
+    return {
+        "method": name, "policy": method.policy, "predictor": method.predictor,
+        "predictor_options": dict(method.predictor_options), "lookahead": method.lookahead, "note": method.note,
+        "vram_slots": vram_slots, "ram_slots": ram_slots, "device": run.device, "pinned": run.pinned,
+        "tokens": tokens, "passes": len(run.loop.pass_seconds), "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "ms_per_token": ms_tok,
+        # Time beyond the math with everything resident, per token.
+        "stall_ms_per_token": max(0.0, ms_tok - compute_s_per_token * 1e3),
+        "fetch_ms_per_token": run.loop.fetch_seconds / max(1, tokens) * 1e3,
+        "vram_hit_rate": d["vram_hits"] / uses if uses else 0.0,
+        # Of the VRAM misses, the share RAM served (None: no VRAM miss to serve).
+        "ram_hit_rate": d["ram_hits"] / max(1, d["ram_hits"] + d["ram_misses"]) if d["vram_misses"] else None,
+        "gb_h2d": d["bytes_h2d"] / 1e9, "gb_nvme": d["bytes_nvme"] / 1e9,
+        "h2d_gbps": d["bytes_h2d"] / seconds / 1e9 if seconds > 0 else 0.0,
+        "nvme_gbps": d["bytes_nvme"] / seconds / 1e9 if seconds > 0 else 0.0,
+        "loop_stall_s": d["stall_seconds"], "prefetch_copies": d["prefetch_copies"],
+        "prefetch_reads": d["prefetch_reads"], "prefetch_dropped": d["prefetch_dropped"],
+        "skipped": None,
+    }
+
+
+def skipped_row(name: str, method, why: str) -> dict:
+    return {"method": name, "policy": method.policy, "predictor": method.predictor, "note": method.note,
+            "skipped": why}
+
+
+def add_ratios(rows: list[dict], oracle_tokens_per_s: float) -> None:
+    base = next((r for r in rows if r["method"] == "on-demand" and not r["skipped"]), None)
+    for r in rows:
+        if r["skipped"]:
+            continue
+        r["ratio_oracle"] = r["tokens_per_s"] / oracle_tokens_per_s if oracle_tokens_per_s > 0 else None
+        r["ratio_on_demand"] = r["tokens_per_s"] / base["tokens_per_s"] if base and base["tokens_per_s"] else None
+
+
+def _f(x, spec: str) -> str:
+    return format("-", f">{spec.split('.')[0]}") if x is None else format(x, spec)
+
+
+def print_table(budget: dict, rows: list[dict], file=sys.stdout) -> None:
+    print(f"\nVRAM {budget['vram']} = {budget['vram_slots']} expert slots, RAM {budget['ram_slots']} slots; "
+          f"oracle bound {budget['oracle_tokens_per_s']:.1f} tokens/s (Belady {budget['belady_loads']} loads)",
+          file=file)
+    head = (f"{'method':22s} {'tok/s':>8s} {'ms/tok':>7s} {'stall':>7s} {'VRAMhit':>7s} {'RAMhit':>7s} "
+            f"{'GB h2d':>7s} {'GB nvme':>7s} {'h2d GB/s':>8s} {'nvme GB/s':>9s} {'/oracle':>7s} {'/on-dem':>7s}")
+    print(head, file=file)
+    for r in rows:
+        if r["skipped"]:
+            print(f"{r['method']:22s} skipped: {r['skipped']}", file=file)
+            continue
+        print(f"{r['method']:22s} {r['tokens_per_s']:8.1f} {r['ms_per_token']:7.2f} {r['stall_ms_per_token']:7.2f} "
+              f"{r['vram_hit_rate']:7.3f} {_f(r['ram_hit_rate'], '7.3f')} {r['gb_h2d']:7.3f} {r['gb_nvme']:7.3f} "
+              f"{r['h2d_gbps']:8.2f} {r['nvme_gbps']:9.2f} {_f(r.get('ratio_oracle'), '7.2f')} "
+              f"{_f(r.get('ratio_on_demand'), '7.2f')}", file=file)
+
+
+def environment() -> dict:
+    import torch
+
+    env = {"machine": platform.node(), "platform": platform.platform(), "cpus": os.cpu_count(),
+           "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "card": None, "driver": None}
+    if torch.cuda.is_available():
+        env["card"] = torch.cuda.get_device_name()
+        try:
+            import subprocess
+
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=10)
+            env["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+        except (OSError, subprocess.SubprocessError):
+            pass
+        env["driver"] = env["driver"] or f"cuda {torch.version.cuda}"
+    return env
+
+
+def write_json(path: str | Path, obj) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, allow_nan=False, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_plot_available() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("--plot needs matplotlib (pip install matplotlib, or the project's `plot` extra)") from None
+
+
+def plot(path: str | Path, budgets: list[dict]) -> None:
+    """tokens/s and VRAM hit rate against the VRAM budget (slots), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    names = []
+    for b in budgets:
+        names += [r["method"] for r in b["methods"] if r["method"] not in names]
+    for name in names:
+        pts = [(b["vram_slots"], r) for b in budgets for r in b["methods"] if r["method"] == name and not r["skipped"]]
+        if not pts:
+            continue
+        xs = [x for x, _ in pts]
+        a1.plot(xs, [r["tokens_per_s"] for _, r in pts], marker="o", label=name)
+        a2.plot(xs, [r["vram_hit_rate"] for _, r in pts], marker="o", label=name)
+    xs = [b["vram_slots"] for b in budgets]
+    a1.plot(xs, [b["oracle_tokens_per_s"] for b in budgets], "k--", label="oracle bound")
+    a1.set(xlabel="VRAM budget (expert slots)", ylabel="tokens/s", title="throughput")
+    a2.set(xlabel="VRAM budget (expert slots)", ylabel="VRAM hit rate", title="VRAM hit rate", ylim=(0, 1.05))
+    a1.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
