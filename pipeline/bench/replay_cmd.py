@@ -70,9 +70,10 @@ def parse_budget(text: str, what: str, total: int, slot_bytes: int, top_k: int) 
 
 def _mem_available() -> int:
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 1 << 62
@@ -162,10 +163,14 @@ def _validate(args):
     if args.methods:
         methods = M.select(methods + [m for m in M.baseline_methods() if m not in methods],
                            [n.strip() for n in args.methods.split(",") if n.strip()])
-    if args.plot:
+    if args.plot:  # a missing matplotlib costs the plot, not the run
         from .report import check_plot_available
 
-        check_plot_available()
+        try:
+            check_plot_available()
+        except ValueError as e:
+            print(f"prefetch-bench replay: {e}; running without the plot", file=sys.stderr)
+            args.plot = None
     from ..config import parse_size
 
     cap = parse_size(args.disk_probe_bytes, "--disk-probe-bytes")

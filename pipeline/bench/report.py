@@ -96,7 +96,8 @@ def _f(x, spec: str) -> str:
     return format("-", f">{spec.split('.')[0]}") if x is None else format(x, spec)
 
 
-def print_table(budget: dict, rows: list[dict], file=sys.stdout) -> None:
+def print_table(budget: dict, rows: list[dict], file=None) -> None:
+    file = file or sys.stdout  # looked up per call: sys.stdout may have been replaced since import
     print(f"\nVRAM {budget['vram']} = {budget['vram_slots']} expert slots, RAM {budget['ram_slots']} slots; "
           f"oracle bound {budget['oracle_tokens_per_s']:.1f} tokens/s (Belady {budget['belady_loads']} loads)",
           file=file)

@@ -1,0 +1,175 @@
+"""`prefetch-bench replay` in CPU mode on a tiny store: every method runs, the JSON is complete and
+structurally right, outputs through the pipeline equal the resident reference bit for bit, bad
+input is one line with exit 2 and no JSON, and the lru-lookahead policy prefetches the hinted experts."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adapters.store import StoreCheckpoint
+from pipeline.bench.cli import main as bench
+from pipeline.bench.methods import baseline_methods, select
+from pipeline.bench.replay import (Model, build_passes, direct_fetch, emulate_hints, run_loop, run_method)
+from pipeline.vram_arena import VramArena
+from policies.cache.registry import make_policy
+from policies.events import Activation, Tier
+from policies.synthetic import SyntheticConfig, generate
+from policies.traces import load_trace, save_trace
+from tests.helpers_pipeline import build_tiny_store, no_leaks  # noqa: F401
+
+# tiny preset: 3 MoE layers x 8 experts, top-2, hidden 64
+
+
+def _trace(path, layers=3, experts=8, top_k=2, **kw):
+    cfg = SyntheticConfig(layers=layers, experts=experts, top_k=top_k, requests=1, prompt_tokens=3,
+                          decode_tokens=10, seed=1, **kw)
+    save_trace(generate(cfg), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("replay")
+    store = build_tiny_store(root, "mxfp4")
+    return store, _trace(root / "t.npz"), root
+
+
+def test_baselines_cpu(setup, tmp_path, capsys, no_leaks):  # noqa: F811
+    store, trace, _ = setup
+    out = tmp_path / "r.json"
+    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--vram", "0.5", "--baselines",
+                "--device", "cpu", "--json", str(out), "--no-progress", "--readers", "1"])
+    assert rc == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "STAND-IN" in text and "EMULATED" in text
+    res = json.loads(out.read_text())
+    for key in ("settings", "environment", "store", "trace", "limits", "budgets", "stand_in", "lookahead"):
+        assert key in res
+    for key in ("machine", "card", "driver", "torch"):
+        assert key in res["environment"]
+    assert res["limits"]["h2d_raw_gbps"] > 0 and res["limits"]["disk_raw_gbps"] > 0
+    (b,) = res["budgets"]
+    rows = {r["method"]: r for r in b["methods"]}
+    assert list(rows) == [m.name for m in baseline_methods()]
+    read_bytes = res["store"]["expert_read_bytes"]
+    for r in rows.values():
+        assert r["skipped"] is None, r
+        assert r["tokens"] == res["tokens"] and r["tokens_per_s"] > 0
+        assert 0 <= r["vram_hit_rate"] <= 1 and (r["ram_hit_rate"] is None or 0 <= r["ram_hit_rate"] <= 1)
+        for k in ("ms_per_token", "stall_ms_per_token", "gb_h2d", "gb_nvme", "h2d_gbps", "nvme_gbps",
+                  "ratio_oracle", "ratio_on_demand"):
+            assert r[k] is not None and r[k] >= 0, (r["method"], k)
+        if r["vram_slots"] == b["vram_slots"]:  # no loading scheme beats Belady's MIN at that capacity
+            assert round(r["gb_h2d"] * 1e9) // read_bytes >= b["belady_loads"], r["method"]
+    assert rows["resident"]["vram_hit_rate"] == 1.0 and rows["resident"]["gb_h2d"] == 0
+    assert rows["on-demand"]["vram_hit_rate"] <= 0.05 and rows["on-demand"]["gb_nvme"] == 0
+    assert rows["on-demand-disk"]["ram_hit_rate"] <= 0.05 and rows["on-demand-disk"]["gb_nvme"] > 0
+    assert rows["on-demand"]["ratio_on_demand"] == pytest.approx(1.0)
+    # the bound is never above the math with everything resident
+    assert b["oracle_tokens_per_s"] <= rows["resident"]["tokens_per_s"] * (1 + 1e-9)
+
+
+def test_pipeline_outputs_bit_identical_to_resident_reference(setup):
+    store_dir, trace_path, _ = setup
+    store = StoreCheckpoint(store_dir)
+    spec = store.spec
+    passes = build_passes(load_trace(trace_path), include_prefill=True, limit=8)
+    assert passes[0].n > 1  # a prefill pass is in the mix
+    model = Model(spec, torch.device("cpu"), seed=3)
+    ref = run_loop(model, passes, direct_fetch(store, torch.device("cpu")), keep_outputs=True).outputs
+    hints = emulate_hints(passes, spec.num_experts, 0.8, 0)
+    (m,) = select(baseline_methods(), ["lru-lookahead"])
+    vslot = VramArena.slot_bytes_for(store)
+    rslot = max(x.read_length for x in store.index.experts)
+    run = run_method(store_dir, store, m, 4 * vslot, 6 * rslot, passes, model, hints, device="cpu",
+                     readers=1, keep_outputs=True)
+    assert run.after.vram_misses > 0  # experts really moved through the tiers
+    for a, b in zip(ref, run.loop.outputs, strict=True):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def test_emulated_hints_recall(setup):
+    _, trace_path, _ = setup
+    passes = build_passes(load_trace(trace_path), include_prefill=False)
+    exact = emulate_hints(passes, 8, 1.0, 0)
+    for p, hs in zip(passes, exact):
+        assert hs[-1] is None
+        for layer, s in enumerate(hs[:-1]):
+            assert set((s > 0).nonzero()[0].tolist()) == set(p.ids[layer + 1])
+    blind = emulate_hints(passes, 8, 0.0, 0)
+    for p, hs in zip(passes, blind):
+        for layer, s in enumerate(hs[:-1]):
+            assert not set((s > 0).nonzero()[0].tolist()) & set(p.ids[layer + 1])
+    assert all((a is None and b is None) or (a == b).all() for x, y in
+               zip(emulate_hints(passes, 8, 0.5, 7), emulate_hints(passes, 8, 0.5, 7)) for a, b in zip(x, y))
+
+
+@pytest.mark.parametrize("dims,what", [(dict(layers=4), "4 layers"), (dict(experts=9), "9 experts"),
+                                       (dict(top_k=3), "top-k")])
+def test_trace_larger_than_store_refused(setup, tmp_path, capsys, dims, what):
+    store, _, _ = setup
+    trace = _trace(tmp_path / "big.npz", **dims)
+    out = tmp_path / "r.json"
+    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--device", "cpu", "--json", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and what in err and "bin/make-model" in err and "bin/precompute" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--methods", "nonsense"], "on-demand"),  # the valid names are listed
+    (["--policy", "nonsense"], "lru-lookahead"),
+    (["--vram", "0"], "--vram"),
+    (["--vram", "lots"], "--vram"),
+    (["--vram", "1KiB"], "top-k"),
+    (["--ram", "-1"], "--ram"),
+])
+def test_bad_input_one_line_exit_2(setup, tmp_path, capsys, extra, needle):
+    store, trace, _ = setup
+    out = tmp_path / "r.json"
+    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--device", "cpu", "--json", str(out),
+                *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_missing_store(setup, tmp_path, capsys):
+    _, trace, _ = setup
+    out = tmp_path / "r.json"
+    rc = bench(["replay", "--store", str(tmp_path / "nope"), "--trace", str(trace), "--json", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nope" in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_lru_lookahead_prefetches_hinted_next_layer():
+    p = make_policy("lru-lookahead", None, num_layers=3, num_experts=8, top_k=2, vram_bytes=6, ram_bytes=8)
+    hint = {2: tuple(10.0 if e in (5, 7) else 0.0 for e in range(8))}
+    # layer 1 runs experts {0, 1}; the hint says layer 2 needs {5, 7} -> plan prefetches (2,5),(2,7)
+    plan = p.on_activation(Activation(layer=1, experts=(0, 1), hint=hint))
+    assert {(m.layer, m.expert) for m in plan.promotions} == {(1, 0), (1, 1), (2, 5), (2, 7)}
+    assert all(m.priority > 0 for m in plan.promotions if m.layer == 2)
+    for m in plan.stagings + plan.promotions:
+        p.complete(m.layer, m.expert, m.tier, True)
+    # layer 2 then needs exactly them: no demand loads
+    plan = p.on_activation(Activation(layer=2, experts=(5, 7)))
+    assert plan.promotions == () and plan.stagings == ()
+    assert p.where(2, 5, Tier.VRAM) == p.where(2, 7, Tier.VRAM) == 2
+
+
+def test_plot_without_matplotlib_degrades_to_one_line(setup, tmp_path, capsys):
+    pytest.importorskip("pytest")
+    try:
+        import matplotlib  # noqa: F401
+        pytest.skip("matplotlib is installed here")
+    except ImportError:
+        pass
+    store, trace, _ = setup
+    out, png = tmp_path / "r.json", tmp_path / "p.png"
+    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--device", "cpu", "--json", str(out),
+                "--plot", str(png), "--methods", "ours", "--tokens", "3", "--no-progress", "--readers", "1"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "matplotlib" in err and out.exists() and not png.exists(), err
+    assert json.loads(out.read_text())["settings"]["plot"] is None
