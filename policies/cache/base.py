@@ -246,6 +246,10 @@ class CachePolicy(abc.ABC):
         if victims is None and tier == Tier.RAM and below is None:
             victims = self._victims(tier, nbytes - free, self._evictable(tier, call, cascade=True),
                                     value, below)
+        return self._evict_all(tier, victims, call)
+
+    def _evict_all(self, tier: Tier, victims: list[tuple[int, int]] | None, call: _Call) -> bool:
+        """Evict `victims` from `tier` (a RAM victim takes its VRAM copy along); False if None."""
         if victims is None:
             return False
         for l, e in victims:

@@ -57,10 +57,4 @@ class LRUPerLayerPolicy(LRUPolicy):
             victims = self._victims(tier, need, ok, self.last, below)
             if victims is not None:
                 break
-        if victims is None:
-            return False
-        for l, e in victims:
-            if tier == Tier.RAM and self.state[Tier.VRAM][l, e] != ABSENT:
-                self._evict(Tier.VRAM, l, e, call)
-            self._evict(tier, l, e, call)
-        return True
+        return self._evict_all(tier, victims, call)
