@@ -117,3 +117,20 @@ def test_prefetch_bench_quality_end_to_end(tmp_path, bin_env):
                          capture_output=True, text=True, env=bin_env, timeout=60)
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "valid: ewma" in bad.stderr
     assert not (tmp_path / "o.json").exists()
+
+
+def test_quality_command_passes_predictor_options(tmp_path, capsys):
+    # `NAME:key=value` reaches the predictor: two EWMA rates score differently on the same trace.
+    t = generate(SyntheticConfig(layers=3, experts=8, top_k=2, requests=1, prompt_tokens=2, decode_tokens=30))
+    path = tmp_path / "t.npz"
+    save_trace(t, path)
+    out = tmp_path / "q.json"
+    ns = argparse.Namespace(trace=str(path), predictors=["ewma:alpha=0.9", "ewma:alpha=0.01"], ks=[2],
+                            json_out=str(out))
+    assert quality_cmd.run(ns) == 0
+    rows = {r["predictor"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"ewma:alpha=0.9", "ewma:alpha=0.01"}
+    assert rows["ewma:alpha=0.9"]["recall_per_layer"] != rows["ewma:alpha=0.01"]["recall_per_layer"]
+    bad = argparse.Namespace(trace=str(path), predictors=["ewma:beta=1"], ks=[2], json_out=None)
+    with pytest.raises((ValueError, TypeError), match="beta"):
+        quality_cmd.run(bad)
