@@ -173,3 +173,20 @@ def test_plot_without_matplotlib_degrades_to_one_line(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 0 and "matplotlib" in err and out.exists() and not png.exists(), err
     assert json.loads(out.read_text())["settings"]["plot"] is None
+
+
+def test_vram_sweep_and_extra_policy(setup, tmp_path, capsys):
+    store, trace, _ = setup
+    out = tmp_path / "r.json"
+    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--device", "cpu", "--json", str(out),
+                "--vram", "0.25", "--vram", "0.75", "--policy", "lru", "--tokens", "4", "--no-progress",
+                "--readers", "1"])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads(out.read_text())
+    assert [b["vram_slots"] for b in res["budgets"]] == [6, 18]  # of 3 x 8 experts
+    for b in res["budgets"]:
+        names = [r["method"] for r in b["methods"]]
+        assert names == ["ours", "ours-ewma", "lru"]
+        assert all(r["vram_slots"] == b["vram_slots"] for r in b["methods"])
+    # more VRAM, never fewer Belady hits
+    assert res["budgets"][1]["belady_loads"] <= res["budgets"][0]["belady_loads"]
