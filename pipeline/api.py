@@ -109,9 +109,9 @@ class ExpertPipeline:
             raise RuntimeError("this pipeline was opened with aopen(): use `await pipe.afetch(...)`")
         with self._lock:
             seq, fence, ids = self._begin(layer, expert_ids, router_weights, token_id)
-            slots = self._p.scheduler.try_resident(layer, ids, seq, fence)
-            if slots is not None:  # all in VRAM and landed: no hop to the loop thread
-                return [self._p.vram_arena.tensors(slot.index) for slot in slots]
+            pairs = self._p.scheduler.try_resident(layer, ids, seq, fence)
+            if pairs is not None:  # all in VRAM or on their way: no hop to the loop thread
+                return self._finish(pairs)
             fut = asyncio.run_coroutine_threadsafe(self._p.scheduler.demand(layer, ids, seq, fence), self._loop)
             return self._finish(fut.result(timeout=self._demand_timeout()))
 

@@ -226,17 +226,20 @@ class CopyEngine:
 
     # -- submitting ------------------------------------------------------------------------
     def copy_in(self, src: torch.Tensor, dst_slot: int, arena: VramArena, nbytes: int, *, demand: bool,
-                after: SlotFence | None = None) -> Transfer:
+                after: SlotFence | None = None, prior: Transfer | None = None) -> Transfer:
         """Copy `nbytes` of the RAM slot view `src` into VRAM slot `dst_slot` of `arena`
-        (decoding there for mxfp4), after the slot's release fence `after`."""
+        (decoding there for mxfp4), after the slot's release fence `after` and, CUDA only, after
+        `prior`: a copy into the same slot still in flight (ordered on the GPU, no host wait)."""
         if self._closed:
             raise RuntimeError("CopyEngine is closed")
+        if prior is not None and not self.is_cuda and not prior.done():
+            raise ValueError("CPU copy engine: a slot's earlier copy must finish before the next (prior)")
         arena.raw_view(dst_slot)  # IndexError for a slot out of range: a caller bug
         with self._lock:
             self._n["demand" if demand else "prefetch"] += 1
             self._n["bytes"] += nbytes
         if self.is_cuda:
-            return self._copy_cuda(src, dst_slot, arena, nbytes, demand, after)
+            return self._copy_cuda(src, dst_slot, arena, nbytes, demand, after, prior)
         fut: Future = Future()
         with self._cv:
             heapq.heappush(self._heap, (0 if demand else 1, next(self._seq),
@@ -252,18 +255,20 @@ class CopyEngine:
         dst[:nbytes].copy_(src[:nbytes], non_blocking=non_blocking)
         self._decode(arena, dst, arena.tensors(slot))
 
-    def _copy_cuda(self, src, slot, arena, nbytes, demand, after) -> Transfer:
+    def _copy_cuda(self, src, slot, arena, nbytes, demand, after, prior=None) -> Transfer:
         stream = self.demand_stream if demand else self.prefetch_stream
         try:
             if isinstance(src, torch.Tensor) and not src.is_pinned():
                 with self._lock:
                     self._n["pageable"] += 1
             if arena.decodes:
-                event = self._copy_and_decode_cuda(src, slot, arena, nbytes, demand, after, stream)
+                event = self._copy_and_decode_cuda(src, slot, arena, nbytes, demand, after, stream, prior)
             else:
                 with torch.cuda.stream(stream):
                     if after is not None:
                         after.make_stream_wait(stream)
+                    if prior is not None and prior._event is not None:
+                        stream.wait_event(prior._event)
                     self._land(src, slot, arena, nbytes, 0, non_blocking=True)
                     event = self._pool.get()
                     event.record(stream)
@@ -277,7 +282,7 @@ class CopyEngine:
             self._pending.popleft()
         return t
 
-    def _copy_and_decode_cuda(self, src, slot, arena, nbytes, demand, after, stream):
+    def _copy_and_decode_cuda(self, src, slot, arena, nbytes, demand, after, stream, prior=None):
         """MXFP4: the compressed bytes land in a staging buffer on the copy stream; the decode
         into the slot runs on a companion decode stream. Each copy stream rotates over its own
         staging buffers, so the next copy overlaps this decode (the copy engine and the SMs
@@ -303,6 +308,8 @@ class CopyEngine:
             self._pool.put(landed)  # a wait captures the event's state now; re-recording later is safe
             if after is not None:  # the decode writes the slot: it waits for the slot's release
                 after.make_stream_wait(decode_stream)
+            if prior is not None and prior._event is not None:  # and for an earlier fill of it
+                decode_stream.wait_event(prior._event)
             self._decode(arena, staging, arena.tensors(slot))
             done = self._pool.get()
             done.record(decode_stream)

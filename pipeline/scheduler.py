@@ -36,6 +36,10 @@ from .readers import read_request
 from .slots import FREE, LOADING, READY, Key, Slot, SlotTable
 
 
+# The one poller of copy completions backs off between these while nothing lands.
+REAP_MIN_S, REAP_MAX_S = 20e-6, 1e-3
+
+
 class SchedulerStats(msgspec.Struct, frozen=True):
     fetches: int
     vram_hits: int  # demanded experts already in VRAM (a copy in flight counts: no new transfer)
@@ -69,6 +73,8 @@ class Scheduler:
         self._read_queue: list = []
         self._queued: dict[tuple[Tier, Key], object] = {}  # move -> stamped plan (queued only)
         self._copy_after_read: dict[Key, tuple] = {}  # promotions waiting for their staging
+        self._inflight: list[tuple] = []  # (key, vram slot, ram slot, transfer, demand) not yet settled
+        self._reaper: asyncio.Task | None = None
         self._order = itertools.count()
         self._req_ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
@@ -82,20 +88,22 @@ class Scheduler:
         self.closed = False
 
     # ---- demand ----------------------------------------------------------------------------
-    def try_resident(self, layer: int, experts: list[int], seq: int, fence) -> list[Slot] | None:
-        """Caller-thread fast path: the slots if every expert is READY in VRAM (pinned for this
-        fetch, no hop to the loop), else None and nothing changes."""
+    def try_resident(self, layer: int, experts: list[int], seq: int, fence) -> list[tuple[Slot, object]] | None:
+        """Caller-thread fast path: (slot, transfer or None) each if every expert is in VRAM or
+        its copy is issued (pinned for this fetch, no hop to the loop), else None and nothing
+        changes."""
         with self.table_lock:
             slots = [self.vram.where.get((layer, e)) for e in experts]
-            if not all(s is not None and s.state == READY for s in slots):
+            if not all(s is not None and (s.state == READY or s.transfer is not None) for s in slots):
                 return None
+            pairs = [(s, s.transfer) for s in slots]
             if fence is not None:
                 self._fence, self._fence_seq = fence, seq
             for slot in slots:
                 slot.handed_seq = slot.last_use = seq
             self._c["fetches"] += 1
             self._c["vram_hits"] += len(slots)
-        return slots
+        return pairs
 
     async def demand(self, layer: int, experts: list[int], seq: int, fence) -> list[tuple[Slot, object]]:
         """Make `experts` of `layer` available in VRAM; returns (slot, transfer or None) each."""
@@ -120,6 +128,7 @@ class Scheduler:
         self._c["vram_misses"] += 1
         self._drop_queued(Tier.VRAM, key)  # demand takes over a queued prefetch of it
         slot = self.vram.take_free(key) or await self._evict_for_demand(key, seq)
+        prev_handed = slot.handed_seq  # the slot's previous expert: its uses need a fence
         slot.last_use, slot.handed_seq = seq, seq
         t0 = time.perf_counter()
         try:
@@ -128,7 +137,7 @@ class Scheduler:
             self._fail_slot(self.vram, slot, e)
             raise
         self._c["stall_seconds"] += time.perf_counter() - t0
-        self._copy(slot, rslot, demand=True)
+        self._copy(slot, rslot, demand=True, prev_handed=prev_handed)
         return slot, slot.transfer
 
     async def _evict_for_demand(self, key: Key, seq: int) -> Slot:
@@ -141,13 +150,19 @@ class Scheduler:
             if slot is not None:
                 return slot
             victim = self.vram.lru_victim(lambda s: s.handed_seq < seq)
+            if victim is None and self.engine.is_cuda:
+                # A slot whose copy is still in flight: the new copy is ordered after it on the
+                # GPU (Slot.prior), so the host need not wait for it to land.
+                issued = [s for s in self.vram.where.values()
+                          if s.state == LOADING and s.transfer is not None and s.handed_seq < seq]
+                victim = min(issued, key=lambda s: s.last_use, default=None)
             if victim is not None:
                 self._evict(self.vram, victim, tell_policy=True)
                 return self.vram.take_free(key)
             filling = [s for s in self.vram.slots if s.state == LOADING and s.handed_seq < seq]
             assert filling, "budget check guarantees top_k VRAM slots beyond this fetch's own"
             await asyncio.wait([self._spawn(self._settled(s)) for s in filling], return_when=asyncio.FIRST_COMPLETED)
-            await asyncio.sleep(0)  # let the finished copies mark their slots READY
+            self._reap()  # mark the landed copies' slots READY
 
     async def _settled(self, slot: Slot) -> None:
         """Until a filling VRAM slot is READY or released (its outcome is someone else's to report)."""
@@ -214,34 +229,57 @@ class Scheduler:
         return True
 
     # ---- copies ------------------------------------------------------------------------------
-    def _copy(self, slot: Slot, rslot: Slot, *, demand: bool) -> None:
-        entry = self.store.expert_range(*slot.key)
-        after = self._fence if slot.handed_seq < self._fence_seq else None
+    def _copy(self, slot: Slot, rslot: Slot, *, demand: bool, prev_handed: int | None = None) -> None:
+        key = slot.key
+        entry = self.store.expert_range(*key)
+        prev = slot.handed_seq if prev_handed is None else prev_handed
+        assert prev < self._fence_seq or prev < 0, "a slot handed out by this fetch is never refilled"
+        after = self._fence if prev >= 0 else None  # the latest fence follows the previous expert's uses
+        prior, slot.prior = slot.prior, None
+        if prior is not None and prior.done():
+            prior = None
         rslot.users += 1
         slot.transfer = self.engine.copy_in(self.ram_arena.slot(rslot.index), slot.index, self.vram_arena,
-                                            entry.read_length, demand=demand, after=after)
+                                            entry.read_length, demand=demand, after=after, prior=prior)
         self._c["bytes_h2d"] += entry.read_length
+        self._inflight.append((key, slot, rslot, slot.transfer, demand))
         self._wake(slot, None)  # waiters take the transfer and wait on its event themselves
-        self._spawn(self._finish_copy(slot, rslot, slot.transfer, demand))
+        if self._reaper is None or self._reaper.done():
+            self._reaper = self._spawn(self._reap_loop())
 
-    async def _finish_copy(self, slot: Slot, rslot: Slot, transfer, demand: bool) -> None:
-        ok = True
-        try:
-            await transfer.wait()
-        except Exception:
-            ok = False
-        finally:
+    def _reap(self) -> bool:
+        """Settle the copies that have landed (or failed); True if any did. One poller for
+        all transfers, instead of a task per copy, keeps the loop thread (and the GIL) quiet."""
+        still, landed = [], False
+        for item in self._inflight:
+            key, slot, rslot, transfer, demand = item
+            if not transfer.done():
+                still.append(item)
+                continue
+            landed, ok = True, transfer.error is None
             rslot.users -= 1
-        key = slot.key
-        if slot.transfer is transfer:
-            if ok:
-                slot.state, slot.transfer = READY, None
+            if slot.transfer is transfer:  # not re-taken by a demand meanwhile
+                with self.table_lock:
+                    if ok:
+                        slot.state, slot.transfer = READY, None
+                    else:
+                        self.vram.release(slot)
+            self.policy.complete(key[0], key[1], Tier.VRAM, ok)
+            if not demand:
+                self.copy_credits += 1
+        self._inflight = still
+        return landed
+
+    async def _reap_loop(self) -> None:
+        delay = REAP_MIN_S
+        while self._inflight:
+            if self._reap():
+                delay = REAP_MIN_S
+                self._pump()
             else:
-                self.vram.release(slot)
-        self.policy.complete(key[0], key[1], Tier.VRAM, ok)
-        if not demand:
-            self.copy_credits += 1
-        self._pump()
+                delay = min(delay * 2, REAP_MAX_S)
+            if self._inflight:
+                await asyncio.sleep(delay)
 
     # ---- plans -------------------------------------------------------------------------------
     def on_plan(self, stamped) -> None:

@@ -21,6 +21,7 @@ class Slot:
     # overwritten only behind a fence recorded by a later fetch (DESIGN: no use-after-free).
     handed_seq: int = -1
     transfer: object | None = None  # VRAM: the copy filling it (Transfer); None once READY
+    prior: object | None = None  # VRAM: a copy into this slot still in flight when it was re-taken
     users: int = 0  # RAM: H2D copies reading from it; it is not reusable while > 0
     reading: object | None = None  # RAM: the asyncio.Task reading it from disk
     read_id: int = 0  # RAM: the reader request in flight, and whether it is a demand read
@@ -57,7 +58,7 @@ class SlotTable:
     def release(self, slot: Slot) -> None:
         assert slot.state != FREE and slot.users == 0, (self.name, slot)
         del self.where[slot.key]
-        slot.key, slot.state, slot.transfer, slot.reading = None, FREE, None, None
+        slot.key, slot.state, slot.transfer, slot.reading, slot.prior = None, FREE, None, None, slot.transfer
         self._free.append(slot.index)
 
     def lru_victim(self, evictable) -> Slot | None:

@@ -332,3 +332,20 @@ def test_a_demand_overtakes_queued_prefetch_reads(stores, no_leaks):
         assert pipe.stats().readers.reads_ok <= 3, "waited behind the prefetches queued in the pool"
         pipe.fetch(keys[12][0], [keys[12][1]])  # still in the scheduler's prefetch queue
         assert pipe.stats().readers.reads_ok <= 6, "waited behind the prefetches queued in the scheduler"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "mxfp4"])
+def test_a_slot_is_not_overwritten_while_the_compute_stream_still_reads_it(stores, dtype, no_leaks):
+    # The compute stream is held busy (a GPU sleep) before it reads expert (0, 1); the next fetch
+    # needs that slot for another expert. Its copy must wait for the fence recorded by that
+    # fetch, so the delayed read still sees (0, 1) and not the newcomer.
+    st = StoreCheckpoint(stores[dtype])
+    k = st.spec.top_k
+    with ExpertPipeline.open(stores[dtype], **budgets(stores[dtype], k, 4 * k), device="cuda", readers=1) as pipe:
+        first = pipe.fetch(0, list(range(k)))
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time on the current stream
+        seen = {role: t.clone() for role, t in first[1].items()}  # enqueued behind the sleep
+        pipe.fetch(1, list(range(k, 2 * k)))  # evicts both slots of layer 0
+        torch.cuda.current_stream().synchronize()
+        assert_same({r: t.cpu() for r, t in seen.items()}, st.load_expert(0, 1), (0, 1))
