@@ -16,6 +16,7 @@ caller's stream (DESIGN: no use-after-free). One pipeline serves one decode loop
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from pathlib import Path
 
@@ -61,6 +62,10 @@ class ExpertPipeline:
         self._lock = threading.Lock()
         self._closed = False
         self.spec = parts.store.spec
+        self._old_switch = None
+        if cfg.gil_switch_interval_s is not None:  # see PipelineConfig.gil_switch_interval_s
+            self._old_switch = sys.getswitchinterval()
+            sys.setswitchinterval(cfg.gil_switch_interval_s)
 
     # ---- opening -----------------------------------------------------------------------------
     @classmethod
@@ -108,20 +113,28 @@ class ExpertPipeline:
         if self._thread is None:
             raise RuntimeError("this pipeline was opened with aopen(): use `await pipe.afetch(...)`")
         with self._lock:
-            seq, fence, ids = self._begin(layer, expert_ids, router_weights, token_id)
+            seq, fence, ids, event = self._begin(layer, expert_ids, router_weights, token_id)
             pairs = self._p.scheduler.try_resident(layer, ids, seq, fence)
             if pairs is not None:  # all in VRAM or on their way: no hop to the loop thread
+                self._p.actor.publish_threadsafe(event)
                 return self._finish(pairs)
             fut = asyncio.run_coroutine_threadsafe(self._p.scheduler.demand(layer, ids, seq, fence), self._loop)
+            # Published after the demand was queued: the loop serves the demand before the policy
+            # thinks about this event (the caller never waits for the policy).
+            self._p.actor.publish_threadsafe(event)
             return self._finish(fut.result(timeout=self._demand_timeout()))
 
     async def afetch(self, layer: int, expert_ids, *, router_weights=None, token_id: int | None = None):
-        seq, fence, ids = self._begin(layer, expert_ids, router_weights, token_id, thread_check=False)
+        seq, fence, ids, event = self._begin(layer, expert_ids, router_weights, token_id, thread_check=False)
         coro = self._p.scheduler.demand(layer, ids, seq, fence)
         if self._thread is not None:  # the pipeline's loop runs elsewhere: bridge to it
-            res = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+            fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            self._p.actor.publish_threadsafe(event)
+            res = await asyncio.wrap_future(fut)
         else:
-            res = await asyncio.wait_for(coro, self._demand_timeout())
+            task = asyncio.ensure_future(coro)
+            self._p.actor.publish(event)
+            res = await asyncio.wait_for(task, self._demand_timeout())
         return self._finish(res)
 
     def hint(self, layer: int, hidden_state) -> None:
@@ -157,11 +170,17 @@ class ExpertPipeline:
                              copies=p.engine.stats(), actor=p.actor.stats())
 
     # ---- closing -----------------------------------------------------------------------------
+    def _restore_switch_interval(self) -> None:
+        if self._old_switch is not None:
+            sys.setswitchinterval(self._old_switch)
+            self._old_switch = None
+
     def close(self) -> None:
         """Ordered shutdown (pipeline.assembly.shutdown), within about config.close_timeout_s."""
         if self._closed:
             return
         self._closed = True
+        self._restore_switch_interval()
         from .assembly import shutdown
 
         if self._thread is None:
@@ -179,6 +198,7 @@ class ExpertPipeline:
         if self._closed:
             return
         self._closed = True
+        self._restore_switch_interval()
         from .assembly import shutdown
 
         await shutdown(self._p, self.config.close_timeout_s)
@@ -225,11 +245,7 @@ class ExpertPipeline:
         event = Activation(layer=int(layer), experts=tuple(ids), weights=weights, token_id=token_id,
                            hint=self._hint, time=self._loop.time())
         self._hint = None
-        if self._thread is not None:
-            self._p.actor.publish_threadsafe(event)
-        else:
-            self._p.actor.publish(event)
-        return self._seq, fence, ids
+        return self._seq, fence, ids, event
 
     def _finish(self, results) -> list[dict[str, torch.Tensor]]:
         out = []

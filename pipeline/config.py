@@ -49,12 +49,20 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     prefetch_copies: int = 4  # prefetch H2D copies in flight at once (credits)
     actor_queue: int = 256  # activation events queued for the policy actor (events)
     close_timeout_s: float = 10.0  # close() returns within about this, whatever is in flight
+    # The pipeline's loop thread (scheduler, policy actor) shares the GIL with the decode loop;
+    # Python hands the GIL to a waiting thread only every switch interval (5 ms by default),
+    # so a fetch could wait that long behind a policy computation. open() sets this
+    # process-wide value while the pipeline is open and restores the old one at close;
+    # None leaves the interpreter's setting alone.
+    gil_switch_interval_s: float | None = 0.0002
 
     def __post_init__(self) -> None:
         parse_size(self.vram, "vram")
         parse_size(self.ram, "ram")
         if self.device not in DEVICES:
             raise ValueError(f"device {self.device!r} unknown; valid: {', '.join(DEVICES)}")
+        if self.gil_switch_interval_s is not None and not 0 < self.gil_switch_interval_s <= 1:
+            raise ValueError(f"gil_switch_interval_s must be in (0, 1] seconds or None, got {self.gil_switch_interval_s}")
         for name in ("read_timeout_s", "close_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

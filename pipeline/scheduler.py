@@ -106,7 +106,10 @@ class Scheduler:
         return pairs
 
     async def demand(self, layer: int, experts: list[int], seq: int, fence) -> list[tuple[Slot, object]]:
-        """Make `experts` of `layer` available in VRAM; returns (slot, transfer or None) each."""
+        """Make `experts` of `layer` available in VRAM; returns (slot, transfer or None) each.
+
+        Hits and misses served from RAM finish in this one step (no task, no await): only the
+        experts that must wait (a disk read, a slot still filling) get concurrent tasks."""
         if fence is not None:
             self._fence, self._fence_seq = fence, seq
         self._c["fetches"] += 1
@@ -115,7 +118,51 @@ class Scheduler:
             slot = self.vram.lookup(key)
             if slot is not None:
                 slot.handed_seq = seq
-        return list(await asyncio.gather(*(self._demand_one(key, seq) for key in keys)))
+        out: list = [self._demand_now(key, seq) for key in keys]
+        waiting = [i for i, r in enumerate(out) if r is None]
+        if waiting:
+            done = await asyncio.gather(*(self._demand_one(keys[i], seq) for i in waiting))
+            for i, r in zip(waiting, done):
+                out[i] = r
+        return out
+
+    def _demand_now(self, key: Key, seq: int) -> tuple[Slot, object] | None:
+        """The demand of `key` if it needs no waiting (in VRAM, or a free/evictable slot and
+        the bytes in RAM); None to take the waiting path."""
+        slot = self.vram.lookup(key)
+        if slot is not None:
+            if slot.state == LOADING and slot.transfer is None:
+                return None
+            self._c["vram_hits"] += 1
+            slot.last_use, slot.handed_seq = seq, seq
+            return slot, slot.transfer
+        rslot = self.ram.lookup(key)
+        if rslot is None or rslot.state != READY:
+            return None
+        slot = self.vram.take_free(key) or self._evict_now(key, seq)
+        if slot is None:
+            return None
+        self._c["vram_misses"] += 1
+        self._c["ram_hits"] += 1
+        self._drop_queued(Tier.VRAM, key)
+        prev_handed = slot.handed_seq
+        slot.last_use, slot.handed_seq = seq, seq
+        self._copy(slot, rslot, demand=True, prev_handed=prev_handed)
+        return slot, slot.transfer
+
+    def _evict_now(self, key: Key, seq: int) -> Slot | None:
+        """A slot for `key` by evicting, if that needs no waiting; else None."""
+        victim = self.vram.lru_victim(lambda s: s.handed_seq < seq)
+        if victim is None and self.engine.is_cuda:
+            # A slot whose copy is still in flight: the new copy is ordered after it on the
+            # GPU (Slot.prior), so the host need not wait for it to land.
+            issued = [s for s in self.vram.where.values()
+                      if s.state == LOADING and s.transfer is not None and s.handed_seq < seq]
+            victim = min(issued, key=lambda s: s.last_use, default=None)
+        if victim is None:
+            return None
+        self._evict(self.vram, victim, tell_policy=True)
+        return self.vram.take_free(key)
 
     async def _demand_one(self, key: Key, seq: int) -> tuple[Slot, object]:
         slot = self.vram.lookup(key)
@@ -146,19 +193,9 @@ class Scheduler:
         flight), wait for one to land. Budgets leave top_k slots beyond prefetches, so one
         always comes."""
         while True:
-            slot = self.vram.take_free(key)  # a concurrent demand may have freed one meanwhile
+            slot = self.vram.take_free(key) or self._evict_now(key, seq)  # a concurrent demand may have freed one
             if slot is not None:
                 return slot
-            victim = self.vram.lru_victim(lambda s: s.handed_seq < seq)
-            if victim is None and self.engine.is_cuda:
-                # A slot whose copy is still in flight: the new copy is ordered after it on the
-                # GPU (Slot.prior), so the host need not wait for it to land.
-                issued = [s for s in self.vram.where.values()
-                          if s.state == LOADING and s.transfer is not None and s.handed_seq < seq]
-                victim = min(issued, key=lambda s: s.last_use, default=None)
-            if victim is not None:
-                self._evict(self.vram, victim, tell_policy=True)
-                return self.vram.take_free(key)
             filling = [s for s in self.vram.slots if s.state == LOADING and s.handed_seq < seq]
             assert filling, "budget check guarantees top_k VRAM slots beyond this fetch's own"
             await asyncio.wait([self._spawn(self._settled(s)) for s in filling], return_when=asyncio.FIRST_COMPLETED)

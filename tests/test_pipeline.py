@@ -349,3 +349,18 @@ def test_a_slot_is_not_overwritten_while_the_compute_stream_still_reads_it(store
         pipe.fetch(1, list(range(k, 2 * k)))  # evicts both slots of layer 0
         torch.cuda.current_stream().synchronize()
         assert_same({r: t.cpu() for r, t in seen.items()}, st.load_expert(0, 1), (0, 1))
+
+
+def test_the_gil_switch_interval_is_set_while_open_and_restored(stores, no_leaks):
+    import sys
+
+    store = stores["bfloat16"]
+    before = sys.getswitchinterval()
+    with ExpertPipeline.open(store, **budgets(store, 4, 4), device="cpu", readers=1,
+                             gil_switch_interval_s=0.0003):
+        assert sys.getswitchinterval() == pytest.approx(0.0003)
+    assert sys.getswitchinterval() == pytest.approx(before)
+    with ExpertPipeline.open(store, **budgets(store, 4, 4), device="cpu", readers=1, gil_switch_interval_s=None):
+        assert sys.getswitchinterval() == pytest.approx(before)
+    with pytest.raises(ValueError, match="gil_switch_interval_s"):
+        ExpertPipeline.open(store, **budgets(store, 4, 4), device="cpu", gil_switch_interval_s=5.0)
