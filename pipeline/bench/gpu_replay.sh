@@ -4,13 +4,13 @@
 # = $DIM so every store fits the disk), then `prefetch-bench replay --baselines` at VRAM 10% and
 # 25% of all experts, RAM 50%. Figures as JSON (+ PNG) under $OUT (or WORKDIR).
 #   usage: pipeline/bench/gpu_replay.sh TRACES_DIR WORKDIR TRACE_NAME...
-#   env:   DIM (512), TOKENS (passes per method, 300), DTYPES ("mxfp4")
+#   env:   DIM (512), TOKENS (passes per method, 300), DTYPES ("mxfp4"), RAM (0.5 of all experts)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 traces=$1 work=$2
 shift 2
 out=${OUT:-$work}
-dim=${DIM:-512} tokens=${TOKENS:-300} dtypes=${DTYPES:-mxfp4}
+dim=${DIM:-512} tokens=${TOKENS:-300} dtypes=${DTYPES:-mxfp4} ram=${RAM:-0.5}
 py=python3
 [ -x .venv/bin/python ] && py=.venv/bin/python
 mkdir -p "$work" "$out"
@@ -24,7 +24,7 @@ for name in "$@"; do
     store="$work/$name-$d"
     $py bin/precompute --model "$model" --out "$store" --dtype "$d" --workers 12 --no-progress
     echo "== replay $name ($d, ${L}x${E} top-$K, hidden=intermediate=$dim, $tokens passes per method)"
-    $py bin/prefetch-bench replay --store "$store" --trace "$trace" --vram 0.1 --vram 0.25 --ram 0.5 \
+    $py bin/prefetch-bench replay --store "$store" --trace "$trace" --vram 0.1 --vram 0.25 --ram "$ram" \
         --baselines --tokens "$tokens" --no-progress --json "$out/replay-$name-$d.json" --plot "$out/replay-$name-$d.png"
   done
 done
