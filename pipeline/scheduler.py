@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import queue
 import threading
 import time
 
@@ -36,8 +37,6 @@ from .readers import read_request
 from .slots import FREE, LOADING, READY, Key, Slot, SlotTable
 
 
-# The one poller of copy completions backs off between these while nothing lands.
-REAP_MIN_S, REAP_MAX_S = 20e-6, 1e-3
 
 
 class SchedulerStats(msgspec.Struct, frozen=True):
@@ -74,7 +73,15 @@ class Scheduler:
         self._queued: dict[tuple[Tier, Key], object] = {}  # move -> stamped plan (queued only)
         self._copy_after_read: dict[Key, tuple] = {}  # promotions waiting for their staging
         self._inflight: list[tuple] = []  # (key, vram slot, ram slot, transfer, demand) not yet settled
-        self._reaper: asyncio.Task | None = None
+        # Copy completions reach the loop without polling it: on CUDA a waiter thread blocks
+        # on each copy's event (the GIL released) and wakes the loop; on the CPU the copy
+        # thread's future does. A loop that polled events kept the GIL busy under the decode loop.
+        self._loop = asyncio.get_running_loop()  # built on the pipeline's loop (assembly.assemble)
+        self._landed: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiter = None
+        if engine.is_cuda:
+            self._waiter = threading.Thread(target=self._wait_copies, name="copy-waiter", daemon=True)
+            self._waiter.start()
         self._order = itertools.count()
         self._req_ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
@@ -281,8 +288,7 @@ class Scheduler:
         self._c["bytes_h2d"] += entry.read_length
         self._inflight.append((key, slot, rslot, slot.transfer, demand))
         self._wake(slot, None)  # waiters take the transfer and wait on its event themselves
-        if self._reaper is None or self._reaper.done():
-            self._reaper = self._spawn(self._reap_loop())
+        self._watch(slot.transfer)
 
     def _reap(self) -> bool:
         """Settle the copies that have landed (or failed); True if any did. One poller for
@@ -307,16 +313,31 @@ class Scheduler:
         self._inflight = still
         return landed
 
-    async def _reap_loop(self) -> None:
-        delay = REAP_MIN_S
-        while self._inflight:
-            if self._reap():
-                delay = REAP_MIN_S
-                self._pump()
-            else:
-                delay = min(delay * 2, REAP_MAX_S)
-            if self._inflight:
-                await asyncio.sleep(delay)
+    def _watch(self, transfer) -> None:
+        if transfer.done():  # e.g. a copy refused at submission: settle it on the next turn
+            self._wake_loop()
+        elif self._waiter is not None:
+            self._landed.put(transfer)
+        else:
+            transfer._future.add_done_callback(lambda _f: self._wake_loop())
+
+    def _wait_copies(self) -> None:
+        """The waiter thread: block on each copy's event in issue order, then wake the loop."""
+        while True:
+            transfer = self._landed.get()
+            if transfer is None:
+                return
+            with contextlib.suppress(Exception):
+                transfer._event.synchronize()
+            self._wake_loop()
+
+    def _wake_loop(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to settle
+            self._loop.call_soon_threadsafe(self._settle_landed)
+
+    def _settle_landed(self) -> None:
+        if not self.closed and self._reap():
+            self._pump()
 
     # ---- plans -------------------------------------------------------------------------------
     def on_plan(self, stamped) -> None:
@@ -454,6 +475,9 @@ class Scheduler:
     async def close(self, timeout: float) -> None:
         """Cancel queued prefetches and in-flight tasks; bounded by `timeout` seconds."""
         self.closed = True
+        if self._waiter is not None:
+            self._landed.put(None)  # after the copies already queued: their events are near
+            self._waiter.join(timeout=timeout / 2)
         self._read_queue.clear()
         self._copy_queue.clear()
         self._queued.clear()
