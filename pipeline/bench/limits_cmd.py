@@ -150,6 +150,8 @@ def _scheduler_promotions(store_dir: str, store, batch: int, credits: int) -> fl
             pipe.fetch(layer, [e])
         sched = pipe._p.scheduler
         todo = [k for k in keys if k not in sched.vram.where][:batch]
+        if len(todo) < 2:
+            raise ValueError(f"store {store_dir} is too small for a promotion batch ({len(keys)} experts)")
         # Free VRAM for them: evict what is resident, as a plan would.
         resident = [k for k, s in list(sched.vram.where.items()) if s.state == READY]
         evict = Plan(evictions=tuple(Move(l, e, Tier.VRAM, 0.0) for l, e in resident[:len(todo)]))
@@ -218,7 +220,8 @@ def run(args) -> int:
     finally:
         arena.close()
     if torch.cuda.is_available():
-        n = min(args.batch, len(experts) - store.spec.top_k)
+        # Half the store fits in VRAM, so after warming half of it is in RAM only: the batch.
+        n = min(args.batch, (len(experts) - store.spec.top_k) // 2)
         res["h2d_scheduler_gbps"] = _scheduler_promotions(args.store, store, n, args.credits) / 1e9
     res["fetch_resident_us"], res["fetch_device"] = _fetch_overhead(args.store, store, args.fetches)
     rows = [("disk: readers / raw O_DIRECT", res["disk_readers_gbps"], res["disk_raw_gbps"], "GB/s", TARGETS["disk"])]
