@@ -24,6 +24,21 @@ from .spec import ExpertLocation, ModelSpec
 Raw = Mapping[str, "bytes | bytearray | memoryview | torch.Tensor"]
 
 
+def pread_exact(path: Path, offset: int, length: int, what: str, *, fix: str, tensor: str | None = None) -> bytes:
+    """`length` bytes at `offset` of `path` with one positional read; a short read (a
+    truncated file) is a CheckpointError naming the file, `what` and `tensor`."""
+    from .errors import CheckpointError
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+    if len(data) != length:
+        raise CheckpointError(path, f"short read of {what}: {len(data)} of {length} bytes", tensor=tensor, fix=fix)
+    return data
+
+
 class Checkpoint(abc.ABC):
     root: Path
     spec: ModelSpec
@@ -41,17 +56,8 @@ class Checkpoint(abc.ABC):
         loc = self.locate(layer, expert)
         out: dict[str, bytes] = {}
         for r in loc.ranges:
-            fd = os.open(self.root / r.file, os.O_RDONLY)
-            try:
-                data = os.pread(fd, r.length, r.offset)
-            finally:
-                os.close(fd)
-            if len(data) != r.length:
-                from .errors import CheckpointError
-
-                raise CheckpointError(self.root / r.file, f"short read of expert {layer}/{expert}: "
-                                      f"{len(data)} of {r.length} bytes", tensor=r.role,
-                                      fix="the file is truncated; re-create it")
+            data = pread_exact(self.root / r.file, r.offset, r.length, f"expert {layer}/{expert}",
+                               tensor=r.role, fix="the file is truncated; re-create it")
             out[r.role] = data
         return out
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import msgspec
 import torch
 
-from .base import Checkpoint, Raw, raw_to_u8
+from .base import Checkpoint, Raw, pread_exact, raw_to_u8
 from .errors import CheckpointError
 from .registry import register
 from .spec import ExpertLocation, TensorRange, TensorSpec
@@ -127,15 +127,8 @@ class StoreCheckpoint(Checkpoint):
     def read_expert(self, layer: int, expert: int) -> bytes:
         """The expert's `length` bytes, with one positional read."""
         x = self.expert_range(layer, expert)
-        fd = os.open(self.root / x.file, os.O_RDONLY)
-        try:
-            data = os.pread(fd, x.length, x.offset)
-        finally:
-            os.close(fd)
-        if len(data) != x.length:
-            raise CheckpointError(self.root / x.file, f"short read of expert {layer}/{expert}: {len(data)} of "
-                                  f"{x.length} bytes", fix="the file is truncated; re-run `precompute --force`")
-        return data
+        return pread_exact(self.root / x.file, x.offset, x.length, f"expert {layer}/{expert}",
+                           fix="the file is truncated; re-run `precompute --force`")
 
     def verify(self, layer: int, expert: int, data: bytes | bytearray | memoryview) -> None:
         x = self.expert_range(layer, expert)

@@ -2,6 +2,7 @@
 bit-exactly against the same tensors read independently with the safetensors library."""
 from __future__ import annotations
 
+import os
 import json
 import re
 import struct
@@ -350,3 +351,11 @@ def test_detection_picks_each_format(tmp_path):
     (tmp_path / "gpt-oss" / "original").rename(tmp_path / "fused" / "original")
     assert open_checkpoint(tmp_path / "fused").spec.format == "gpt-oss"
     assert open_checkpoint(tmp_path / "fused", "fused").spec.format == "fused"
+
+
+def test_a_file_truncated_after_opening_is_a_short_read_naming_it(tmp_path):
+    ck = open_checkpoint(make_tiny(tmp_path / "m", "mixtral"))
+    r = ck.locate(2, 5).ranges[0]
+    os.truncate(ck.root / r.file, r.offset + r.length // 2)
+    with pytest.raises(CheckpointError, match=rf"{r.file}.*short read of expert 2/5"):
+        ck.read_raw(2, 5)
