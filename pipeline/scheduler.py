@@ -107,7 +107,7 @@ class Scheduler:
             if fence is not None:
                 self._fence, self._fence_seq = fence, seq
             for slot in slots:
-                slot.handed_seq = slot.last_use = seq
+                self._hand_out(slot, seq)
             self._c["fetches"] += 1
             self._c["vram_hits"] += len(slots)
         return pairs
@@ -141,7 +141,7 @@ class Scheduler:
             if slot.state == LOADING and slot.transfer is None:
                 return None
             self._c["vram_hits"] += 1
-            slot.last_use, slot.handed_seq = seq, seq
+            self._hand_out(slot, seq)
             return slot, slot.transfer
         rslot = self.ram.lookup(key)
         if rslot is None or rslot.state != READY:
@@ -152,20 +152,21 @@ class Scheduler:
         self._c["vram_misses"] += 1
         self._c["ram_hits"] += 1
         self._drop_queued(Tier.VRAM, key)
-        prev_handed = slot.handed_seq
-        slot.last_use, slot.handed_seq = seq, seq
-        self._copy(slot, rslot, demand=True, prev_handed=prev_handed)
+        self._copy(slot, rslot, demand=True, prev_handed=self._hand_out(slot, seq))
         return slot, slot.transfer
+
+    def _hand_out(self, slot: Slot, seq: int) -> int:
+        """Pin `slot` for fetch `seq` and mark it most recently used; returns the fetch that
+        had it before (a refill must wait for the fence that follows that fetch's uses)."""
+        prev, slot.handed_seq = slot.handed_seq, seq
+        self.vram.touch(slot)
+        return prev
 
     def _evict_now(self, key: Key, seq: int) -> Slot | None:
         """A slot for `key` by evicting, if that needs no waiting; else None."""
-        victim = self.vram.lru_victim(lambda s: s.handed_seq < seq)
-        if victim is None and self.engine.is_cuda:
-            # A slot whose copy is still in flight: the new copy is ordered after it on the
-            # GPU (Slot.prior), so the host need not wait for it to land.
-            issued = [s for s in self.vram.where.values()
-                      if s.state == LOADING and s.transfer is not None and s.handed_seq < seq]
-            victim = min(issued, key=lambda s: s.last_use, default=None)
+        # On CUDA a slot whose copy is still in flight will do: the new copy is ordered after it
+        # on the GPU (Slot.prior), so the host need not wait for it to land.
+        victim = self.vram.lru_victim(lambda s: s.handed_seq < seq, in_flight=self.engine.is_cuda)
         if victim is None:
             return None
         self._evict(self.vram, victim, tell_policy=True)
@@ -175,15 +176,14 @@ class Scheduler:
         slot = self.vram.lookup(key)
         if slot is not None:
             self._c["vram_hits"] += 1
-            slot.last_use, slot.handed_seq = seq, seq
+            self._hand_out(slot, seq)
             if slot.state == LOADING and slot.transfer is None:  # a prefetch still reading from disk
                 await self._wait_ready(slot)
             return slot, slot.transfer
         self._c["vram_misses"] += 1
         self._drop_queued(Tier.VRAM, key)  # demand takes over a queued prefetch of it
         slot = self.vram.take_free(key) or await self._evict_for_demand(key, seq)
-        prev_handed = slot.handed_seq  # the slot's previous expert: its uses need a fence
-        slot.last_use, slot.handed_seq = seq, seq
+        prev_handed = self._hand_out(slot, seq)
         t0 = time.perf_counter()
         try:
             rslot = await self._ensure_ram(key, demand=True)
@@ -283,6 +283,7 @@ class Scheduler:
         if prior is not None and prior.done():
             prior = None
         rslot.users += 1
+        self.ram.touch(rslot)  # RAM victims are the least recently copied from
         slot.transfer = self.engine.copy_in(self.ram_arena.slot(rslot.index), slot.index, self.vram_arena,
                                             entry.read_length, demand=demand, after=after, prior=prior)
         self._c["bytes_h2d"] += entry.read_length

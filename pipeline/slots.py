@@ -1,10 +1,14 @@
 """Which expert occupies which fixed slot of a tier, and which slot a demand may take.
 
-A slot is FREE, LOADING (bytes on their way) or READY. Only the scheduler's event-loop
-thread touches these tables, so they need no locks.
+A slot is FREE, LOADING (bytes on their way) or READY. The scheduler's event-loop thread
+changes these tables; the caller-thread fast path only touches slots, so the recency order
+has a small lock of its own. Victims come off the front of that order: no scan of every
+slot per miss.
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 FREE, LOADING, READY = 0, 1, 2
@@ -16,7 +20,6 @@ class Slot:
     index: int
     key: Key | None = None
     state: int = FREE
-    last_use: int = 0  # fetch sequence number of its last demand (LRU order for demand victims)
     # VRAM: fetch sequence number that last handed its tensors to the caller; the slot may be
     # overwritten only behind a fence recorded by a later fetch (DESIGN: no use-after-free).
     handed_seq: int = -1
@@ -36,6 +39,8 @@ class SlotTable:
         self.slots = [Slot(i) for i in range(num_slots)]
         self.where: dict[Key, Slot] = {}
         self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self._recency: OrderedDict[int, Slot] = OrderedDict()  # occupied slots, least recent first
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -53,18 +58,32 @@ class SlotTable:
         assert slot.state == FREE and slot.key is None
         slot.key, slot.state = key, LOADING
         self.where[key] = slot
+        with self._lock:
+            self._recency[slot.index] = slot
         return slot
 
     def release(self, slot: Slot) -> None:
         assert slot.state != FREE and slot.users == 0, (self.name, slot)
         del self.where[slot.key]
+        with self._lock:
+            del self._recency[slot.index]
         slot.key, slot.state, slot.transfer, slot.reading, slot.prior = None, FREE, None, None, slot.transfer
         self._free.append(slot.index)
 
-    def lru_victim(self, evictable) -> Slot | None:
-        """The least recently demanded READY slot that `evictable(slot)` allows."""
-        best = None
-        for slot in self.where.values():
-            if slot.state == READY and evictable(slot) and (best is None or slot.last_use < best.last_use):
-                best = slot
-        return best
+    def touch(self, slot: Slot) -> None:
+        """`slot` was just used: it becomes the last victim candidate."""
+        with self._lock:
+            self._recency.move_to_end(slot.index)
+
+    def lru_victim(self, evictable, *, in_flight: bool = False) -> Slot | None:
+        """The least recently used READY slot that `evictable(slot)` allows; with `in_flight`,
+        failing that, the least recently used one whose copy is issued but not landed."""
+        fallback = None
+        with self._lock:
+            for slot in self._recency.values():
+                if slot.state == READY:
+                    if evictable(slot):
+                        return slot
+                elif in_flight and fallback is None and slot.transfer is not None and evictable(slot):
+                    fallback = slot
+        return fallback
