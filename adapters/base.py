@@ -79,16 +79,11 @@ def read_config(path: Path) -> dict:
     """A checkpoint's `config.json` as a dict; a missing or malformed file is one CheckpointError."""
     import json
 
-    from .errors import CheckpointError
+    from .errors import CheckpointError, read_input
 
+    data = read_input(path, missing_fix="a checkpoint needs its config.json next to the weights")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CheckpointError(path, "missing", fix="a checkpoint needs its config.json next to the weights") from None
-    except OSError as e:
-        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
-    try:
-        cfg = json.loads(text)
+        cfg = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(path, f"not valid JSON ({e})", fix="restore the model's config.json") from None
     if not isinstance(cfg, dict):

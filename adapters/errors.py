@@ -23,3 +23,16 @@ class UnknownNameError(KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the whole message
         return str(self.args[0])
+
+
+def read_input(path, *, missing_fix: str) -> bytes:
+    """The bytes of an input file; missing or unreadable is one CheckpointError naming it."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(path, "missing", fix=missing_fix) from None
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None

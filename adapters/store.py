@@ -23,7 +23,7 @@ import msgspec
 import torch
 
 from .base import Checkpoint, Raw, pread_exact, raw_to_u8
-from .errors import CheckpointError
+from .errors import CheckpointError, read_input
 from .registry import register
 from .spec import ExpertLocation, TensorRange, TensorSpec
 from .store_format import (ALIGN, CHECKSUM_ALGORITHM, FORMAT_VERSION, INDEX_NAME, STORE_DTYPES, StoreExpert,
@@ -40,12 +40,7 @@ def _bad_index(path: Path, problem: str) -> CheckpointError:
 def read_index(root: Path) -> StoreIndex:
     """`store.json` decoded and checked for internal consistency (not against the files)."""
     path = root / INDEX_NAME
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(path, "missing", fix="run `precompute` to create the store") from None
-    except OSError as e:
-        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
+    data = read_input(path, missing_fix="run `precompute` to create the store")
     try:
         idx = _index_decoder.decode(data)
     except msgspec.ValidationError as e:
