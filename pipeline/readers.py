@@ -34,7 +34,6 @@ import heapq
 import itertools
 import multiprocessing
 import os
-import time
 from dataclasses import dataclass, field
 
 import msgspec

@@ -34,7 +34,7 @@ import msgspec
 from policies.events import Tier
 
 from .readers import read_request
-from .slots import FREE, LOADING, READY, Key, Slot, SlotTable
+from .slots import LOADING, READY, Key, Slot, SlotTable
 
 
 

@@ -8,7 +8,6 @@ process and no new /dev/shm file (the `no_leaks` fixture).
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal

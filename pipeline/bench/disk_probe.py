@@ -22,7 +22,6 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
 
 ALIGN = 4096
 

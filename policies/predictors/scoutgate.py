@@ -21,7 +21,6 @@ Everything runs on the CPU.
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections import deque
