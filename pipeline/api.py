@@ -177,14 +177,14 @@ class ExpertPipeline:
 
     def close(self) -> None:
         """Ordered shutdown (pipeline.assembly.shutdown), within about config.close_timeout_s."""
+        if self._thread is None:  # checked first: a refused close must leave it open for aclose
+            raise RuntimeError("this pipeline was opened with aopen(): use `await pipe.aclose()`")
         if self._closed:
             return
         self._closed = True
         self._restore_switch_interval()
         from .assembly import shutdown
 
-        if self._thread is None:
-            raise RuntimeError("this pipeline was opened with aopen(): use `await pipe.aclose()`")
         try:
             asyncio.run_coroutine_threadsafe(shutdown(self._p, self.config.close_timeout_s),
                                              self._loop).result(timeout=self.config.close_timeout_s * 2)

@@ -90,6 +90,11 @@ async def test_async_decode_loop_with_afetch_is_bit_exact(stores, no_leaks):
             for e, tensors in zip(ids, got):
                 assert_same(tensors, st.load_expert(layer, e), (layer, e))
         assert pipe.stats().scheduler.fetches > 0
+        # A pipeline on the caller's loop has no thread to run a blocking call on.
+        with pytest.raises(RuntimeError, match="afetch"):
+            pipe.fetch(0, [0])
+        with pytest.raises(RuntimeError, match="aclose"):
+            pipe.close()
 
 
 def test_generous_budgets_hit_after_warm_up_and_prefetch_runs(stores, no_leaks):
