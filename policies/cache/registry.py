@@ -23,6 +23,7 @@ POLICIES: dict[str, str] = {
     "watermark": "policies.cache.watermark:WatermarkPolicy",
     "nextuse": "policies.cache.nextuse:NextUsePolicy",
     "lru-lookahead": "policies.cache.lru_lookahead:LRULookaheadPolicy",
+    "hawkeye": "policies.cache.hawkeye:HawkeyePolicy",
 }
 DEFAULT_POLICY = "nextuse"
 # The default pair: EWMA with a slow decay, blended in `nextuse` with the long-run frequency
