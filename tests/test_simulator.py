@@ -151,7 +151,7 @@ def test_cli_writes_json_with_belady(bin_env, small_trace_file, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--policy", "nope"], "unknown policy 'nope'; valid: lfu, lru"),
+    (["--policy", "nope"], "unknown policy 'nope'; valid: hawkeye, lfu, lru"),
     (["--predictor", "nope"], "unknown predictor 'nope'; valid:"),
     (["--predictor", "ewma:beta=2"], "unknown option(s) beta"),
     (["--predictor", "ewma:alpha"], "is not key=value"),
