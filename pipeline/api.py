@@ -114,8 +114,8 @@ class ExpertPipeline:
             raise RuntimeError("this pipeline was opened with aopen(): use `await pipe.afetch(...)`")
         with self._lock:
             seq, fence, ids, event = self._begin(layer, expert_ids, router_weights, token_id)
-            pairs = self._p.scheduler.try_resident(layer, ids, seq, fence)
-            if pairs is not None:  # all in VRAM or on their way: no hop to the loop thread
+            pairs = self._p.scheduler.try_serve(layer, ids, seq, fence)
+            if pairs is not None:  # served on this thread (VRAM hits, copies from RAM): no hop to the loop
                 self._p.actor.publish_threadsafe(event)
                 return self._finish(pairs)
             fut = asyncio.run_coroutine_threadsafe(self._p.scheduler.demand(layer, ids, seq, fence), self._loop)

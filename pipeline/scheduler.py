@@ -1,6 +1,11 @@
 """The asyncio scheduler: serves demand fetches and turns the policy's plans into transfers.
 
-Everything here runs on the pipeline's event loop thread. Tiers are fixed slot tables
+It runs on the pipeline's event loop thread, except `try_serve`: a synchronous caller serves
+a fetch on its own thread when nothing has to be waited for (every expert in VRAM or in RAM
+with a VRAM slot to take), so a miss from RAM costs one copy submission, not two thread
+hops. Both threads change the slot tables only under `table_lock`, and the loop never awaits
+while holding it; policy feedback from the caller thread is handed to the loop in order.
+Tiers are fixed slot tables
 (`pipeline.slots`) over the RAM arena (filled by reader processes) and the VRAM arena
 (filled by the copy engine). The policy actor decides *what* to move; this module only
 moves bytes, and it is the single source of truth about what is where.
@@ -87,45 +92,73 @@ class Scheduler:
         self._tasks: set[asyncio.Task] = set()
         self._fence = None  # the latest fetch's fence and its sequence number
         self._fence_seq = -1
-        # The one thing another thread does here: `try_resident`, the caller-thread fast path.
-        # It and the loop's plan evictions decide "pinned or evictable" under this lock.
-        self.table_lock = threading.Lock()
+        # Slot tables, queues and counters change only under this lock: the loop thread takes
+        # it for each synchronous step (never across an await), `try_serve` for a whole fetch.
+        self.table_lock = threading.RLock()
+        self._loop_thread = threading.get_ident()
         self._c = dict.fromkeys(SchedulerStats.__struct_fields__, 0)
         self._c["stall_seconds"] = 0.0
         self.closed = False
 
     # ---- demand ----------------------------------------------------------------------------
-    def try_resident(self, layer: int, experts: list[int], seq: int, fence) -> list[tuple[Slot, object]] | None:
-        """Caller-thread fast path: (slot, transfer or None) each if every expert is in VRAM or
-        its copy is issued (pinned for this fetch, no hop to the loop), else None and nothing
-        changes."""
+    def try_serve(self, layer: int, experts: list[int], seq: int, fence) -> list[tuple[Slot, object]] | None:
+        """Caller-thread fast path: if no expert of this fetch needs waiting (each is in VRAM,
+        its copy issued, or in RAM with a VRAM slot free or evictable now), serve the fetch
+        here: pin the hits, issue demand copies for the rest, return (slot, transfer or None)
+        each. Otherwise None, with nothing but this fetch's pins changed (demand() pins the
+        same slots for the same fetch)."""
+        keys = [(layer, e) for e in experts]
         with self.table_lock:
-            slots = [self.vram.where.get((layer, e)) for e in experts]
-            if not all(s is not None and (s.state == READY or s.transfer is not None) for s in slots):
+            if self.closed:
                 return None
-            pairs = [(s, s.transfer) for s in slots]
+            hits, copies = [], []
+            for key in keys:
+                slot = self.vram.where.get(key)
+                if slot is not None:
+                    if slot.state != READY and slot.transfer is None:
+                        return None  # a prefetch still reading from disk: the loop waits for it
+                    hits.append(slot)
+                    continue
+                rslot = self.ram.where.get(key)
+                if rslot is None or rslot.state != READY:
+                    return None  # a disk read: the loop's job
+                copies.append((key, rslot))
+            for slot in hits:  # pinned before any eviction below can pick them
+                slot.handed_seq = seq
+            short = len(copies) - self.vram.free_count()
+            if short > 0 and len(self.vram.victims(lambda s: s.handed_seq < seq, short,
+                                                    in_flight=self.engine.is_cuda)) < short:
+                return None
             if fence is not None:
                 self._fence, self._fence_seq = fence, seq
-            for slot in slots:
-                self._hand_out(slot, seq)
             self._c["fetches"] += 1
-            self._c["vram_hits"] += len(slots)
-        return pairs
+            self._c["vram_hits"] += len(hits)
+            for slot in hits:
+                self._hand_out(slot, seq)
+            for key, rslot in copies:
+                slot = self.vram.take_free(key) or self._evict_now(key, seq)
+                assert slot is not None, "victims were counted above, under the same lock"
+                self._c["vram_misses"] += 1
+                self._c["ram_hits"] += 1
+                self._drop_queued(Tier.VRAM, key)
+                self._copy(slot, rslot, demand=True, prev_handed=self._hand_out(slot, seq))
+            return [(slot, slot.transfer) for slot in (self.vram.where[key] for key in keys)]
 
     async def demand(self, layer: int, experts: list[int], seq: int, fence) -> list[tuple[Slot, object]]:
         """Make `experts` of `layer` available in VRAM; returns (slot, transfer or None) each.
 
         Hits and misses served from RAM finish in this one step (no task, no await): only the
         experts that must wait (a disk read, a slot still filling) get concurrent tasks."""
-        if fence is not None:
-            self._fence, self._fence_seq = fence, seq
-        self._c["fetches"] += 1
         keys = [(layer, e) for e in experts]
-        for key in keys:  # pin first, so no eviction below picks an expert of this fetch
-            slot = self.vram.lookup(key)
-            if slot is not None:
-                slot.handed_seq = seq
-        out: list = [self._demand_now(key, seq) for key in keys]
+        with self.table_lock:
+            if fence is not None:
+                self._fence, self._fence_seq = fence, seq
+            self._c["fetches"] += 1
+            for key in keys:  # pin first, so no eviction below picks an expert of this fetch
+                slot = self.vram.lookup(key)
+                if slot is not None:
+                    slot.handed_seq = seq
+            out: list = [self._demand_now(key, seq) for key in keys]
         waiting = [i for i, r in enumerate(out) if r is None]
         if waiting:
             done = await asyncio.gather(*(self._demand_one(keys[i], seq) for i in waiting))
@@ -173,26 +206,38 @@ class Scheduler:
         return self.vram.take_free(key)
 
     async def _demand_one(self, key: Key, seq: int) -> tuple[Slot, object]:
-        slot = self.vram.lookup(key)
-        if slot is not None:
-            self._c["vram_hits"] += 1
-            self._hand_out(slot, seq)
-            if slot.state == LOADING and slot.transfer is None:  # a prefetch still reading from disk
+        with self.table_lock:
+            slot = self.vram.lookup(key)
+            hit = slot is not None
+            if hit:
+                self._c["vram_hits"] += 1
+                self._hand_out(slot, seq)
+                reading = slot.state == LOADING and slot.transfer is None  # a prefetch still reading from disk
+            else:
+                self._c["vram_misses"] += 1
+                self._drop_queued(Tier.VRAM, key)  # demand takes over a queued prefetch of it
+                slot = self.vram.take_free(key)
+        if hit:
+            if reading:
                 await self._wait_ready(slot)
             return slot, slot.transfer
-        self._c["vram_misses"] += 1
-        self._drop_queued(Tier.VRAM, key)  # demand takes over a queued prefetch of it
-        slot = self.vram.take_free(key) or await self._evict_for_demand(key, seq)
-        prev_handed = self._hand_out(slot, seq)
+        slot = slot or await self._evict_for_demand(key, seq)
+        with self.table_lock:
+            prev_handed = self._hand_out(slot, seq)
         t0 = time.perf_counter()
         try:
-            rslot = await self._ensure_ram(key, demand=True)
-        except BaseException as e:
+            while True:
+                rslot = await self._ensure_ram(key, demand=True)
+                with self.table_lock:
+                    # Between the read's wake-up and this step a plan may have evicted the RAM
+                    # slot (READY, no copy yet): then read it again rather than copy a stranger.
+                    if rslot.key == key and rslot.state == READY:
+                        self._c["stall_seconds"] += time.perf_counter() - t0
+                        self._copy(slot, rslot, demand=True, prev_handed=prev_handed)
+                        return slot, slot.transfer
+        except BaseException as e:  # the slot must not stay LOADING with nobody to fill it
             self._fail_slot(self.vram, slot, e)
             raise
-        self._c["stall_seconds"] += time.perf_counter() - t0
-        self._copy(slot, rslot, demand=True, prev_handed=prev_handed)
-        return slot, slot.transfer
 
     async def _evict_for_demand(self, key: Key, seq: int) -> Slot:
         """A VRAM slot for a demand when none is free: the least recently demanded READY slot
@@ -200,10 +245,11 @@ class Scheduler:
         flight), wait for one to land. Budgets leave top_k slots beyond prefetches, so one
         always comes."""
         while True:
-            slot = self.vram.take_free(key) or self._evict_now(key, seq)  # a concurrent demand may have freed one
-            if slot is not None:
-                return slot
-            filling = [s for s in self.vram.slots if s.state == LOADING and s.handed_seq < seq]
+            with self.table_lock:
+                slot = self.vram.take_free(key) or self._evict_now(key, seq)  # a concurrent demand may have freed one
+                if slot is not None:
+                    return slot
+                filling = [s for s in self.vram.slots if s.state == LOADING and s.handed_seq < seq]
             assert filling, "budget check guarantees top_k VRAM slots beyond this fetch's own"
             await asyncio.wait([self._spawn(self._settled(s)) for s in filling], return_when=asyncio.FIRST_COMPLETED)
             self._reap()  # mark the landed copies' slots READY
@@ -218,6 +264,13 @@ class Scheduler:
     # ---- RAM tier ----------------------------------------------------------------------------
     async def _ensure_ram(self, key: Key, *, demand: bool) -> Slot:
         """The RAM slot holding `key`, reading it from disk first if needed."""
+        with self.table_lock:
+            rslot = self._ram_slot_for(key, demand)
+        await self._wait_ready(rslot)
+        return rslot
+
+    def _ram_slot_for(self, key: Key, demand: bool) -> Slot:
+        """`key`'s RAM slot: READY, being read, or taken now with its read started."""
         rslot = self.ram.lookup(key)
         if rslot is not None:
             if rslot.state == READY:
@@ -228,7 +281,6 @@ class Scheduler:
                 self._c["ram_misses"] += 1
                 if not rslot.read_demand and not rslot.upgrade:  # overtake the queued prefetches
                     rslot.upgrade = self.readers.cancel(rslot.read_id)
-            await self._wait_ready(rslot)
             return rslot
         if demand:
             self._c["ram_misses"] += 1
@@ -242,7 +294,6 @@ class Scheduler:
             self._evict(self.ram, victim, tell_policy=True)
             rslot = self.ram.take_free(key)
         rslot.reading = self._spawn(self._read(rslot, key, demand))
-        await self._wait_ready(rslot)
         return rslot
 
     async def _read(self, rslot: Slot, key: Key, demand: bool) -> bool:
@@ -258,15 +309,19 @@ class Scheduler:
                 if rslot.upgrade and asyncio.current_task().cancelling() == 0:
                     rslot.upgrade, demand = False, True  # the pool dropped it from its queue: resubmit
                     continue
-                self._fail_slot(self.ram, rslot, RuntimeError(f"read of expert {key} cancelled: the pipeline is closing"))
+                with self.table_lock:
+                    self._fail_slot(self.ram, rslot, RuntimeError(f"read of expert {key} cancelled: the pipeline "
+                                                                  f"is closing"))
                 self.policy.complete(key[0], key[1], Tier.RAM, False)
                 raise
             except BaseException as e:
-                self._fail_slot(self.ram, rslot, e)
+                with self.table_lock:
+                    self._fail_slot(self.ram, rslot, e)
                 self.policy.complete(key[0], key[1], Tier.RAM, False)
                 return False
-        self._c["bytes_nvme"] += req.read_length
-        rslot.state, rslot.reading = READY, None
+        with self.table_lock:
+            self._c["bytes_nvme"] += req.read_length
+            rslot.state, rslot.reading = READY, None
         self._wake(rslot, None)
         self.policy.complete(key[0], key[1], Tier.RAM, True)
         self._pump()
@@ -294,25 +349,27 @@ class Scheduler:
     def _reap(self) -> bool:
         """Settle the copies that have landed (or failed); True if any did. One poller for
         all transfers, instead of a task per copy, keeps the loop thread (and the GIL) quiet."""
-        still, landed = [], False
-        for item in self._inflight:
-            key, slot, rslot, transfer, demand = item
-            if not transfer.done():
-                still.append(item)
-                continue
-            landed, ok = True, transfer.error is None
-            rslot.users -= 1
-            if slot.transfer is transfer:  # not re-taken by a demand meanwhile
-                with self.table_lock:
+        still, settled = [], []
+        with self.table_lock:
+            for item in self._inflight:
+                key, slot, rslot, transfer, demand = item
+                if not transfer.done():
+                    still.append(item)
+                    continue
+                ok = transfer.error is None
+                rslot.users -= 1
+                if slot.transfer is transfer:  # not re-taken by a demand meanwhile
                     if ok:
                         slot.state, slot.transfer = READY, None
                     else:
                         self.vram.release(slot)
+                settled.append((key, ok))
+                if not demand:
+                    self.copy_credits += 1
+            self._inflight = still
+        for key, ok in settled:
             self.policy.complete(key[0], key[1], Tier.VRAM, ok)
-            if not demand:
-                self.copy_credits += 1
-        self._inflight = still
-        return landed
+        return bool(settled)
 
     def _watch(self, transfer) -> None:
         if transfer.done():  # e.g. a copy refused at submission: settle it on the next turn
@@ -346,22 +403,25 @@ class Scheduler:
         if self.closed:
             return
         plan = stamped.plan
-        for mv in plan.evictions:
-            table = self.vram if mv.tier == Tier.VRAM else self.ram
-            slot = table.lookup((mv.layer, mv.expert))
-            self._drop_queued(mv.tier, (mv.layer, mv.expert))
-            with self.table_lock:
+        landed = []
+        with self.table_lock:
+            for mv in plan.evictions:
+                table = self.vram if mv.tier == Tier.VRAM else self.ram
+                slot = table.lookup((mv.layer, mv.expert))
+                self._drop_queued(mv.tier, (mv.layer, mv.expert))
                 if slot is not None and slot.state == READY and self._evictable(table, slot):
                     self._evict(table, slot, tell_policy=False)
-        for mv in plan.stagings:
-            self._queue(self._read_queue, Tier.RAM, mv, stamped)
-        for mv in plan.promotions:
-            key = (mv.layer, mv.expert)
-            if key in self.vram.where:  # already there or on its way (e.g. demand got it first)
-                if self.vram.where[key].state == READY:
-                    self.policy.complete(mv.layer, mv.expert, Tier.VRAM, True)
-                continue
-            self._queue(self._copy_queue, Tier.VRAM, mv, stamped)
+            for mv in plan.stagings:
+                self._queue(self._read_queue, Tier.RAM, mv, stamped)
+            for mv in plan.promotions:
+                key = (mv.layer, mv.expert)
+                if key in self.vram.where:  # already there or on its way (e.g. demand got it first)
+                    if self.vram.where[key].state == READY:
+                        landed.append(mv)
+                    continue
+                self._queue(self._copy_queue, Tier.VRAM, mv, stamped)
+        for mv in landed:
+            self.policy.complete(mv.layer, mv.expert, Tier.VRAM, True)
         self._pump()
 
     def _evictable(self, table: SlotTable, slot: Slot) -> bool:
@@ -379,6 +439,10 @@ class Scheduler:
 
     def _pump(self) -> None:
         """Start queued prefetches while credits last, best priority first."""
+        with self.table_lock:
+            self._pump_locked()
+
+    def _pump_locked(self) -> None:
         while self.read_credits > 0 and self._read_queue:
             key, stamped, _ = self._pop(self._read_queue, Tier.RAM)
             if key is None:
@@ -416,13 +480,15 @@ class Scheduler:
         try:
             ok = await self._read(rslot, key, False)  # a failure reaches the policy and any waiter
         finally:
-            self.read_credits += 1
-        waiting = self._copy_after_read.pop(key, None)
-        if waiting is not None:
-            if ok:
-                self._queue(self._copy_queue, Tier.VRAM, _Move(key, waiting[0]), waiting[1])
-            else:
-                self._dropped(key, Tier.VRAM)
+            with self.table_lock:
+                self.read_credits += 1
+        with self.table_lock:
+            waiting = self._copy_after_read.pop(key, None)
+            if waiting is not None:
+                if ok:
+                    self._queue(self._copy_queue, Tier.VRAM, _Move(key, waiting[0]), waiting[1])
+                else:
+                    self._dropped(key, Tier.VRAM)
         self._pump()
 
     def _pop(self, heap: list, tier: Tier):
@@ -445,12 +511,22 @@ class Scheduler:
         self._c["evictions_vram" if table is self.vram else "evictions_ram"] += 1
         table.release(slot)
         if tell_policy:
-            self.policy.forget(key[0], key[1], Tier.VRAM if table is self.vram else Tier.RAM)
+            self._on_loop(self.policy.forget, key[0], key[1], Tier.VRAM if table is self.vram else Tier.RAM)
+
+    def _on_loop(self, fn, *args) -> None:
+        """Run `fn(*args)` on the loop thread: now if this is it, else next in the loop's FIFO
+        (before the activation event the same fetch publishes after it)."""
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to tell
+                self._loop.call_soon_threadsafe(fn, *args)
 
     def _fail_slot(self, table: SlotTable, slot: Slot, exc: BaseException) -> None:
-        if slot.key is not None and table.where.get(slot.key) is slot:
-            table.release(slot)
-        self._wake(slot, exc)
+        with self.table_lock:
+            if slot.key is not None and table.where.get(slot.key) is slot:
+                table.release(slot)
+            self._wake(slot, exc)
 
     async def _wait_ready(self, slot: Slot) -> None:
         """Until a LOADING slot is READY (RAM) or has its copy issued (VRAM); raises its failure."""
@@ -460,9 +536,13 @@ class Scheduler:
         slot.waiters.append(fut)
         await fut
 
-    @staticmethod
-    def _wake(slot: Slot, exc: BaseException | None) -> None:
+    def _wake(self, slot: Slot, exc: BaseException | None) -> None:
         waiters, slot.waiters = slot.waiters, []
+        if waiters:
+            self._on_loop(self._resolve, waiters, exc)
+
+    @staticmethod
+    def _resolve(waiters: list, exc: BaseException | None) -> None:
         for fut in waiters:
             if not fut.done():
                 fut.set_exception(exc) if exc is not None else fut.set_result(None)
@@ -475,7 +555,8 @@ class Scheduler:
 
     async def close(self, timeout: float) -> None:
         """Cancel queued prefetches and in-flight tasks; bounded by `timeout` seconds."""
-        self.closed = True
+        with self.table_lock:
+            self.closed = True
         if self._waiter is not None:
             self._landed.put(None)  # after the copies already queued: their events are near
             self._waiter.join(timeout=timeout / 2)

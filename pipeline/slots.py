@@ -1,9 +1,9 @@
 """Which expert occupies which fixed slot of a tier, and which slot a demand may take.
 
-A slot is FREE, LOADING (bytes on their way) or READY. The scheduler's event-loop thread
-changes these tables; the caller-thread fast path only touches slots, so the recency order
-has a small lock of its own. Victims come off the front of that order: no scan of every
-slot per miss.
+A slot is FREE, LOADING (bytes on their way) or READY. The scheduler changes these tables
+under its own lock (from the event-loop thread and from the caller-thread fast path); the
+recency order has a small lock of its own as well, since `touch` is cheap and frequent.
+Victims come off the front of that order: no scan of every slot per miss.
 """
 from __future__ import annotations
 
@@ -75,15 +75,37 @@ class SlotTable:
         with self._lock:
             self._recency.move_to_end(slot.index)
 
+    def victims(self, evictable, n: int, *, in_flight: bool = False) -> list[Slot]:
+        """Up to `n` distinct slots `lru_victim` would pick one after another (READY ones in
+        recency order, then slots whose copy it could take over): nothing changes."""
+        ready, filling = [], []
+        with self._lock:
+            for slot in self._recency.values():
+                if len(ready) >= n:
+                    break
+                if slot.state == READY:
+                    if evictable(slot):
+                        ready.append(slot)
+                elif len(filling) < n and _taking_over(slot, in_flight) and evictable(slot):
+                    filling.append(slot)
+        return (ready + filling)[:n]
+
     def lru_victim(self, evictable, *, in_flight: bool = False) -> Slot | None:
-        """The least recently used READY slot that `evictable(slot)` allows; with `in_flight`,
-        failing that, the least recently used one whose copy is issued but not landed."""
+        """The least recently used READY slot that `evictable(slot)` allows; failing that, the
+        least recently used one whose copy has finished but is not settled yet, or, with
+        `in_flight`, whose copy is issued at all."""
         fallback = None
         with self._lock:
             for slot in self._recency.values():
                 if slot.state == READY:
                     if evictable(slot):
                         return slot
-                elif in_flight and fallback is None and slot.transfer is not None and evictable(slot):
+                elif fallback is None and _taking_over(slot, in_flight) and evictable(slot):
                     fallback = slot
         return fallback
+
+
+def _taking_over(slot: Slot, in_flight: bool) -> bool:
+    """A filling slot may be re-taken when its copy has finished (the loop has not settled it
+    yet) or, where copies into one slot are ordered on the device (`in_flight`), once issued."""
+    return slot.transfer is not None and (in_flight or slot.transfer.done())

@@ -111,6 +111,69 @@ def test_generous_budgets_hit_after_warm_up_and_prefetch_runs(stores, no_leaks):
     assert s.vram_misses <= len(distinct) and s.vram_hits >= len(visits) * spec.top_k - len(distinct)
 
 
+def test_misses_from_ram_are_served_on_the_callers_thread_without_the_loop(stores, no_leaks):
+    # Every expert in RAM, VRAM for one layer's top-k + 1: after a warm-up every fetch misses
+    # VRAM but hits RAM. Those are served by try_serve on the caller's thread; the loop's
+    # demand() (two thread hops per fetch) must not run, and the tensors stay exact.
+    store = stores["bfloat16"]
+    st = StoreCheckpoint(store)
+    spec = st.spec
+    everything = spec.num_layers * spec.num_experts
+    with ExpertPipeline.open(store, **budgets(store, spec.top_k + 1, everything), device="cpu", readers=2,
+                             policy="lru") as pipe:
+        for layer in range(spec.num_layers):  # warm RAM with every expert
+            for e in range(0, spec.num_experts, spec.top_k):
+                pipe.fetch(layer, list(range(e, min(e + spec.top_k, spec.num_experts))))
+        sched = pipe._p.scheduler
+        loop_demands = []
+        real_demand = sched.demand
+
+        def counting_demand(*args, **kwargs):
+            loop_demands.append(args[:2])
+            return real_demand(*args, **kwargs)
+
+        sched.demand = counting_demand
+        before = pipe.stats().scheduler
+        for layer, ids, token in trace_visits(store):
+            for e, tensors in zip(ids, pipe.fetch(layer, ids, token_id=token)):
+                assert_same(tensors, st.load_expert(layer, e), (layer, e))
+        after = pipe.stats().scheduler
+    assert after.vram_misses - before.vram_misses > 20  # the budget really forced copies
+    assert after.ram_misses == before.ram_misses
+    assert loop_demands == []
+
+
+def test_a_plan_evicting_a_just_read_expert_before_its_demand_copies_it_is_survived(stores, no_leaks):
+    # The race: a demand read lands (its waiter is woken but not yet run) and, in between, a
+    # plan evicts that expert from RAM. The demand must read it again, not copy whatever now
+    # occupies the slot, and must not leave its VRAM slot half-taken (a later fetch would hang).
+    from policies.actor import StampedPlan
+    from policies.events import Move, Plan, Tier
+
+    store = stores["bfloat16"]
+    st = StoreCheckpoint(store)
+    k = st.spec.top_k
+    with ExpertPipeline.open(store, **budgets(store, k, k), device="cpu", readers=1, policy="lru") as pipe:
+        sched = pipe._p.scheduler
+        real_wake, evicted = sched._wake, []
+
+        def wake_then_plan_eviction(slot, exc):
+            real_wake(slot, exc)
+            if slot in sched.ram.slots and slot.key == (1, 0) and exc is None and not evicted:
+                evicted.append(slot.key)
+                plan = Plan(evictions=(Move(layer=1, expert=0, tier=Tier.RAM, priority=0.0),))
+                sched.on_plan(StampedPlan(plan=plan, cause=Activation(layer=1, experts=(0,)), time=0.0, seq=10**9))
+
+        sched._wake = wake_then_plan_eviction
+        got = pipe.fetch(1, [0, 1])
+        for e, tensors in zip([0, 1], got):
+            assert_same(tensors, st.load_expert(1, e), (1, e))
+        for e, tensors in zip([2, 3], pipe.fetch(0, [2, 3])):  # nothing left half-taken
+            assert_same(tensors, st.load_expert(0, e), (0, e))
+        reads = pipe.stats().readers.reads_ok
+    assert evicted == [(1, 0)] and reads >= 5  # (1, 0) was read twice
+
+
 def test_readers_sigkilled_mid_read_repeatedly_still_give_exact_tensors(stores, no_leaks):
     store = stores["bfloat16"]
     st = StoreCheckpoint(store)
