@@ -180,6 +180,11 @@ class StoreCheckpoint(Checkpoint):
                                           tensor=name, fix="re-run `precompute --force`")
 
     # -- decode --------------------------------------------------------------------------
+    @property
+    def dense_layout(self) -> list[tuple[str, str, str | None]]:
+        """(dense role, stored role or blocks role, scales role or None), in role order."""
+        return list(self._layout)
+
     def _dense_layout(self) -> list[tuple[str, str | None, str | None]]:
         """(dense role, stored role or blocks role, scales role) in the family's role order."""
         roles = [t.role for t in self.index.expert_tensors]

@@ -253,7 +253,16 @@ class CopyEngine:
         _check_copy(src, arena, nbytes)
         dst = arena.staging(staging) if arena.decodes else arena.raw_view(slot)
         dst[:nbytes].copy_(src[:nbytes], non_blocking=non_blocking)
-        self._decode(arena, dst, arena.tensors(slot))
+        self._decode_slot(arena, staging, slot, lane=0)
+
+    def _decode_slot(self, arena: VramArena, staging: int, slot: int, lane: int) -> None:
+        """Staging buffer -> slot on the current stream: the arena's prepared decoder, or the
+        `decode` hook given to the engine."""
+        if self._decode is _default_decode:
+            if arena.decodes:
+                arena.decoder.decode(staging, slot, lane)
+            return
+        self._decode(arena, arena.staging(staging) if arena.decodes else arena.raw_view(slot), arena.tensors(slot))
 
     def _copy_cuda(self, src, slot, arena, nbytes, demand, after, prior=None) -> Transfer:
         stream = self.demand_stream if demand else self.prefetch_stream
@@ -310,7 +319,7 @@ class CopyEngine:
                 after.make_stream_wait(decode_stream)
             if prior is not None and prior._event is not None:  # and for an earlier fill of it
                 decode_stream.wait_event(prior._event)
-            self._decode(arena, staging, arena.tensors(slot))
+            self._decode_slot(arena, k, slot, lane=int(demand))  # one scratch lane per decode stream
             done = self._pool.get()
             done.record(decode_stream)
             free.record(decode_stream)

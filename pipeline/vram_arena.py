@@ -19,6 +19,11 @@ import torch
 
 from adapters.store import StoreCheckpoint
 
+from .slot_decoder import SlotDecoder, scratch_bytes
+
+# Streams that decode into slots at once (the copy engine's demand and prefetch decode
+# streams), each with its own decoder scratch.
+DECODE_LANES = 2
 # Each decoded tensor starts on this boundary inside a slot: aligned vector loads in kernels.
 TENSOR_ALIGN = 256
 _TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "U8": torch.uint8, "F32": torch.float32}
@@ -71,27 +76,30 @@ class VramArena:
         self.num_staging = int(num_staging) if self.decodes else 0
         if self.decodes and self.num_staging < 1:
             raise ValueError(f"an mxfp4 store needs at least 1 staging buffer, got num_staging={num_staging}")
-        staging_bytes = self.num_staging * self.read_length
+        # Staging buffers and the decoder's scratch come on top of the slots (mxfp4 only).
+        staging_bytes = self.num_staging * self.read_length + (scratch_bytes(store, DECODE_LANES) if self.decodes else 0)
         need = self.num_slots * self.slot_bytes + staging_bytes
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             if need > free:
                 fit = max(0, (free - staging_bytes) // self.slot_bytes)
                 raise ValueError(f"VRAM arena of {self.num_slots} slots x {self.slot_bytes} bytes "
-                                 f"(+{staging_bytes} staging) = {need} bytes, but {self.device} has {free} of "
+                                 f"(+{staging_bytes} staging and decode scratch) = {need} bytes, but {self.device} has {free} of "
                                  f"{total} bytes free; use at most {fit} slots")
         self._buf: torch.Tensor | None = torch.empty(self.num_slots * self.slot_bytes, dtype=torch.uint8,
                                                      device=self.device)
         self._staging_buf: torch.Tensor | None = (
-            torch.empty(staging_bytes, dtype=torch.uint8, device=self.device) if self.decodes else None)
+            torch.empty(self.num_staging * self.read_length, dtype=torch.uint8, device=self.device)
+            if self.decodes else None)
         self._raw = [self._buf[i * self.slot_bytes:(i + 1) * self.slot_bytes] for i in range(self.num_slots)]
         self._staging = [self._staging_buf[k * self.read_length:(k + 1) * self.read_length]
                          for k in range(self.num_staging)] if self._staging_buf is not None else []
         self._tensors = [self._slot_tensors(raw) for raw in self._raw]
+        # mxfp4: the decoder's views and index scratch (one lane per decoding stream) are made
+        # now rather than inside the first copy on the hot path.
+        self.decoder = None
         if self.decodes:
-            # Build the decode table now rather than inside the first copy on the hot path.
-            from adapters.mxfp4 import _table
-            _table(self.device)
+            self.decoder = SlotDecoder(self, lanes=DECODE_LANES)
         if self.device.type == "cuda":
             # The table and the slots were made on this stream; copy streams use them next.
             torch.cuda.current_stream(self.device).synchronize()
@@ -142,7 +150,9 @@ class VramArena:
 
     @property
     def nbytes(self) -> int:
-        return self.num_slots * self.slot_bytes + self.num_staging * self.read_length
+        """Device bytes held: slots, staging buffers and the decoder's scratch."""
+        scratch = self.decoder.nbytes if self.decoder is not None else 0
+        return self.num_slots * self.slot_bytes + self.num_staging * self.read_length + scratch
 
     def close(self) -> None:
         """Drop the allocations (the caching allocator may keep them for reuse); idempotent.
@@ -152,6 +162,7 @@ class VramArena:
             torch.cuda.synchronize(self.device)
         self._buf = self._staging_buf = None
         self._raw, self._staging, self._tensors = [], [], []
+        self.decoder = None
 
     def __repr__(self) -> str:
         return (f"VramArena({self.num_slots} slots x {self.slot_bytes} B on {self.device}, {self.dtype}, "
