@@ -264,13 +264,24 @@ class Scheduler:
     # ---- RAM tier ----------------------------------------------------------------------------
     async def _ensure_ram(self, key: Key, *, demand: bool) -> Slot:
         """The RAM slot holding `key`, reading it from disk first if needed."""
-        with self.table_lock:
-            rslot = self._ram_slot_for(key, demand)
+        while True:
+            with self.table_lock:
+                rslot = self._ram_slot_for(key, demand)
+                busy = [t for (_, _, r, t, _) in self._inflight] if rslot is None else []
+            if rslot is not None:
+                break
+            # Every RAM slot is the source of a copy not settled yet (a small RAM budget and
+            # copies issued faster than the loop settles them): wait for one to land.
+            if not busy:
+                raise RuntimeError(f"RAM tier: all {len(self.ram)} slots busy with copies; raise the RAM budget")
+            await asyncio.wait([self._spawn(_quietly(t.wait())) for t in busy], return_when=asyncio.FIRST_COMPLETED)
+            self._reap()
         await self._wait_ready(rslot)
         return rslot
 
-    def _ram_slot_for(self, key: Key, demand: bool) -> Slot:
-        """`key`'s RAM slot: READY, being read, or taken now with its read started."""
+    def _ram_slot_for(self, key: Key, demand: bool) -> Slot | None:
+        """`key`'s RAM slot: READY, being read, or taken now with its read started; None when
+        every slot is the source of a copy still in flight."""
         rslot = self.ram.lookup(key)
         if rslot is not None:
             if rslot.state == READY:
@@ -282,17 +293,17 @@ class Scheduler:
                 if not rslot.read_demand and not rslot.upgrade:  # overtake the queued prefetches
                     rslot.upgrade = self.readers.cancel(rslot.read_id)
             return rslot
-        if demand:
-            self._c["ram_misses"] += 1
-            self._drop_queued(Tier.RAM, key)
         rslot = self.ram.take_free(key)
         if rslot is None:
             victim = self.ram.lru_victim(lambda s: s.users == 0 and s.key not in self.vram.where)
             victim = victim or self.ram.lru_victim(lambda s: s.users == 0)
             if victim is None:
-                raise RuntimeError(f"RAM tier: all {len(self.ram)} slots busy with copies; raise the RAM budget")
+                return None  # every slot is a copy's source: the caller waits for one to land
             self._evict(self.ram, victim, tell_policy=True)
             rslot = self.ram.take_free(key)
+        if demand:
+            self._c["ram_misses"] += 1
+            self._drop_queued(Tier.RAM, key)
         rslot.reading = self._spawn(self._read(rslot, key, demand))
         return rslot
 
@@ -572,6 +583,12 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(**{**self._c, "queued_prefetches": len(self._queued)})
+
+
+async def _quietly(aw) -> None:
+    """Await `aw`, ignoring its failure (someone else reports it)."""
+    with contextlib.suppress(Exception):
+        await aw
 
 
 class _Move(msgspec.Struct, frozen=True):

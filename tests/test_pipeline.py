@@ -174,6 +174,23 @@ def test_a_plan_evicting_a_just_read_expert_before_its_demand_copies_it_is_survi
     assert evicted == [(1, 0)] and reads >= 5  # (1, 0) was read twice
 
 
+def test_a_demand_waits_for_copies_when_every_ram_slot_is_a_copy_source(stores, no_leaks):
+    # RAM for one layer's top-k only, and the loop never told that copies landed (as when the
+    # caller issues copies faster than the loop settles them): each RAM slot stays the source
+    # of an unsettled copy, so a demand read must wait for one to land instead of failing
+    # with "all slots busy".
+    store = stores["bfloat16"]
+    st = StoreCheckpoint(store)
+    k = st.spec.top_k
+    with ExpertPipeline.open(store, **budgets(store, k, k), device="cpu", readers=1, policy="lru") as pipe:
+        pipe._p.scheduler._wake_loop = lambda: None
+        for layer, ids, token in trace_visits(store, tokens=6):
+            for e, tensors in zip(ids, pipe.fetch(layer, ids, token_id=token)):
+                assert_same(tensors, st.load_expert(layer, e), (layer, e))
+        s = pipe.stats().scheduler
+    assert s.ram_misses > 10
+
+
 def test_readers_sigkilled_mid_read_repeatedly_still_give_exact_tensors(stores, no_leaks):
     store = stores["bfloat16"]
     st = StoreCheckpoint(store)
