@@ -155,14 +155,17 @@ class VramArena:
         return self.num_slots * self.slot_bytes + self.num_staging * self.read_length + scratch
 
     def close(self) -> None:
-        """Drop the allocations (the caching allocator may keep them for reuse); idempotent.
+        """Drop the allocations and return them to the device; idempotent.
         Close the copy engine first; on CUDA this also waits for the device, so that memory
         a copy stream may still write is never handed to another allocation."""
-        if self._buf is not None and self.device.type == "cuda":
+        cuda = self._buf is not None and self.device.type == "cuda"
+        if cuda:
             torch.cuda.synchronize(self.device)
         self._buf = self._staging_buf = None
         self._raw, self._staging, self._tensors = [], [], []
         self.decoder = None
+        if cuda:  # hand the (often tens of GB) arena back to the device, not to torch's cache
+            torch.cuda.empty_cache()
 
     def __repr__(self) -> str:
         return (f"VramArena({self.num_slots} slots x {self.slot_bytes} B on {self.device}, {self.dtype}, "
