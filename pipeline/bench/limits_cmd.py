@@ -2,10 +2,11 @@
 
 Measured side by side on the same machine, same store, same sizes:
   disk   raw O_DIRECT reads of every expert's byte range (threads = readers)  vs  the reader
-         processes filling RAM-arena slots (page cache dropped before each);
+         processes filling RAM-arena slots (page cache dropped before each; alternated, best
+         of two each);
   H2D    raw pinned host -> device copies of expert-sized blocks  vs  the copy engine's
          promotions from the shared pinned RAM arena into VRAM slots, and vs a plan of that
-         many promotions executed by the scheduler (credits, events polled from the loop)
+         many promotions executed by the scheduler (credits; best of three rounds)
          (MXFP4 stores: bytes moved compressed and decoded on the GPU: the decode is included);
   fetch  the cost of `fetch` for experts already in VRAM (host time per call).
 Without CUDA the H2D rows are skipped and fetch runs with the VRAM tier on the CPU.
@@ -130,20 +131,23 @@ def _h2d(store, arena, batch: int) -> tuple[float, float]:
     return best_raw, best_engine
 
 
-def _scheduler_promotions(store_dir: str, store, batch: int, credits: int) -> float:
+def _scheduler_promotions(store_dir: str, store, batch: int, credits: int, rounds: int = 3) -> float:
     """Bytes/s of `batch` promotions RAM -> VRAM planned at once and executed by the pipeline's
-    scheduler (credits, events polled from the loop), RAM warmed with every expert first."""
+    scheduler (credits, copy completions reaching the loop), RAM warmed with every expert
+    first; the best of `rounds` (each round evicts the batch again, then promotes it)."""
     from policies.actor import StampedPlan
     from policies.events import Activation, Move, Plan, Tier
 
     from ..api import ExpertPipeline
-    from ..vram_arena import VramArena
     from ..slots import READY
+    from ..vram_arena import VramArena
 
-    spec = store.spec
     keys = [(x.layer, x.expert) for x in store.index.experts]
     ram_slot = max(x.read_length for x in store.index.experts)
-    vram_slots = min(len(keys), batch + spec.top_k)
+    vram_slots = min(len(keys), batch + store.spec.top_k)
+    cause = Activation(layer=0, experts=())
+    seq = iter(range(10**9, 2 * 10**9))
+    best = 0.0
     with ExpertPipeline.open(store_dir, vram=VramArena.slot_bytes_for(store) * vram_slots,
                              ram=ram_slot * len(keys), prefetch_copies=credits, policy="lru") as pipe:
         for layer, e in keys:  # every expert passes through RAM (and VRAM) once
@@ -152,20 +156,32 @@ def _scheduler_promotions(store_dir: str, store, batch: int, credits: int) -> fl
         todo = [k for k in keys if k not in sched.vram.where][:batch]
         if len(todo) < 2:
             raise ValueError(f"store {store_dir} is too small for a promotion batch ({len(keys)} experts)")
-        # Free VRAM for them: evict what is resident, as a plan would.
-        resident = [k for k, s in list(sched.vram.where.items()) if s.state == READY]
-        evict = Plan(evictions=tuple(Move(l, e, Tier.VRAM, 0.0) for l, e in resident[:len(todo)]))
         pipe.fetch(*todo[0][:1], [todo[0][1]])  # a later fetch: earlier slots become evictable
         todo = [k for k in todo if k not in sched.vram.where]
-        plan = Plan(promotions=tuple(Move(l, e, Tier.VRAM, float(i + 1)) for i, (l, e) in enumerate(todo)))
-        cause = Activation(layer=0, experts=())
-        pipe._loop.call_soon_threadsafe(sched.on_plan, StampedPlan(evict, cause, 0.0, 10**9))
-        t0 = time.perf_counter()
-        pipe._loop.call_soon_threadsafe(sched.on_plan, StampedPlan(plan, cause, 0.0, 10**9 + 1))
-        while not all(k in sched.vram.where and sched.vram.where[k].state == READY for k in todo):
-            time.sleep(20e-6)
-        seconds = time.perf_counter() - t0
-    return sum(store.expert_range(*k).read_length for k in todo) / seconds
+
+        def landed() -> bool:
+            return all(k in sched.vram.where and sched.vram.where[k].state == READY for k in todo)
+
+        def evicted() -> bool:
+            return not any(k in sched.vram.where for k in todo)
+
+        def submit(plan) -> None:
+            pipe._loop.call_soon_threadsafe(sched.on_plan, StampedPlan(plan, cause, 0.0, next(seq)))
+
+        for _ in range(rounds):
+            # Free VRAM for the batch: evict what is resident, as a plan would.
+            resident = [k for k, s in list(sched.vram.where.items()) if s.state == READY]
+            submit(Plan(evictions=tuple(Move(l, e, Tier.VRAM, 0.0) for l, e in resident)))
+            while not evicted():
+                time.sleep(1e-3)
+            plan = Plan(promotions=tuple(Move(l, e, Tier.VRAM, float(i + 1)) for i, (l, e) in enumerate(todo)))
+            t0 = time.perf_counter()
+            submit(plan)
+            # Poll gently: a tight poll would hold the GIL the loop needs to issue the copies.
+            while not landed():
+                time.sleep(200e-6)
+            best = max(best, sum(store.expert_range(*k).read_length for k in todo) / (time.perf_counter() - t0))
+    return best
 
 
 def _fetch_overhead(store_dir: str, store, fetches: int) -> tuple[float, str]:
@@ -204,13 +220,20 @@ def run(args) -> int:
     ranges = [(str(store.root / x.file), x.offset, x.read_length) for x in experts]
     res: dict = {"store": str(args.store), "dtype": store.dtype, "experts": len(experts),
                  "expert_read_bytes": max(x.read_length for x in experts), "readers": args.readers}
-    _drop_cache(files)
-    res["disk_raw_gbps"] = raw_read_ranges(ranges, args.readers) / 1e9
     slot = max(x.read_length for x in experts)
     arena = RamArena.create(len(experts), slot)
     try:
-        _drop_cache(files)
-        bw, o_direct = asyncio.run(_readers_fill(store, arena, args.readers))
+        # Alternate raw and readers, best of two each: a virtual disk's throughput drifts by
+        # 10-30% between back-to-back runs (seen on the lent H100 machine), more than the gap
+        # being measured.
+        raw_bw, bw = 0.0, 0.0
+        for _ in range(2):
+            _drop_cache(files)
+            raw_bw = max(raw_bw, raw_read_ranges(ranges, args.readers))
+            _drop_cache(files)
+            got, o_direct = asyncio.run(_readers_fill(store, arena, args.readers))
+            bw = max(bw, got)
+        res["disk_raw_gbps"] = raw_bw / 1e9
         res["disk_readers_gbps"], res["readers_o_direct"] = bw / 1e9, o_direct
         res["ram_arena_pinned"] = arena.pinned
         if torch.cuda.is_available():
