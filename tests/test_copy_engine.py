@@ -377,3 +377,20 @@ def test_h2d_probe_without_cuda_says_so():
 
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         raw_h2d_bandwidth(1 << 20, 2)
+
+
+@pytest.mark.gpu
+def test_the_cheap_stream_context_switches_and_restores_like_torchs():
+    from pipeline.copy_engine import _on_stream
+
+    mine, other = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.cuda.stream(mine):
+        with _on_stream(other):
+            assert torch.cuda.current_stream() == other
+            x = torch.ones(1 << 20, device="cuda")  # enqueued on `other`
+            done = torch.cuda.Event()
+            done.record()
+        assert torch.cuda.current_stream() == mine  # restored, not the default stream
+    done.synchronize()
+    assert other.query() and float(x.sum()) == float(1 << 20)
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
