@@ -64,7 +64,9 @@ def baseline_methods() -> list[Method]:
         # Ours: the default policy, its predictor fused with router lookahead. Fusion beat the
         # registry's EWMA on VRAM hit rate in every replay measured (qwen1.5 on an H100, RAM
         # 1.0: 0.68 vs 0.17 at 10%, 0.72 vs 0.31 at 25%), so it is "ours"; the plain default
-        # pair stays as "ours-ewma" to show what the lookahead adds.
+        # pair stays as "ours-ewma" to show what the lookahead adds. Not in tokens/s, though:
+        # on the H100 the decode loop is host-bound, and the hints and extra prefetches cost
+        # host time under the GIL (see docs/results and the issue notes).
         Method(name="ours", policy=DEFAULT_POLICY, predictor="fusion", lookahead=True,
                note=f"{DEFAULT_POLICY} + fusion(ewma, lookahead)"),
         Method(name="ours-ewma", policy=DEFAULT_POLICY, predictor=ours_pred, predictor_options=ours_opts,
