@@ -19,6 +19,7 @@ import torch
 
 from adapters.store import StoreCheckpoint
 from policies.actor import PolicyActor
+from policies.process_actor import PolicyProcess, PolicySpec
 from policies.cache.registry import make_policy, policy_class
 from policies.events import Tier
 from policies.predictors.registry import make_predictor
@@ -46,9 +47,10 @@ class Parts:
 
 class _PolicyLink:
     """What the scheduler tells the policy: transfer outcomes (through the actor, which
-    records a failing policy) and its own evictions. Both run on the loop thread."""
+    records a failing policy) and its own evictions. Both run on the loop thread. With the
+    policy in its own process, both go to that process (`policy` is the PolicyProcess)."""
 
-    def __init__(self, actor: PolicyActor, policy):
+    def __init__(self, actor, policy):
         self._actor, self._policy = actor, policy
 
     def complete(self, layer: int, expert: int, tier: Tier, ok: bool) -> None:
@@ -85,14 +87,16 @@ async def assemble(cfg: PipelineConfig, *, reader_hooks: dict | None = None) -> 
     spec = store.spec
     n_vram, vram_slot, n_ram, ram_slot = plan_slots(cfg, store)
     cls = policy_class(cfg.policy)  # unknown names fail here, before anything is allocated
-    predictor = None
+    predictor, predictor_name = None, None
     if cls.uses_predictor:
-        predictor = make_predictor(cfg.predictor or "ewma", spec.num_layers, spec.num_experts, spec.top_k,
+        predictor_name = cfg.predictor or "ewma"
+        predictor = make_predictor(predictor_name, spec.num_layers, spec.num_experts, spec.top_k,
                                    **cfg.predictor_options)
     # The policy counts in RAM-slot units so its capacities are exactly the slot counts.
-    policy = make_policy(cfg.policy, predictor, num_layers=spec.num_layers, num_experts=spec.num_experts,
-                         top_k=spec.top_k, vram_bytes=n_vram * ram_slot, ram_bytes=n_ram * ram_slot,
-                         expert_bytes=ram_slot, containment=n_ram >= n_vram)
+    policy_config = dict(num_layers=spec.num_layers, num_experts=spec.num_experts, top_k=spec.top_k,
+                         vram_bytes=n_vram * ram_slot, ram_bytes=n_ram * ram_slot, expert_bytes=ram_slot,
+                         containment=n_ram >= n_vram)
+    policy = make_policy(cfg.policy, predictor, **policy_config)
     device = _device(cfg)
     with contextlib.ExitStack() as stack:
         ram_arena = RamArena.create(n_ram, ram_slot)
@@ -109,14 +113,31 @@ async def assemble(cfg: PipelineConfig, *, reader_hooks: dict | None = None) -> 
             await readers.close()
             raise
         scheduler_box: list[Scheduler] = []
-        actor = PolicyActor(policy, on_plan=lambda stamped: scheduler_box[0].on_plan(stamped),
-                            queue_size=cfg.actor_queue)
+        on_plan = lambda stamped: scheduler_box[0].on_plan(stamped)  # noqa: E731
+        if cfg.policy_process:
+            # The policy built above only validated names and options; the child builds its own.
+            policy = None
+            actor = PolicyProcess(PolicySpec(policy=cfg.policy, predictor=predictor_name,
+                                             predictor_options=dict(cfg.predictor_options),
+                                             policy_config=policy_config, num_layers=spec.num_layers,
+                                             num_experts=spec.num_experts, top_k=spec.top_k,
+                                             queue_size=cfg.actor_queue),
+                                  on_plan=on_plan, stop_timeout=cfg.close_timeout_s / 4)
+        else:
+            actor = PolicyActor(policy, on_plan=on_plan, queue_size=cfg.actor_queue)
         scheduler = Scheduler(store=store, ram_arena=ram_arena, vram_arena=vram_arena, engine=engine,
-                              readers=readers, policy=_PolicyLink(actor, policy), top_k=spec.top_k,
+                              readers=readers, policy=_PolicyLink(actor, policy or actor), top_k=spec.top_k,
                               prefetch_reads=cfg.prefetch_reads, prefetch_copies=cfg.prefetch_copies,
                               verify_checksums=cfg.verify_checksums, is_stale=actor.is_stale)
         scheduler_box.append(scheduler)
-        actor.start()
+        try:
+            actor.start()
+            if cfg.policy_process:  # a policy that cannot start fails open(), not a later fetch
+                await actor.wait_ready(timeout=max(30.0, cfg.close_timeout_s))
+        except BaseException:
+            await actor.stop(drain=False) if actor.state.value != "new" else None
+            await readers.close()
+            raise
         stack.pop_all()
     return Parts(store, device, ram_arena, vram_arena, engine, readers, policy, actor, scheduler)
 

@@ -48,6 +48,10 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     prefetch_reads: int = 8  # prefetch disk reads in flight at once (credits)
     prefetch_copies: int = 4  # prefetch H2D copies in flight at once (credits)
     actor_queue: int = 256  # activation events queued for the policy actor (events)
+    # Run the policy actor in a process of its own (policies.process_actor) instead of on the
+    # pipeline's loop thread: its work then leaves the GIL the decode loop needs. Costs a
+    # process start at open (~0.3 s) and a pipe hop per event and plan.
+    policy_process: bool = False
     close_timeout_s: float = 10.0  # close() returns within about this, whatever is in flight
     # The pipeline's loop thread (scheduler, policy actor) shares the GIL with the decode loop;
     # Python hands the GIL to a waiting thread only every switch interval (5 ms by default),

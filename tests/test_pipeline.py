@@ -191,6 +191,26 @@ def test_a_demand_waits_for_copies_when_every_ram_slot_is_a_copy_source(stores, 
     assert s.ram_misses > 10
 
 
+@pytest.mark.parametrize("dtype", ["mxfp4"])
+def test_the_policy_in_its_own_process_drives_the_same_exact_pipeline(stores, dtype, no_leaks):
+    # policy_process=True: events and plans cross a pipe to a child process; the tensors stay
+    # exact, its plans really prefetch, and close() leaves no process behind (no_leaks).
+    st = StoreCheckpoint(stores[dtype])
+    k = st.spec.top_k
+    with ExpertPipeline.open(stores[dtype], **budgets(stores[dtype], 3 * k, 6 * k), device="cpu", readers=2,
+                             policy_process=True) as pipe:
+        assert pipe._p.actor._proc.is_alive()
+        for layer, ids, token in trace_visits(stores[dtype], tokens=16):
+            for e, tensors in zip(ids, pipe.fetch(layer, ids, token_id=token)):
+                assert_same(tensors, st.load_expert(layer, e), (layer, e))
+        deadline = time.monotonic() + 20
+        while pipe.stats().actor.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        s = pipe.stats()
+    assert s.actor.processed > 20 and s.actor.plans_emitted > 0 and s.actor.last_error is None
+    assert s.scheduler.prefetch_reads + s.scheduler.prefetch_copies > 0
+
+
 def test_readers_sigkilled_mid_read_repeatedly_still_give_exact_tensors(stores, no_leaks):
     store = stores["bfloat16"]
     st = StoreCheckpoint(store)

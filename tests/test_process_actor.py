@@ -1,0 +1,129 @@
+"""The policy actor in its own process: same plans as in-process, failures surfaced, never blocks, no leaks."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from policies.actor import PolicyActor, PolicyActorError
+from policies.process_actor import PolicyProcess, PolicySpec, build_policy
+from policies.events import Activation
+
+L, E, K = 4, 8, 2
+
+
+def spec(**over) -> PolicySpec:
+    config = dict(num_layers=L, num_experts=E, top_k=K, vram_bytes=6, ram_bytes=16, expert_bytes=1, containment=True)
+    config.update(over.pop("policy_config", {}))
+    base = dict(policy="nextuse", predictor="ewma", predictor_options={}, policy_config=config,
+                num_layers=L, num_experts=E, top_k=K)
+    base.update(over)
+    return PolicySpec(**base)
+
+
+def events(n_tokens: int = 12):
+    return [Activation(layer=l, experts=((t + l) % E, (3 * t + 2 * l + 1) % E), token_id=t, time=float(t))
+            for t in range(n_tokens) for l in range(L)]
+
+
+async def _until(cond, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+def _no_child(proc) -> bool:
+    return proc is None or not proc.is_alive()
+
+
+async def test_the_process_emits_the_plans_the_in_process_actor_emits():
+    got_here, got_there = [], []
+    here = PolicyActor(build_policy(spec()), on_plan=got_here.append)
+    there = PolicyProcess(spec(), on_plan=got_there.append)
+    here.start()
+    there.start()
+    proc = there._proc
+    try:
+        for i, ev in enumerate(events()):  # one at a time: neither side coalesces
+            here.publish(ev)
+            there.publish(ev)
+            await _until(lambda: here.stats().processed == i + 1 and there.stats().processed == i + 1)
+            for mine, theirs in ((got_here, here), (got_there, there)):  # every move lands
+                if mine and len(mine) > getattr(theirs, "_seen", 0):
+                    for mv in mine[-1].plan.promotions + mine[-1].plan.stagings:
+                        theirs.complete(mv.layer, mv.expert, mv.tier, True)
+                    theirs._seen = len(mine)
+            await _until(lambda: len(got_there) == len(got_here))
+    finally:
+        await here.stop()
+        stats = await there.stop()
+    assert len(got_here) > 5
+    assert [p.plan for p in got_there] == [p.plan for p in got_here]
+    assert [p.seq for p in got_there] == [p.seq for p in got_here]
+    assert stats.state == "stopped" and stats.processed == len(events()) and _no_child(proc)
+    layer = next(p.cause.layer for p in got_there if sum(q.cause.layer == p.cause.layer for q in got_there) > 1)
+    of_layer = [p for p in got_there if p.cause.layer == layer]
+    assert there.is_stale(of_layer[0]) and not there.is_stale(of_layer[-1])
+
+
+async def test_a_bad_policy_config_fails_with_the_childs_message():
+    pp = PolicyProcess(spec(policy_config={"vram_bytes": 0}), on_plan=lambda st: None)
+    pp.start()
+    proc = pp._proc
+    await _until(lambda: pp.state.value == "failed")
+    with pytest.raises(PolicyActorError, match="vram"):
+        await pp.stop()
+    assert _no_child(proc)
+
+
+async def test_a_policy_that_raises_is_reported_with_its_traceback():
+    pp = PolicyProcess(spec(), on_plan=lambda st: None)
+    pp.start()
+    pp.publish(Activation(layer=L + 3, experts=(0, 1)))  # a layer the policy does not have
+    await _until(lambda: pp.state.value == "failed")
+    with pytest.raises(PolicyActorError) as info:
+        pp.check()
+    assert "Traceback" in str(info.value) and "on_activation" in str(info.value)
+    assert pp.publish(events()[0]) is False  # no intake once failed
+    with pytest.raises(PolicyActorError):
+        await pp.stop()
+
+
+async def test_a_killed_child_is_noticed_and_stop_is_bounded():
+    pp = PolicyProcess(spec(), on_plan=lambda st: None, stop_timeout=1.0)
+    pp.start()
+    proc = pp._proc
+    for ev in events(3):
+        pp.publish(ev)
+    await _until(lambda: pp.stats().processed > 0)
+    os.kill(proc.pid, signal.SIGKILL)
+    await _until(lambda: pp.state.value == "failed")
+    t0 = time.monotonic()
+    with pytest.raises(PolicyActorError, match="exited unexpectedly"):
+        await pp.stop()
+    assert time.monotonic() - t0 < 5 and _no_child(proc)
+
+
+async def test_publish_never_blocks_on_a_stalled_child_and_counts_what_it_drops():
+    pp = PolicyProcess(spec(), on_plan=lambda st: None, queue_size=32)
+    pp.start()
+    proc = pp._proc
+    await _until(lambda: pp.publish(events(1)[0]) and pp.stats().processed >= 1)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        flood = events(1000)
+        t0 = time.monotonic()
+        for ev in flood:
+            assert pp.publish(ev)
+        took = time.monotonic() - t0
+        s = pp.stats()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert took < 2.0  # 4000 publishes against a stopped child: no waiting on it
+    assert s.dropped > 1000 and s.received == s.processed + s.coalesced + s.dropped + s.pending
+    stats = await pp.stop(drain=False)
+    assert stats.state == "stopped" and _no_child(proc)
