@@ -190,3 +190,14 @@ def test_vram_sweep_and_extra_policy(setup, tmp_path, capsys):
         assert all(r["vram_slots"] == b["vram_slots"] for r in b["methods"])
     # more VRAM, never fewer Belady hits
     assert res["budgets"][1]["belady_loads"] <= res["budgets"][0]["belady_loads"]
+
+
+def test_policy_process_flag_runs_the_policy_in_a_child(setup, tmp_path, capsys, no_leaks):  # noqa: F811
+    store, trace, _ = setup
+    out = tmp_path / "r.json"
+    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--vram", "0.5", "--methods", "ours",
+                "--policy-process", "--device", "cpu", "--json", str(out), "--no-progress", "--readers", "1"])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads(out.read_text())
+    (row,) = res["budgets"][0]["methods"]
+    assert res["settings"]["policy_process"] is True and row["skipped"] is None and row["tokens_per_s"] > 0

@@ -198,12 +198,13 @@ class MethodRun(msgspec.Struct):
     pinned: bool
 
 
-def open_pipeline(store_dir, method, vram_bytes: int, ram_bytes: int, device: str, readers: int | None):
+def open_pipeline(store_dir, method, vram_bytes: int, ram_bytes: int, device: str, readers: int | None,
+                  policy_process: bool = False):
     from ..api import ExpertPipeline
 
     return ExpertPipeline.open(store_dir, vram=vram_bytes, ram=ram_bytes, policy=method.policy,
                                predictor=method.predictor, predictor_options=dict(method.predictor_options),
-                               device=device, readers=readers)
+                               device=device, readers=readers, policy_process=policy_process)
 
 
 def warm_up(pipe, spec, model: Model) -> None:
@@ -217,9 +218,9 @@ def warm_up(pipe, spec, model: Model) -> None:
 
 
 def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes: list[Pass], model: Model,
-               hints, *, device: str, readers: int | None = None, progress=None,
+               hints, *, device: str, readers: int | None = None, progress=None, policy_process: bool = False,
                keep_outputs: bool = False) -> MethodRun:
-    with open_pipeline(store_dir, method, vram_bytes, ram_bytes, device, readers) as pipe:
+    with open_pipeline(store_dir, method, vram_bytes, ram_bytes, device, readers, policy_process) as pipe:
         if method.warm:
             warm_up(pipe, store.spec, model)
         before = pipe.stats().scheduler

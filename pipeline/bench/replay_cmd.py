@@ -40,6 +40,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--readers", type=int, help="reader processes (default: the pool's)")
+    p.add_argument("--policy-process", action="store_true",
+                   help="run each method's policy actor in its own process (PipelineConfig.policy_process)")
     p.add_argument("--attn-matmuls", type=int, default=4, help="[n,H]x[H,H] matmuls of the attention stand-in")
     p.add_argument("--disk-probe-bytes", default="1GiB", help="cap on bytes read by the raw disk probe")
     p.add_argument("--json", help="write every figure and setting here (atomically)")
@@ -223,7 +225,8 @@ def run(args) -> int:
         bar = R.progress_bar(len(passes), f"{m.name} @ {vram_text}", show)
         try:
             mr = run_method(args.store, store, m, v * vslot, r * rslot, passes, model, hints,
-                            device=str(device), readers=args.readers, progress=bar)
+                            device=str(device), readers=args.readers, progress=bar,
+                            policy_process=args.policy_process)
         finally:
             bar.close()
         return R.method_row(m.name, m, mr, compute_s_tok, v, r)
