@@ -273,11 +273,10 @@ class PolicyProcess:
     async def stop(self, *, drain: bool = True) -> ActorStats:
         """Stop the child within about `stop_timeout` seconds; re-raise a recorded failure."""
         if self._state in (ActorState.NEW, ActorState.RUNNING):
-            was_running = self._state is ActorState.RUNNING
             self._state = ActorState.STOPPING
-            if was_running:
-                self._frames.put(_Stop(drain))
         if self._proc is not None:
+            # Also after a failure: the child still waits for Stop (or EOF) before it exits.
+            self._frames.put(_Stop(drain and self._state is ActorState.STOPPING))
             if self._stopped is not None and not self._stopped.done():
                 await asyncio.wait({self._stopped}, timeout=self._stop_timeout)
             self._close_child()

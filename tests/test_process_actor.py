@@ -89,8 +89,10 @@ async def test_a_policy_that_raises_is_reported_with_its_traceback():
         pp.check()
     assert "Traceback" in str(info.value) and "on_activation" in str(info.value)
     assert pp.publish(events()[0]) is False  # no intake once failed
+    proc, t0 = pp._proc, time.monotonic()
     with pytest.raises(PolicyActorError):
         await pp.stop()
+    assert time.monotonic() - t0 < 2.0 and _no_child(proc)  # a failed child is told to stop, not waited out
 
 
 async def test_a_killed_child_is_noticed_and_stop_is_bounded():
