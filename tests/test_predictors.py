@@ -184,3 +184,18 @@ def test_contract_probabilities_in_unit_interval(name):
             p.observe(Activation(layer=layer, experts=tuple(rng.choice(6, 2, replace=False).tolist())))
             out = p.predict_all()
             assert out.shape == (3, 6) and out.dtype == np.float64 and (out >= 0).all() and (out <= 1).all()
+
+
+@pytest.mark.parametrize("name", ["lookahead", "fusion"])
+def test_predict_all_is_bit_identical_to_predict_per_layer(name):
+    # predict_all is the fast path a policy uses once per token; it must give exactly the rows
+    # that predict(layer) gives, hints included.
+    L, E, K = 5, 7, 2
+    p = make_predictor(name, L, E, K)
+    rng = np.random.default_rng(3)
+    for step in range(30):
+        layer = step % L
+        hint = {(layer + 1) % L: tuple(rng.normal(size=E).tolist())} if step % 3 else None
+        p.observe(Activation(layer=layer, experts=tuple(rng.choice(E, K, replace=False).tolist()), hint=hint))
+        rows = np.stack([p.predict(l) for l in range(L)])
+        assert np.array_equal(p.predict_all(), rows), step

@@ -67,3 +67,10 @@ class FusionPredictor(Predictor):
     def predict(self, layer: int) -> np.ndarray:
         blend = sum(w * m.predict(layer) for m, w in self._members) / self._total
         return np.clip(self.layer_weight(layer) * blend, 0.0, 1.0)
+
+    def predict_all(self) -> np.ndarray:
+        # One pass over each member's matrix instead of L `predict` calls (a policy refreshes
+        # every row once per token); the same arithmetic, so the same bits as `predict`.
+        blend = sum(w * m.predict_all() for m, w in self._members) / self._total
+        weights = np.array([self.layer_weight(layer) for layer in range(self.num_layers)])
+        return np.clip(weights[:, None] * blend, 0.0, 1.0)

@@ -69,3 +69,10 @@ class LookaheadPredictor(Predictor):
         if self._inner is not None:
             return self._inner.predict(layer)
         return np.full(self.num_experts, self.top_k / self.num_experts)
+
+    def predict_all(self) -> np.ndarray:
+        out = (self._inner.predict_all() if self._inner is not None else
+               np.full((self.num_layers, self.num_experts), self.top_k / self.num_experts))
+        for layer, p in self._hint.items():
+            out[layer] = p
+        return out
