@@ -50,6 +50,10 @@ from .vram_arena import VramArena
 POLL_MIN_S = 20e-6
 POLL_MAX_S = 1e-3
 
+# CPU: the decode lane (and staging buffer) of copies done inline on the caller's thread; the
+# copy thread uses lane 0. An arena has two (VramArena.DECODE_LANES).
+INLINE_LANE = 1
+
 # decode(arena, landed_bytes, out_tensors): run on the copy thread / copy stream after the bytes land.
 DecodeFn = Callable[[VramArena, torch.Tensor, dict], None]
 
@@ -247,10 +251,15 @@ class CopyEngine:
 
     # -- submitting ------------------------------------------------------------------------
     def copy_in(self, src: torch.Tensor, dst_slot: int, arena: VramArena, nbytes: int, *, demand: bool,
-                after: SlotFence | None = None, prior: Transfer | None = None) -> Transfer:
+                after: SlotFence | None = None, prior: Transfer | None = None, inline: bool = False) -> Transfer:
         """Copy `nbytes` of the RAM slot view `src` into VRAM slot `dst_slot` of `arena`
         (decoding there for mxfp4), after the slot's release fence `after` and, CUDA only, after
-        `prior`: a copy into the same slot still in flight (ordered on the GPU, no host wait)."""
+        `prior`: a copy into the same slot still in flight (ordered on the GPU, no host wait).
+
+        `inline` (CPU only; ignored on CUDA): do the copy now on the calling thread, for a
+        caller that would only wait for it. It uses its own staging buffer and decode lane,
+        so it may run beside the copy thread; inline copies must not run concurrently with
+        each other (the scheduler issues them under its table lock)."""
         if self._closed:
             raise RuntimeError("CopyEngine is closed")
         if prior is not None and not self.is_cuda and not prior.done():
@@ -262,6 +271,9 @@ class CopyEngine:
         if self.is_cuda:
             return self._copy_cuda(src, dst_slot, arena, nbytes, demand, after, prior)
         fut: Future = Future()
+        if inline and (not arena.decodes or arena.num_staging > INLINE_LANE):
+            self._run_copy(src, dst_slot, arena, nbytes, after, fut, lane=INLINE_LANE)
+            return Transfer(demand=demand, nbytes=nbytes, slot=dst_slot, future=fut)
         with self._cv:
             heapq.heappush(self._heap, (0 if demand else 1, next(self._seq),
                                         (src, dst_slot, arena, nbytes, after, fut)))
@@ -269,12 +281,12 @@ class CopyEngine:
         return Transfer(demand=demand, nbytes=nbytes, slot=dst_slot, future=fut)
 
     def _land(self, src: torch.Tensor, slot: int, arena: VramArena, nbytes: int, staging: int,
-              non_blocking: bool) -> None:
+              non_blocking: bool, lane: int = 0) -> None:
         """The copy and the decode, enqueued on the current stream (CUDA) or done now (CPU)."""
         _check_copy(src, arena, nbytes)
         dst = arena.staging(staging) if arena.decodes else arena.raw_view(slot)
         dst[:nbytes].copy_(src[:nbytes], non_blocking=non_blocking)
-        self._decode_slot(arena, staging, slot, lane=0)
+        self._decode_slot(arena, staging, slot, lane=lane)
 
     def _decode_slot(self, arena: VramArena, staging: int, slot: int, lane: int) -> None:
         """Staging buffer -> slot on the current stream: the arena's prepared decoder, or the
@@ -355,26 +367,32 @@ class CopyEngine:
                 if not self._heap:
                     return
                 _, _, (src, slot, arena, nbytes, after, fut) = heapq.heappop(self._heap)
-                if not fut.set_running_or_notify_cancel():
-                    continue
                 self._running += 1
-            t0 = time.perf_counter()
-            err = None
-            try:
-                if after is not None:
-                    after.make_stream_wait()  # CPU fences are complete; a CUDA one would block here
-                self._land(src, slot, arena, nbytes, 0, non_blocking=False)
-            except Exception as e:  # noqa: BLE001 - carried to wait()
-                err = e
+            self._run_copy(src, slot, arena, nbytes, after, fut, lane=0)
             with self._cv:
                 self._running -= 1
-                self._busy_s += time.perf_counter() - t0
-                if err is not None:
-                    self._n["failed"] += 1
-            if err is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(err)
+
+    def _run_copy(self, src, slot, arena, nbytes, after, fut: Future, *, lane: int) -> None:
+        """One CPU copy now, on this thread; its outcome goes to `fut`. Lane k uses staging
+        buffer k and decode scratch k: the copy thread lane 0, inline copies lane 1."""
+        if not fut.set_running_or_notify_cancel():
+            return
+        t0 = time.perf_counter()
+        err = None
+        try:
+            if after is not None:
+                after.make_stream_wait()  # CPU fences are complete; a CUDA one would block here
+            self._land(src, slot, arena, nbytes, lane, non_blocking=False, lane=lane)
+        except Exception as e:  # noqa: BLE001 - carried to wait()
+            err = e
+        with self._cv:
+            self._busy_s += time.perf_counter() - t0
+            if err is not None:
+                self._n["failed"] += 1
+        if err is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(err)
 
     # -- fences, stats, shutdown ------------------------------------------------------------
     def fence(self, stream=None) -> SlotFence:

@@ -350,8 +350,11 @@ class Scheduler(PlanExecution):
             prior = None
         rslot.users += 1
         self.ram.touch(rslot)  # RAM victims are the least recently copied from
+        # CPU: a demand copy is done right here (its caller would only wait for the copy thread);
+        # _copy always runs under table_lock, so inline copies never overlap each other.
         slot.transfer = self.engine.copy_in(self.ram_arena.slot(rslot.index), slot.index, self.vram_arena,
-                                            entry.read_length, demand=demand, after=after, prior=prior)
+                                            entry.read_length, demand=demand, after=after, prior=prior,
+                                            inline=demand)
         self._c["bytes_h2d"] += entry.read_length
         self._inflight.append((key, slot, rslot, slot.transfer, demand))
         self._wake(slot, None)  # waiters take the transfer and wait on its event themselves

@@ -394,3 +394,26 @@ def test_the_cheap_stream_context_switches_and_restores_like_torchs():
     done.synchronize()
     assert other.query() and float(x.sum()) == float(1 << 20)
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
+
+
+def test_inline_copies_finish_on_return_and_run_beside_the_copy_thread(tiny_store, engine):
+    # CPU: an inline (demand) copy is done when copy_in returns, on the caller's thread, while
+    # the copy thread works through queued copies into other slots; they use different
+    # staging buffers and decode scratch, so neither corrupts the other.
+    st = tiny_store
+    arena = VramArena(st, 4, "cpu")
+    keys = [(x.layer, x.expert) for x in st.index.experts]
+    srcs = {k: ram_slot(st, *k) for k in keys}
+    n = 0
+    for i in range(0, len(keys) - 3, 2):
+        queued = [engine.copy_in(srcs[keys[i + j]], j, arena, st.expert_range(*keys[i + j]).read_length,
+                                 demand=False) for j in (0, 1)]
+        inline = [engine.copy_in(srcs[keys[i + 2 + j]], 2 + j, arena, st.expert_range(*keys[i + 2 + j]).read_length,
+                                 demand=True, inline=True) for j in (0, 1)]
+        assert all(t.done() and t.error is None for t in inline)  # done on return, no waiting
+        for t in queued + inline:
+            t.make_stream_wait()
+        for j in range(4):
+            assert_slot_holds(arena, j, st, *keys[i + j])
+        n += 1
+    assert n >= 5 and engine.stats().copies_demand == 2 * n
