@@ -22,13 +22,13 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import signal
-import sys
 import time
 import traceback
 import zlib
 
 import msgspec
+
+from adapters.child import start_child
 
 POLL_S = 0.5  # how often an idle reader checks that its parent is still there
 
@@ -80,20 +80,6 @@ FromReader = ReadDone | Ready
 #   "hang_once": a path; the first reader to unlink it sleeps for "hang_s" (default 3600)
 #                before its read (exactly one hang across restarts)
 #   "die_at_start": exit (code 3) before mapping the arena, as a broken install would
-
-
-def _set_pdeathsig() -> None:
-    """Ask Linux to SIGKILL us when the parent dies (best effort; the ppid poll backs it up)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 class _Files:
@@ -172,9 +158,7 @@ def _serve(req: ReadRequest, arena: memoryview, files: _Files, hooks: dict) -> R
 def reader_main(conn, arena_path: str, arena_size: int, parent_pid: int, o_direct: bool = True,
                 hooks: dict | None = None) -> None:
     """Loop of one reader process (module level so that "spawn" can start it)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _set_pdeathsig()
-    if os.getppid() != parent_pid:  # the parent died before PDEATHSIG was armed
+    if not start_child(parent_pid):  # the parent died before PDEATHSIG was armed
         return
     hooks = dict(hooks or {})
     if hooks.get("die_at_start"):

@@ -37,6 +37,8 @@ import threading
 
 import msgspec
 
+from adapters.child import start_child
+
 from .actor import ActorState, ActorStats, PolicyActor, PolicyActorError, StampedPlan
 from .events import Activation, Tier
 
@@ -121,25 +123,12 @@ def build_policy(spec: PolicySpec):
 # ---- the child ------------------------------------------------------------------------------
 def policy_main(conn, spec_bytes: bytes, parent_pid: int) -> None:
     """Entry point of the policy process."""
-    _die_with_parent(parent_pid)
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent owns shutdown
+    if not start_child(parent_pid):
+        return
     try:
         asyncio.run(_child(conn, msgspec.msgpack.decode(spec_bytes, type=PolicySpec)))
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the parent is gone
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent_pid:  # died before prctl took effect
-        os._exit(0)
 
 
 async def _child(conn, spec: PolicySpec) -> None:

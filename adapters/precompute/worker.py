@@ -9,14 +9,12 @@ parent-pid check between experts everywhere.
 """
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
-import sys
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from ..child import start_child
 from . import messages as m
 from .convert import expert_parts
 
@@ -44,20 +42,9 @@ def convert_layer(source, job: m.LayerJob, report=lambda n, b: None, should_stop
         raise
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass  # the parent-pid check below still catches an orphaned worker
-
-
 def worker_main(conn: Connection) -> None:
-    _die_with_parent()
     parent = os.getppid()
-    # Ctrl-C reaches the whole process group; only the parent decides what to do with it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    start_child(parent)  # Ctrl-C reaches the whole process group; only the parent acts on it
     import torch
 
     torch.set_num_threads(1)  # N workers on N cores: no oversubscription
