@@ -126,14 +126,15 @@ def raw_to_u8(raw: "bytes | bytearray | memoryview | torch.Tensor", device: str 
     return torch.frombuffer(raw, dtype=torch.uint8).to(device)
 
 
-_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "U8": torch.uint8}
+# Safetensors dtype names -> torch dtypes, for every dtype the project reads or writes.
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "U8": torch.uint8}
 
 
 def bytes_as(raw: "bytes | bytearray | memoryview | torch.Tensor", dtype: str, shape: tuple[int, ...],
              device: str | torch.device, role: str = "?") -> torch.Tensor:
     """Reinterpret one tensor's raw bytes as `dtype`/`shape` on `device` (no conversion)."""
     u8 = raw_to_u8(raw, device)
-    tdt = _TORCH_DTYPES[dtype]
+    tdt = TORCH_DTYPES[dtype]
     want = tdt.itemsize
     for d in shape:
         want *= d

@@ -22,14 +22,13 @@ from pathlib import Path
 import msgspec
 import torch
 
-from .base import Checkpoint, Raw, pread_exact, raw_to_u8
+from .base import TORCH_DTYPES, Checkpoint, Raw, pread_exact, raw_to_u8
 from .errors import CheckpointError, read_input
 from .registry import register
 from .spec import ExpertLocation, TensorRange, TensorSpec
 from .store_format import (ALIGN, CHECKSUM_ALGORITHM, FORMAT_VERSION, INDEX_NAME, STORE_DTYPES, StoreExpert,
                            StoreIndex, checksum)
 
-_TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "U8": torch.uint8, "F32": torch.float32}
 _index_decoder = msgspec.json.Decoder(StoreIndex)
 
 
@@ -72,7 +71,7 @@ def read_index(root: Path) -> StoreIndex:
         if sorted(want) != sorted((t.role, t.dtype, t.shape) for t in x.tensors):
             raise _bad_index(path, f"{where}: tensors do not match expert_tensors")
         for t in x.tensors:
-            if t.offset < 0 or t.offset + t.nbytes > x.length or t.offset % _TORCH[t.dtype].itemsize:
+            if t.offset < 0 or t.offset + t.nbytes > x.length or t.offset % TORCH_DTYPES[t.dtype].itemsize:
                 raise _bad_index(path, f"{where}: tensor {t.role} at {t.offset}+{t.nbytes} lies outside its "
                                  f"{x.length} bytes or is misaligned")
     return idx
@@ -243,11 +242,11 @@ class StoreCheckpoint(Checkpoint):
         def view(role: str) -> torch.Tensor:
             t = specs[role]
             u8 = parts[role]
-            if _TORCH[t.dtype] is torch.uint8:
+            if TORCH_DTYPES[t.dtype] is torch.uint8:
                 return u8.view(t.shape)
-            if u8.storage_offset() % _TORCH[t.dtype].itemsize:  # not for store files; raw from elsewhere
+            if u8.storage_offset() % TORCH_DTYPES[t.dtype].itemsize:  # not for store files; raw from elsewhere
                 u8 = u8.clone()
-            return u8.view(_TORCH[t.dtype]).view(t.shape)
+            return u8.view(TORCH_DTYPES[t.dtype]).view(t.shape)
 
         from .mxfp4 import mxfp4_decode, mxfp4_decode_into
 

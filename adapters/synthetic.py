@@ -30,11 +30,12 @@ from typing import NamedTuple
 import msgspec
 import torch
 
+from .base import TORCH_DTYPES
 from .errors import UnknownNameError
 from .spec import DTYPE_SIZES
 
 FORMATS = ("gpt-oss", "mixtral", "qwen-moe", "fused")
-_TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_TORCH = {name: TORCH_DTYPES[name] for name in ("BF16", "F16", "F32")}  # what make-model writes
 
 
 class Dims(msgspec.Struct, frozen=True):

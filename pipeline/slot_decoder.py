@@ -18,21 +18,18 @@ arithmetic is the general decode's, so the bytes are identical (tests compare th
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from adapters.base import TORCH_DTYPES
 from adapters.mxfp4 import _table
 
 
 def _most_groups(store) -> int:
     """The largest MXFP4 tensor's number of 32-value groups: what the scratch must hold."""
-    most = 0
-    for t in store.index.expert_tensors:
-        if t.role.endswith(".blocks"):
-            groups = 1
-            for d in t.shape[:-1]:
-                groups *= d
-            most = max(most, groups)
-    return most
+    return max((math.prod(t.shape[:-1]) for t in store.index.expert_tensors if t.role.endswith(".blocks")),
+               default=0)
 
 
 def scratch_bytes(store, lanes: int) -> int:
@@ -49,41 +46,28 @@ class SlotDecoder:
             raise ValueError(f"SlotDecoder needs at least one lane, got {lanes}")
         self._arena = arena
         self._table = _table(device)
-        layout = {t.role: t for t in store.index.experts[0].tensors}
-        dtypes = {t.role: t.dtype for t in store.index.expert_tensors}
-        plan = []
-        for dense, stored, scales in store.dense_layout:
-            t = layout[stored]
-            if scales is None:  # stored as is (e.g. bf16 biases): one copy
-                plan.append((dense, t.offset, t.nbytes, dtypes[stored], tuple(t.shape), None))
-                continue
-            *lead, g, sixteen = t.shape
-            rows = 1
-            for d in lead:
-                rows *= d
-            s = layout[scales]
-            plan.append((dense, t.offset, t.nbytes, "U8", (rows, g, sixteen), (s.offset, s.nbytes)))
+        # Per staging buffer, each dense tensor's source views, made once.
+        self._steps = [self._steps_for(arena.staging(k), store) for k in range(arena.num_staging)]
         most_groups = _most_groups(store)
-        # Per staging buffer, the steps with their source views made once.
-        self._steps = [self._views(arena.staging(k), plan) for k in range(arena.num_staging)]
         self._sidx = [torch.empty(most_groups, dtype=torch.int32, device=device) for _ in range(lanes)]
         self._idx = [torch.empty(most_groups * 16, dtype=torch.int32, device=device) for _ in range(lanes)]
         self.lanes = lanes
         self.nbytes = scratch_bytes(store, lanes)
 
     @staticmethod
-    def _views(staging: torch.Tensor, plan) -> list[tuple]:
-        from adapters.store import _TORCH
-
+    def _steps_for(staging: torch.Tensor, store) -> list[tuple]:
+        """(dense role, source view, scales view or None) per dense tensor of the expert."""
+        layout = {t.role: t for t in store.index.experts[0].tensors}  # offsets inside an expert
         steps = []
-        for dense, off, nbytes, dtype, shape, scales in plan:
-            src = staging[off:off + nbytes]
-            if scales is None:
-                steps.append((dense, src.view(_TORCH[dtype]).view(shape), None))
-            else:
-                rows, g, _ = shape
-                soff, sbytes = scales
-                steps.append((dense, src.view(shape), staging[soff:soff + sbytes].view(rows, g)))
+        for dense, stored, scales in store.dense_layout:
+            t = layout[stored]
+            src = staging[t.offset:t.offset + t.nbytes]
+            if scales is None:  # stored as is (e.g. bf16 biases): one copy
+                steps.append((dense, src.view(TORCH_DTYPES[t.dtype]).view(t.shape), None))
+                continue
+            *lead, g, sixteen = t.shape
+            rows, s = math.prod(lead), layout[scales]
+            steps.append((dense, src.view(rows, g, sixteen), staging[s.offset:s.offset + s.nbytes].view(rows, g)))
         return steps
 
     def decode(self, k: int, slot: int, lane: int) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from adapters.base import TORCH_DTYPES
 from adapters.store import StoreCheckpoint
 
 from .slot_decoder import SlotDecoder, scratch_bytes
@@ -26,7 +27,6 @@ from .slot_decoder import SlotDecoder, scratch_bytes
 DECODE_LANES = 2
 # Each decoded tensor starts on this boundary inside a slot: aligned vector loads in kernels.
 TENSOR_ALIGN = 256
-_TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "U8": torch.uint8, "F32": torch.float32}
 
 
 def _round_up(n: int, align: int) -> int:
@@ -45,7 +45,7 @@ def _dense_offsets(store: StoreCheckpoint) -> list[tuple[str, torch.dtype, tuple
     """(role, dtype, shape, offset, nbytes) of each decoded tensor inside an mxfp4 slot."""
     out, pos = [], 0
     for t in store.dense_tensors:
-        out.append((t.role, _TORCH[t.dtype], tuple(t.shape), pos, t.nbytes))
+        out.append((t.role, TORCH_DTYPES[t.dtype], tuple(t.shape), pos, t.nbytes))
         pos = _round_up(pos + t.nbytes, TENSOR_ALIGN)
     return out
 
