@@ -135,7 +135,8 @@ async def assemble(cfg: PipelineConfig, *, reader_hooks: dict | None = None) -> 
             if cfg.policy_process:  # a policy that cannot start fails open(), not a later fetch
                 await actor.wait_ready(timeout=max(30.0, cfg.close_timeout_s))
         except BaseException:
-            await actor.stop(drain=False) if actor.state.value != "new" else None
+            with contextlib.suppress(Exception):  # the error on its way up says what went wrong
+                await actor.stop(drain=False)
             await readers.close()
             raise
         stack.pop_all()

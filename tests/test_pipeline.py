@@ -211,6 +211,21 @@ def test_the_policy_in_its_own_process_drives_the_same_exact_pipeline(stores, dt
     assert s.scheduler.prefetch_reads + s.scheduler.prefetch_copies > 0
 
 
+def test_a_policy_process_that_cannot_start_fails_open_and_leaks_nothing(stores, monkeypatch, no_leaks):
+    from policies.actor import PolicyActorError
+    from policies.process_actor import PolicyProcess
+
+    # stop() re-raises the recorded failure: open() must still close the readers and the child.
+    async def broken(self, timeout=30.0):  # as if the child reported a failure while starting
+        self._fail("ValueError: planted")
+        self.check()
+
+    monkeypatch.setattr(PolicyProcess, "wait_ready", broken)
+    store = stores["bfloat16"]
+    with pytest.raises(PolicyActorError, match="planted"):
+        ExpertPipeline.open(store, **budgets(store, 4, 4), device="cpu", readers=1, policy_process=True)
+
+
 KILLS = 8  # readers SIGKILLed mid-read in the test below (read_attempts there: 10)
 
 
