@@ -34,6 +34,7 @@ import multiprocessing
 import os
 import queue
 import threading
+import traceback
 
 import msgspec
 
@@ -132,8 +133,6 @@ def policy_main(conn, spec_bytes: bytes, parent_pid: int) -> None:
 
 
 async def _child(conn, spec: PolicySpec) -> None:
-    import traceback
-
     loop = asyncio.get_running_loop()
 
     def send(msg) -> None:
@@ -371,8 +370,6 @@ class PolicyProcess:
                     self._fail(f"policy process exited unexpectedly (exit code {code})")
             self._resolve_stopped()
         except Exception as exc:  # a bug in on_plan (the scheduler): record it like the actor does
-            import traceback
-
             self._fail("on_plan: " + "".join(traceback.format_exception(exc)))
 
     def _resolve_stopped(self) -> None:

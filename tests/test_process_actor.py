@@ -49,15 +49,15 @@ async def test_the_process_emits_the_plans_the_in_process_actor_emits():
     proc = there._proc
     try:
         for i, ev in enumerate(events()):  # one at a time: neither side coalesces
+            before = len(got_here)
             here.publish(ev)
             there.publish(ev)
             await _until(lambda: here.stats().processed == i + 1 and there.stats().processed == i + 1)
-            for mine, theirs in ((got_here, here), (got_there, there)):  # every move lands
-                if mine and len(mine) > getattr(theirs, "_seen", 0):
-                    for mv in mine[-1].plan.promotions + mine[-1].plan.stagings:
-                        theirs.complete(mv.layer, mv.expert, mv.tier, True)
-                    theirs._seen = len(mine)
             await _until(lambda: len(got_there) == len(got_here))
+            for plans, actor in ((got_here, here), (got_there, there)):  # every move of a new plan lands
+                for stamped in plans[before:]:
+                    for mv in stamped.plan.promotions + stamped.plan.stagings:
+                        actor.complete(mv.layer, mv.expert, mv.tier, True)
     finally:
         await here.stop()
         stats = await there.stop()
@@ -129,3 +129,16 @@ async def test_publish_never_blocks_on_a_stalled_child_and_counts_what_it_drops(
     assert s.dropped > 1000 and s.received == s.processed + s.coalesced + s.dropped + s.pending
     stats = await pp.stop(drain=False)
     assert stats.state == "stopped" and _no_child(proc)
+
+
+async def test_a_consumer_that_raises_on_a_plan_fails_the_actor_with_where():
+    def broken(stamped):
+        raise RuntimeError("scheduler bug")
+
+    pp = PolicyProcess(spec(), on_plan=broken)
+    pp.start()
+    for ev in events(2):
+        pp.publish(ev)
+    await _until(lambda: pp.state.value == "failed")
+    with pytest.raises(PolicyActorError, match="on_plan"):
+        await pp.stop()
