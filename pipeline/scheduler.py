@@ -267,7 +267,7 @@ class Scheduler(PlanExecution):
         while True:
             with self.table_lock:
                 rslot = self._ram_slot_for(key, demand)
-                busy = [t for (_, _, r, t, _) in self._inflight] if rslot is None else []
+                busy = [t for (_, _, _, t, _) in self._inflight] if rslot is None else []
             if rslot is not None:
                 break
             # Every RAM slot is the source of a copy not settled yet (a small RAM budget and
