@@ -1,9 +1,10 @@
 """The expert MLP of each store family, run on the dense tensors `ExpertPipeline.fetch` returns.
 
     expert_forward(family, tensors, x) -> y          x [n, H] -> y [n, H], in the weights' dtype
-    moe_forward(family, experts, x, weights, rows=None) -> y
+    moe_forward(family, experts, x, weights, rows=None, run_expert=None) -> y
         router-weighted sum of several experts; `rows[i]` (optional) selects which rows of x
-        expert i sees (a prefill pass routes each row to its own experts)
+        expert i sees (a prefill pass routes each row to its own experts); `run_expert(t, x)`
+        (optional) replaces expert_forward, e.g. by a captured graph of it
 
 Families and roles (adapters/base.py):
   gpt-oss : mlp1_weight [2I, H] (+ bias) -> interleaved gate x[..., ::2] / linear x[..., 1::2];
@@ -56,7 +57,7 @@ def expert_forward(family: str, t: dict[str, torch.Tensor], x: torch.Tensor) -> 
 
 
 def moe_forward(family: str, experts: list[dict[str, torch.Tensor]], x: torch.Tensor, weights,
-                rows: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+                rows: list[torch.Tensor | None] | None = None, run_expert=None) -> torch.Tensor:
     """sum_i weights[i] * expert_i(x[rows[i]]) scattered back to [n, H] (all rows when rows[i] is None)."""
     if len(weights) != len(experts) or (rows is not None and len(rows) != len(experts)):
         raise ValueError(f"moe_forward: {len(experts)} experts, {len(weights)} weights"
@@ -65,7 +66,7 @@ def moe_forward(family: str, experts: list[dict[str, torch.Tensor]], x: torch.Te
     for i, (t, w) in enumerate(zip(experts, weights)):
         sel = None if rows is None else rows[i]
         xi = x if sel is None else x.index_select(0, sel)
-        y = expert_forward(family, t, xi) * w
+        y = (expert_forward(family, t, xi) if run_expert is None else run_expert(t, xi)) * w
         if out is None:
             out = torch.zeros(x.shape[0], y.shape[-1], dtype=y.dtype, device=y.device)
         if sel is None:

@@ -21,6 +21,7 @@ it waited for. `fetch_s` is host time spent inside `fetch` calls.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -30,7 +31,8 @@ import torch
 
 from policies.traces import PREFILL, Trace, decode_steps
 
-from .expert_mlp import moe_forward
+from .cuda_graphs import GraphCache
+from .expert_mlp import expert_forward, moe_forward
 
 
 def check_fit(spec, trace: Trace) -> None:
@@ -111,7 +113,14 @@ def emulate_hints(passes: list[Pass], num_experts: int, recall: float, seed: int
 
 
 class Model:
-    """The model around the experts: embeddings, the non-expert stand-in per layer, norms."""
+    """The model around the experts: embeddings, the non-expert stand-in per layer, norms.
+
+    Inside `with model.graphs():` (CUDA only; a no-op elsewhere) single-row passes run the
+    stand-in and each expert as captured CUDA graphs (pipeline/bench/cuda_graphs.py), one per
+    distinct set of expert weight addresses, so one per VRAM slot. The math and its kernels are
+    the eager ones, so the values are the same bit for bit (a GPU test compares them). The scope
+    must close before the tensors the graphs read are freed, e.g. before a pipeline closes.
+    """
 
     def __init__(self, spec, device: torch.device, *, seed: int = 0, attn_matmuls: int = 4,
                  dtype: torch.dtype = torch.bfloat16):
@@ -123,6 +132,30 @@ class Model:
         self.embed = (torch.randn(64, H, generator=g)).to(device, dtype)
         self.attn = [(torch.randn(H, H, generator=g) * scale).to(device, dtype) for _ in range(attn_matmuls)]
         self.router = (torch.randn(H, E, generator=g) * scale).to(device, dtype)
+        self._graphs: GraphCache | None = None
+
+    @contextlib.contextmanager
+    def graphs(self, enabled: bool = True):
+        """Run single-row passes as CUDA graphs inside this scope (when on CUDA and `enabled`)."""
+        if not enabled or self.device.type != "cuda" or self._graphs is not None:
+            yield
+            return
+        H, E = self.embed.shape[1], self.router.shape[1]
+        self._ne_in, self._ne_h, self._ne_logits = (torch.zeros(1, n, device=self.device, dtype=self.dtype)
+                                                    for n in (H, H, E))
+        self._x_in = torch.zeros(1, H, device=self.device, dtype=self.dtype)
+        self._y_out: torch.Tensor | None = None
+        self._graphs = GraphCache(self.device)
+        try:
+            yield
+        finally:
+            torch.cuda.synchronize(self.device)  # no graph still reads what the caller frees next
+            self._graphs.clear()
+            self._graphs = None
+
+    @property
+    def graph_captures(self) -> int:
+        return 0 if self._graphs is None else self._graphs.captures
 
     @staticmethod
     def _norm(h: torch.Tensor) -> torch.Tensor:
@@ -133,16 +166,41 @@ class Model:
         idx = torch.tensor([t % 64 for t in token_ids], device=self.device)
         return self.embed.index_select(0, idx)
 
-    def non_expert(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stand-in of attention + router: (new hidden, router logits)."""
+    def _non_expert_math(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self._norm(h)
         for w in self.attn:
             a = a @ w
         h = h + a
         return h, self._norm(h) @ self.router
 
+    def non_expert(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stand-in of attention + router: (new hidden, router logits). Under graphs the
+        results are the graph's output buffers, overwritten by the next call."""
+        if self._graphs is None or h.shape[0] != 1:
+            return self._non_expert_math(h)
+        self._ne_in.copy_(h)
+        h2, logits = self._graphs.run("non-expert", lambda: self._non_expert_math(self._ne_in),
+                                      (self._ne_h, self._ne_logits))
+        return h2, logits
+
+    def _graphed_expert(self, t: dict[str, torch.Tensor], _x) -> torch.Tensor:
+        # The graph reads the weights where they are now: one graph per set of addresses (one
+        # per VRAM slot), valid for whichever expert the slot holds when it replays.
+        key = tuple(v.data_ptr() for v in t.values())
+        if self._y_out is None:
+            self._y_out = torch.zeros_like(self._x_in, dtype=next(iter(t.values())).dtype)
+        (y,) = self._graphs.run(key, lambda: (expert_forward(self.family, t, self._norm(self._x_in)),),
+                                (self._y_out,))
+        return y
+
     def experts(self, h: torch.Tensor, tensors, weights, rows) -> torch.Tensor:
-        y = moe_forward(self.family, tensors, self._norm(h), weights, rows)
+        if self._graphs is None or h.shape[0] != 1 or rows is not None:
+            y = moe_forward(self.family, tensors, self._norm(h), weights, rows)
+        else:
+            # The norm runs inside each expert's graph: the same kernels on the same input, so
+            # the same values, and one launch fewer per layer than an eager norm.
+            self._x_in.copy_(h)
+            y = moe_forward(self.family, tensors, self._x_in, weights, None, run_expert=self._graphed_expert)
         return h + y.to(h.dtype)
 
 
@@ -208,19 +266,25 @@ def open_pipeline(store_dir, method, vram_bytes: int, ram_bytes: int, device: st
 
 
 def warm_up(pipe, spec, model: Model) -> None:
-    """Fetch every expert once, then once more so copies have landed (untimed)."""
+    """Fetch every expert once, then once more so copies have landed, each group run through
+    the expert math once (untimed): the RAM tier starts full, and under `model.graphs()` every
+    VRAM slot's graph is captured before timing starts."""
     K = spec.top_k
+    h = model.embed_rows([0])
     for _ in range(2):
         for layer in range(spec.num_layers):
+            model.non_expert(h)
             for e in range(0, spec.num_experts, K):
-                pipe.fetch(layer, list(range(e, min(e + K, spec.num_experts))))
+                ids = list(range(e, min(e + K, spec.num_experts)))
+                model.experts(h, pipe.fetch(layer, ids), [1.0 / len(ids)] * len(ids), None)
     _sync(model.device)
 
 
 def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes: list[Pass], model: Model,
                hints, *, device: str, readers: int | None = None, progress=None, policy_process: bool = False,
-               keep_outputs: bool = False) -> MethodRun:
-    with open_pipeline(store_dir, method, vram_bytes, ram_bytes, device, readers, policy_process) as pipe:
+               keep_outputs: bool = False, cuda_graphs: bool = True) -> MethodRun:
+    with (open_pipeline(store_dir, method, vram_bytes, ram_bytes, device, readers, policy_process) as pipe,
+          model.graphs(cuda_graphs)):  # closes first: its graphs read the pipeline's slots
         if method.warm:
             warm_up(pipe, store.spec, model)
         before = pipe.stats().scheduler
