@@ -20,6 +20,7 @@ import torch
 from adapters.base import TORCH_DTYPES
 from adapters.store import StoreCheckpoint
 
+from . import fused_decode
 from .slot_decoder import SlotDecoder, scratch_bytes
 
 # Streams that decode into slots at once (the copy engine's demand and prefetch decode
@@ -76,8 +77,11 @@ class VramArena:
         self.num_staging = int(num_staging) if self.decodes else 0
         if self.decodes and self.num_staging < 1:
             raise ValueError(f"an mxfp4 store needs at least 1 staging buffer, got num_staging={num_staging}")
+        # On CUDA with Triton the decode is one kernel per expert and needs no scratch.
+        self.fused_decode = self.decodes and fused_decode.supports(store, self.device)
         # Staging buffers and the decoder's scratch come on top of the slots (mxfp4 only).
-        staging_bytes = self.num_staging * self.read_length + (scratch_bytes(store, DECODE_LANES) if self.decodes else 0)
+        staging_bytes = self.num_staging * self.read_length + (
+            scratch_bytes(store, DECODE_LANES, self.fused_decode) if self.decodes else 0)
         need = self.num_slots * self.slot_bytes + staging_bytes
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
@@ -99,7 +103,7 @@ class VramArena:
         # now rather than inside the first copy on the hot path.
         self.decoder = None
         if self.decodes:
-            self.decoder = SlotDecoder(self, lanes=DECODE_LANES)
+            self.decoder = SlotDecoder(self, lanes=DECODE_LANES, fused=self.fused_decode)
         if self.device.type == "cuda":
             # The table and the slots were made on this stream; copy streams use them next.
             torch.cuda.current_stream(self.device).synchronize()

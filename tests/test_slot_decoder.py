@@ -16,8 +16,10 @@ def stores(tmp_path_factory):
     return {d: StoreCheckpoint(build_tiny_store(root, d)) for d in ("mxfp4", "bfloat16")}
 
 
-def _check_every_staging_lane_and_slot(store: StoreCheckpoint, device: str) -> int:
+def _check_every_staging_lane_and_slot(store: StoreCheckpoint, device: str, fused: bool | None = None) -> int:
     arena = VramArena(store, 3, device, num_staging=3)
+    if fused is not None:  # this decoder rather than the one the arena chose
+        arena.decoder = SlotDecoder(arena, lanes=DECODE_LANES, fused=fused)
     checked = 0
     experts = [(x.layer, x.expert) for x in store.index.experts][:5]
     for n, (layer, e) in enumerate(experts):
@@ -43,8 +45,45 @@ def test_prepared_decode_is_bit_identical_to_the_general_decode(stores):
 
 
 @pytest.mark.gpu
-def test_prepared_decode_is_bit_identical_on_the_gpu(stores):
-    assert _check_every_staging_lane_and_slot(stores["mxfp4"], "cuda") >= 5 * 4
+@pytest.mark.parametrize("fused", [False, True])
+def test_prepared_decode_is_bit_identical_on_the_gpu(stores, fused):
+    assert VramArena(stores["mxfp4"], 2, "cuda").fused_decode  # the GPU image has Triton: the default
+    assert _check_every_staging_lane_and_slot(stores["mxfp4"], "cuda", fused) >= 5 * 4
+
+
+FUSED_ON_CPU = """
+import sys
+from adapters.store import StoreCheckpoint
+from tests.test_slot_decoder import _check_every_staging_lane_and_slot
+from pipeline.vram_arena import VramArena
+store = StoreCheckpoint(sys.argv[1])
+assert VramArena(store, 2, "cpu").decoder.fused
+print(_check_every_staging_lane_and_slot(store, "cpu", fused=True))
+"""
+
+
+def test_fused_kernel_is_bit_identical_in_tritons_interpreter(stores, tmp_path):
+    """The one-launch kernel (pipeline/fused_decode.py) on the CPU, where Triton is installed:
+    its interpreter runs the same program on CPU tensors. Without Triton (CI) the GPU test
+    above covers it."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", FUSED_ON_CPU, str(stores["mxfp4"].root)], capture_output=True,
+                       text=True, env=env, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.strip().splitlines()[-1]) >= 5 * 4
+
+
+def test_fused_decode_off_by_switch_or_without_cuda(stores, monkeypatch):
+    from pipeline import fused_decode
+
+    assert not VramArena(stores["mxfp4"], 2, "cpu").fused_decode or fused_decode._INTERPRETED
+    monkeypatch.setenv("MOE_CACHE_FUSED_DECODE", "0")
+    assert not fused_decode.available("cuda")
 
 
 def test_scratch_is_counted_in_the_arena_and_only_mxfp4_has_a_decoder(stores):

@@ -1,0 +1,130 @@
+"""A whole MXFP4 expert, staging buffer -> VRAM slot, in one kernel launch (CUDA with Triton).
+
+    available(device) -> bool        CUDA device and Triton importable (and not switched off)
+    supports(store, device) -> bool  available, and the store's raw tensors are kept as stored
+    FusedDecode(arena)
+      decode(k, slot)                enqueue on the current stream: staging buffer k -> slot
+
+Why: a miss in a host-bound decode loop pays for every kernel launch from Python. The
+prepared torch decode (pipeline/slot_decoder.py) needs three launches per MXFP4 tensor and a
+copy per raw tensor: eight for a GPT-OSS expert, ~60 us of host time per miss on an H100,
+about half of what a miss cost the caller (py-spy, replay of qwen1.5). Here one program grid
+covers every tensor of the expert: a small device table describes each tensor (where its
+bytes sit in the staging buffer, where its dense form goes in the slot), and each program
+looks up which tensor its block belongs to. The arithmetic is the torch decode's: the same
+256x256-entry table indexed by (scale << 8 | byte), each entry the two bf16 values of that
+byte, so the bytes written are identical (tests compare them).
+
+MOE_CACHE_FUSED_DECODE=0 in the environment switches it off (the torch decode runs instead),
+for A/B runs.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from adapters.mxfp4 import _table
+
+try:  # Triton ships with CUDA builds of torch; CPU builds run the torch decode
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the torch build
+    triton = None
+
+GROUPS_PER_PROGRAM = 64  # 32-value groups: 1 KiB of blocks in, 4 KiB of bf16 out per program
+MXFP4, RAW = 0, 1
+_FIELDS = 6  # kind, source offset, scales offset, dense offset, units, first program
+
+
+# Triton's CPU interpreter (TRITON_INTERPRET=1 before import) runs the kernel on CPU tensors:
+# how the kernel is tested where there is no GPU but Triton is installed.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: torch.device | str) -> bool:
+    if triton is None or os.environ.get("MOE_CACHE_FUSED_DECODE", "1") == "0":
+        return False
+    return torch.device(device).type == "cuda" or _INTERPRETED
+
+
+def _raw_tensors_kept_as_stored(store) -> bool:
+    """A byte copy is the torch decode's copy_ only where the stored dtype is the dense one."""
+    stored = {t.role: t.dtype for t in store.index.experts[0].tensors}
+    dense = {t.role: t.dtype for t in store.dense_tensors}
+    return all(stored[s] == dense[d] for d, s, scales in store.dense_layout if scales is None)
+
+
+def supports(store, device: torch.device | str) -> bool:
+    return store.dtype == "mxfp4" and available(device) and _raw_tensors_kept_as_stored(store)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_expert(staging, slot8, slot32, table, desc, NSEG: tl.constexpr, GROUPS: tl.constexpr):
+        pid = tl.program_id(0)
+        seg = pid * 0
+        for i in tl.static_range(1, NSEG):  # which tensor this program's block belongs to
+            seg += (pid >= tl.load(desc + i * 6 + 5)).to(tl.int32)
+        row = desc + seg * 6
+        kind = tl.load(row)
+        src = tl.load(row + 1)
+        scales = tl.load(row + 2)
+        dense = tl.load(row + 3)
+        units = tl.load(row + 4)
+        local = pid - tl.load(row + 5)
+        if kind == 0:  # MXFP4: `units` groups of 16 bytes + 1 scale -> 16 int32 (= 32 bf16)
+            g = local * GROUPS + tl.arange(0, GROUPS)
+            live = g < units
+            s = tl.load(staging + scales + g, mask=live, other=0).to(tl.int32)
+            at = g[:, None] * 16 + tl.arange(0, 16)[None, :]
+            b = tl.load(staging + src + at, mask=live[:, None], other=0).to(tl.int32)
+            v = tl.load(table + (s[:, None] * 256 + b), mask=live[:, None], other=0)
+            tl.store(slot32 + dense // 4 + at, v, mask=live[:, None])
+        else:  # stored as is (e.g. bf16 biases): `units` bytes
+            u = local * (GROUPS * 16) + tl.arange(0, GROUPS * 16)
+            live = u < units
+            tl.store(slot8 + dense + u, tl.load(staging + src + u, mask=live, other=0), mask=live)
+
+
+class FusedDecode:
+    def __init__(self, arena):
+        store = arena.store
+        if not supports(store, arena.device):
+            raise ValueError(f"FusedDecode needs an mxfp4 store on a CUDA device with Triton, raw tensors kept "
+                             f"as stored; got {store.dtype} on {arena.device} (Triton "
+                             f"{'present' if triton is not None else 'missing'})")
+        self._arena = arena
+        self._table = _table(arena.device).view(torch.int32).view(-1)  # the pair of bf16 per index
+        layout = {t.role: t for t in store.index.experts[0].tensors}  # offsets inside an expert
+        base = arena.raw_view(0).data_ptr()
+        rows, start = [], 0
+        for dense, stored, scales in store.dense_layout:
+            t = layout[stored]
+            at = arena.tensors(0)[dense].data_ptr() - base
+            if scales is None:
+                units, programs = t.nbytes, -(-t.nbytes // (GROUPS_PER_PROGRAM * 16))
+                rows.append((RAW, t.offset, 0, at, units, start))
+            else:
+                if at % 4:
+                    raise ValueError(f"dense tensor {dense} at slot offset {at}: not 4-byte aligned")
+                units = t.nbytes // 16
+                programs = -(-units // GROUPS_PER_PROGRAM)
+                rows.append((MXFP4, t.offset, layout[scales].offset, at, units, start))
+            start += programs
+        self._desc = torch.tensor(rows, dtype=torch.int64).to(arena.device)
+        self._programs = start
+        self._nseg = len(rows)
+        self._slot32 = [None] * arena.num_slots  # int32 views of the slots, made on first use
+
+    def decode(self, k: int, slot: int) -> None:
+        raw = self._arena.raw_view(slot)
+        s32 = self._slot32[slot]
+        if s32 is None:
+            s32 = self._slot32[slot] = raw[: raw.numel() // 4 * 4].view(torch.int32)
+        _decode_expert[(self._programs,)](self._arena.staging(k), raw, s32, self._table, self._desc,
+                                          NSEG=self._nseg, GROUPS=GROUPS_PER_PROGRAM)
+
+
+__all__ = ["FusedDecode", "available"]
