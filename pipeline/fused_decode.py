@@ -34,7 +34,11 @@ except ImportError:  # pragma: no cover - depends on the torch build
 
 GROUPS_PER_PROGRAM = 64  # 32-value groups: 1 KiB of blocks in, 4 KiB of bf16 out per program
 MXFP4, RAW = 0, 1
-_FIELDS = 6  # kind, source offset, scales offset, dense offset, units, first program
+# Each row of the device table: kind, source offset, scales offset, dense offset, units, first
+# program (6 int64; the kernel reads them at row * 6 + field).
+# No floating-point arithmetic here (integer indexing and gathers), so FP contraction cannot
+# change a bit; saying so keeps Triton >= 3.9 from warning that its default will change.
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1 before import) runs the kernel on CPU tensors:
@@ -83,9 +87,10 @@ if triton is not None:
             v = tl.load(table + (s[:, None] * 256 + b), mask=live[:, None], other=0)
             tl.store(slot32 + dense // 4 + at, v, mask=live[:, None])
         else:  # stored as is (e.g. bf16 biases): `units` bytes
+            # (names differ from the branch above: Triton types a name once across both branches)
             u = local * (GROUPS * 16) + tl.arange(0, GROUPS * 16)
-            live = u < units
-            tl.store(slot8 + dense + u, tl.load(staging + src + u, mask=live, other=0), mask=live)
+            u_live = u < units
+            tl.store(slot8 + dense + u, tl.load(staging + src + u, mask=u_live, other=0), mask=u_live)
 
 
 class FusedDecode:
@@ -124,7 +129,7 @@ class FusedDecode:
         if s32 is None:
             s32 = self._slot32[slot] = raw[: raw.numel() // 4 * 4].view(torch.int32)
         _decode_expert[(self._programs,)](self._arena.staging(k), raw, s32, self._table, self._desc,
-                                          NSEG=self._nseg, GROUPS=GROUPS_PER_PROGRAM)
+                                          NSEG=self._nseg, GROUPS=GROUPS_PER_PROGRAM, **COMPILE_OPTIONS)
 
 
 __all__ = ["FusedDecode", "available"]

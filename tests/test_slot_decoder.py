@@ -93,3 +93,19 @@ def test_scratch_is_counted_in_the_arena_and_only_mxfp4_has_a_decoder(stores):
     assert VramArena(stores["bfloat16"], 2, "cpu").decoder is None
     with pytest.raises(ValueError, match="mxfp4"):
         SlotDecoder(VramArena(stores["bfloat16"], 2, "cpu"))
+
+
+def test_fused_kernel_compiles_for_hopper():
+    """Triton's front end and ptxas run without a GPU: the kernel must build for sm_90 (the
+    interpreter above runs Python semantics and misses typing errors that only compiling finds)."""
+    pytest.importorskip("triton")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pipeline.fused_decode import COMPILE_OPTIONS, _decode_expert
+
+    sig = {"staging": "*u8", "slot8": "*u8", "slot32": "*i32", "table": "*i32", "desc": "*i64",
+           "NSEG": "constexpr", "GROUPS": "constexpr"}
+    src = ASTSource(fn=_decode_expert, signature=sig, constexprs={"NSEG": 4, "GROUPS": 64})
+    assert "cubin" in triton.compile(src, target=GPUTarget("cuda", 90, 32), options=COMPILE_OPTIONS).asm
