@@ -45,6 +45,7 @@ def test_baselines_cpu(setup, tmp_path, capsys, no_leaks):  # noqa: F811
     text = capsys.readouterr().out
     assert "STAND-IN" in text and "EMULATED" in text
     res = json.loads(out.read_text())
+    assert res["complete"] is True
     for key in ("settings", "environment", "store", "trace", "limits", "budgets", "stand_in", "lookahead"):
         assert key in res
     for key in ("machine", "card", "driver", "torch"):
@@ -201,3 +202,27 @@ def test_policy_process_flag_runs_the_policy_in_a_child(setup, tmp_path, capsys,
     res = json.loads(out.read_text())
     (row,) = res["budgets"][0]["methods"]
     assert res["settings"]["policy_process"] is True and row["skipped"] is None and row["tokens_per_s"] > 0
+
+
+def test_a_run_cut_short_keeps_the_budgets_it_finished(setup, tmp_path, monkeypatch):
+    """The JSON is rewritten after each VRAM budget: killed during the second, the first stays."""
+    import pipeline.bench.replay as replay
+
+    store, trace, _ = setup
+    real, calls = replay.run_method, []
+
+    def dies_in_the_second_budget(*a, **kw):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # what a timeout's SIGINT or Ctrl-C raises mid-run
+        return real(*a, **kw)
+
+    monkeypatch.setattr(replay, "run_method", dies_in_the_second_budget)
+    out = tmp_path / "r.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench(["replay", "--store", str(store), "--trace", str(trace), "--vram", "0.5", "--vram", "0.75",
+               "--methods", "lru-lookahead", "--device", "cpu", "--json", str(out), "--no-progress", "--readers", "1"])
+    res = json.loads(out.read_text())
+    assert res["complete"] is False and [b["vram"] for b in res["budgets"]] == ["0.5"]
+    assert res["budgets"][0]["methods"][0]["tokens_per_s"] > 0
+    assert not list(tmp_path.glob(".r.json.*"))  # no temp file left behind

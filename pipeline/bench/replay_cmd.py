@@ -275,6 +275,24 @@ def run(args) -> int:
           f"{limits['disk_raw_gbps']:.2f} GB/s, compute {compute_s_tok * 1e3:.3f} ms/token with nothing to move "
           f"({source}; the stand-in alone {standin_ms_tok:.3f} ms/token)")
 
+    def result(complete: bool) -> dict:
+        return {"settings": {k: v for k, v in vars(args).items() if k != "func"}, "environment": R.environment(),
+                "store": {"path": args.store, "family": spec.family, "dtype": store.dtype, "layers": spec.num_layers,
+                          "experts": spec.num_experts, "top_k": spec.top_k, "hidden": spec.hidden_size,
+                          "intermediate": spec.intermediate_size, "expert_read_bytes": rslot, "vram_slot_bytes": vslot},
+                "trace": {"path": args.trace, "model": trace.meta.model, "layers": trace.num_layers,
+                          "experts": trace.num_experts, "top_k": trace.top_k, "rows": trace.tokens},
+                "passes": len(passes), "tokens": tokens, "device": str(device),
+                "stand_in": f"{args.attn_matmuls} bf16 [n,H]x[H,H] matmuls + router [n,H]x[H,E] (not a real attention)",
+                "compute": ("decode rows: stand-in and each expert MLP as CUDA graphs, one per VRAM slot; "
+                            "prefill rows eager" if graphs else "eager PyTorch"),
+                "lookahead": f"emulated: recall {args.lookahead_recall}, seed {args.seed}",
+                "timing": "host clock per pass, device synchronised at the end of each pass",
+                "limits": limits, "budgets": budgets,
+                # False while budgets are still running: the file is rewritten after each one,
+                # so a run cut short keeps what it finished
+                "complete": complete}
+
     keys = access_keys(passes, spec.num_experts, spec.top_k)
     budgets = []
     for vram_text, vram_slots in vrams:
@@ -294,21 +312,10 @@ def run(args) -> int:
         R.add_ratios(budget["methods"], budget["oracle_tokens_per_s"])
         R.print_table(budget, budget["methods"])
         budgets.append(budget)
-    result = {"settings": {k: v for k, v in vars(args).items() if k != "func"}, "environment": R.environment(),
-              "store": {"path": args.store, "family": spec.family, "dtype": store.dtype, "layers": spec.num_layers,
-                        "experts": spec.num_experts, "top_k": spec.top_k, "hidden": spec.hidden_size,
-                        "intermediate": spec.intermediate_size, "expert_read_bytes": rslot, "vram_slot_bytes": vslot},
-              "trace": {"path": args.trace, "model": trace.meta.model, "layers": trace.num_layers,
-                        "experts": trace.num_experts, "top_k": trace.top_k, "rows": trace.tokens},
-              "passes": len(passes), "tokens": tokens, "device": str(device),
-              "stand_in": f"{args.attn_matmuls} bf16 [n,H]x[H,H] matmuls + router [n,H]x[H,E] (not a real attention)",
-              "compute": ("decode rows: stand-in and each expert MLP as CUDA graphs, one per VRAM slot; "
-                          "prefill rows eager" if graphs else "eager PyTorch"),
-              "lookahead": f"emulated: recall {args.lookahead_recall}, seed {args.seed}",
-              "timing": "host clock per pass, device synchronised at the end of each pass",
-              "limits": limits, "budgets": budgets}
+        if args.json:
+            R.write_json(args.json, result(complete=False))
     if args.json:
-        R.write_json(args.json, result)
+        R.write_json(args.json, result(complete=True))
     if args.plot:
         R.plot(args.plot, budgets)
         print(f"plot: {args.plot}")
