@@ -187,7 +187,7 @@ def test_vram_sweep_and_extra_policy(setup, tmp_path, capsys):
     assert [b["vram_slots"] for b in res["budgets"]] == [6, 18]  # of 3 x 8 experts
     for b in res["budgets"]:
         names = [r["method"] for r in b["methods"]]
-        assert names == ["ours", "ours-ewma", "lru"]
+        assert names == ["ours", "ours-lookahead", "lru"]
         assert all(r["vram_slots"] == b["vram_slots"] for r in b["methods"])
     # more VRAM, never fewer Belady hits
     assert res["budgets"][1]["belady_loads"] <= res["budgets"][0]["belady_loads"]

@@ -1,7 +1,7 @@
 """The ways `prefetch-bench replay` opens and drives the pipeline, one per method.
 
     baseline_methods() -> list[Method]       resident, on-demand, on-demand-disk, lru-lookahead,
-                                             watermark-ewma, ours, ours-ewma
+                                             watermark-ewma, ours, ours-lookahead
     extra_methods(policies, predictor) -> list[Method]     what --policy / --predictor add
     slots_for(method, budget_vram_slots, budget_ram_slots, store) -> (vram slots, ram slots)
 
@@ -61,16 +61,16 @@ def baseline_methods() -> list[Method]:
         Method(name="lru-lookahead", policy="lru-lookahead", predictor="lookahead", lookahead=True,
                note="LRU per layer + next-layer router lookahead (the Mixtral offloading demo)"),
         Method(name="watermark-ewma", policy="watermark", predictor="ewma", note="the original design"),
-        # Ours: the default policy, its predictor fused with router lookahead. Fusion beat the
-        # registry's EWMA on VRAM hit rate in every replay measured (qwen1.5 on an H100, RAM
-        # 1.0: 0.68 vs 0.17 at 10%, 0.72 vs 0.31 at 25%), so it is "ours"; the plain default
-        # pair stays as "ours-ewma" to show what the lookahead adds. Not in tokens/s, though:
-        # on the H100 the decode loop is host-bound, and the hints and extra prefetches cost
-        # host time under the GIL (see docs/results and the issue notes).
-        Method(name="ours", policy=DEFAULT_POLICY, predictor="fusion", lookahead=True,
-               note=f"{DEFAULT_POLICY} + fusion(ewma, lookahead)"),
-        Method(name="ours-ewma", policy=DEFAULT_POLICY, predictor=ours_pred, predictor_options=ours_opts,
-               note=f"{DEFAULT_POLICY} + {DEFAULT_PREDICTOR}, no lookahead"),
+        # Ours: what the library does by default, the registry's default policy and predictor.
+        # A variant fuses that predictor with the router lookahead. Fusion raises the VRAM hit
+        # rate (qwen1.5 on an H100, RAM 1.0: 0.55 vs 0.13 at 10%), yet it was the slower of the
+        # two in every GPU replay of stop 8 (GPT-OSS-20B dims, qwen1.5: 33.6 vs 55.5 tok/s at
+        # 10%, 41.1 vs 55.5 at 25%; scaled dims, llama4 and qwen1.5 alike): the loop is
+        # host-bound, and the hints and the extra prefetches they start cost host time.
+        Method(name="ours", policy=DEFAULT_POLICY, predictor=ours_pred, predictor_options=ours_opts,
+               note=f"{DEFAULT_POLICY} + {DEFAULT_PREDICTOR} (the defaults)"),
+        Method(name="ours-lookahead", policy=DEFAULT_POLICY, predictor="fusion", lookahead=True,
+               note=f"{DEFAULT_POLICY} + fusion(ewma, router lookahead)"),
     ]
 
 
