@@ -193,6 +193,27 @@ def test_vram_sweep_and_extra_policy(setup, tmp_path, capsys):
     assert res["budgets"][1]["belady_loads"] <= res["budgets"][0]["belady_loads"]
 
 
+def test_rows_run_once_carry_each_budgets_own_ratios(setup, tmp_path, capsys, monkeypatch):
+    """on-demand runs once and appears under every budget; its ratio to the oracle must be
+    the one of the budget it is listed under. A slow link (patched in) makes the oracle
+    transfer-bound, so it differs between budgets as on a GPU."""
+    import pipeline.bench.replay_cmd as cmd
+
+    real = cmd._limits
+    monkeypatch.setattr(cmd, "_limits", lambda *a, **kw: {**real(*a, **kw), "h2d_raw_gbps": 1e-4})
+    store, trace, _ = setup
+    out = tmp_path / "r.json"
+    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--device", "cpu", "--json", str(out),
+                "--vram", "0.25", "--vram", "0.75", "--methods", "on-demand,lru-lookahead", "--tokens", "4",
+                "--no-progress", "--readers", "1"])
+    assert rc == 0, capsys.readouterr().err
+    budgets = json.loads(out.read_text())["budgets"]
+    assert budgets[0]["oracle_tokens_per_s"] != budgets[1]["oracle_tokens_per_s"]
+    for b in budgets:
+        for r in b["methods"]:
+            assert r["ratio_oracle"] == pytest.approx(r["tokens_per_s"] / b["oracle_tokens_per_s"]), (b["vram"], r)
+
+
 def test_policy_process_flag_runs_the_policy_in_a_child(setup, tmp_path, capsys, no_leaks):  # noqa: F811
     store, trace, _ = setup
     out = tmp_path / "r.json"

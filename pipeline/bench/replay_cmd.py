@@ -302,8 +302,8 @@ def run(args) -> int:
                   "ram_slots": ram_slots, "belady_loads": loads, "belady_hit_rate": hits / max(1, len(keys)),
                   "oracle_tokens_per_s": 1.0 / oracle_s_tok, "methods": []}
         for m in methods:
-            if m.name in fixed:
-                budget["methods"].append(fixed[m.name])
+            if m.name in fixed:  # a copy: its ratios are this budget's, not the last one's
+                budget["methods"].append(dict(fixed[m.name]))
                 continue
             row = run_one(m, vram_slots, vram_text, compute_s_tok)
             if m.vram != "budget" and m.ram != "budget":
