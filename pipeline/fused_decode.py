@@ -8,7 +8,8 @@
 Why: a miss in a host-bound decode loop pays for every kernel launch from Python. The
 prepared torch decode (pipeline/slot_decoder.py) needs three launches per MXFP4 tensor and a
 copy per raw tensor: eight for a GPT-OSS expert, ~60 us of host time per miss on an H100,
-about half of what a miss cost the caller (py-spy, replay of qwen1.5). Here one program grid
+about 40% of what a miss cost the caller (py-spy, replay of qwen1.5; with this kernel the
+caller's host time in fetch fell from 15.8 to 13.6 ms per token for on-demand). Here one program grid
 covers every tensor of the expert: a small device table describes each tensor (where its
 bytes sit in the staging buffer, where its dense form goes in the slot), and each program
 looks up which tensor its block belongs to. The arithmetic is the torch decode's: the same
@@ -132,4 +133,4 @@ class FusedDecode:
                                           NSEG=self._nseg, GROUPS=GROUPS_PER_PROGRAM, **COMPILE_OPTIONS)
 
 
-__all__ = ["FusedDecode", "available"]
+__all__ = ["FusedDecode", "available", "supports"]
