@@ -7,6 +7,11 @@
     async with await ExpertPipeline.aopen(store_dir, vram=..., ram=...) as pipe:
         weights = await pipe.afetch(layer, expert_ids)
 
+    staged = pipe.fetch(layer, expert_ids, wait=False)   # StagedExperts: overlap math and copies
+    for i in staged.order:
+        staged.ready(i)                                   # expert i's copy, on the current stream
+        ... expert i's math on staged[i] ...
+
 `open` runs the pipeline's event loop (uvloop) on a dedicated thread; `aopen` runs it on
 the caller's loop. Tensors handed out by a fetch stay valid until a later fetch: the slot
 is overwritten only by a copy that waits on a fence recorded by that later fetch on the
@@ -47,6 +52,27 @@ class PipelineStats(msgspec.Struct, frozen=True):
     readers: ReaderStats
     copies: CopyStats
     actor: object  # policies.actor.ActorStats
+
+
+class StagedExperts(list):
+    """What `fetch(..., wait=False)` returns: the experts' tensors (one dict per id, in the order
+    asked) before the caller's stream waits on any copy. `ready(i)` makes the current stream wait
+    for expert i's copy (nothing for an expert already in VRAM; on the CPU it blocks until the
+    copy is done) and re-raises that copy's error; call it before expert i's tensors are used.
+    `order` lists the experts already in VRAM first, then the rest in the order asked: computing
+    in that order lets the first experts' math run while later experts are still being copied,
+    instead of every expert waiting for the last copy (what `wait=True` implies)."""
+
+    def __init__(self, tensors: list[dict[str, torch.Tensor]], transfers: list):
+        super().__init__(tensors)
+        self._transfers = transfers
+        self.order = tuple([i for i, t in enumerate(transfers) if t is None]
+                           + [i for i, t in enumerate(transfers) if t is not None])
+
+    def ready(self, i: int) -> None:
+        transfer = self._transfers[i]
+        if transfer is not None:
+            transfer.make_stream_wait()
 
 
 class ExpertPipeline:
@@ -108,8 +134,10 @@ class ExpertPipeline:
         return cls(cfg, parts, asyncio.get_running_loop(), None, routers)
 
     # ---- the decode loop's calls ---------------------------------------------------------------
-    def fetch(self, layer: int, expert_ids, *, router_weights=None, token_id: int | None = None):
-        """The experts' dense tensors (one dict per id, in order), ready on the current stream."""
+    def fetch(self, layer: int, expert_ids, *, router_weights=None, token_id: int | None = None,
+              wait: bool = True):
+        """The experts' dense tensors (one dict per id, in order), ready on the current stream.
+        wait=False: a StagedExperts instead, whose expert i is ready only after `ready(i)`."""
         if self._thread is None:
             raise RuntimeError("this pipeline was opened with aopen(): use `await pipe.afetch(...)`")
         with self._lock:
@@ -117,14 +145,15 @@ class ExpertPipeline:
             pairs = self._p.scheduler.try_serve(layer, ids, seq, fence)
             if pairs is not None:  # served on this thread (VRAM hits, copies from RAM): no hop to the loop
                 self._p.actor.publish_threadsafe(event)
-                return self._finish(pairs)
+                return self._finish(pairs, wait)
             fut = asyncio.run_coroutine_threadsafe(self._p.scheduler.demand(layer, ids, seq, fence), self._loop)
             # Published after the demand was queued: the loop serves the demand before the policy
             # thinks about this event (the caller never waits for the policy).
             self._p.actor.publish_threadsafe(event)
-            return self._finish(fut.result(timeout=self._demand_timeout()))
+            return self._finish(fut.result(timeout=self._demand_timeout()), wait)
 
-    async def afetch(self, layer: int, expert_ids, *, router_weights=None, token_id: int | None = None):
+    async def afetch(self, layer: int, expert_ids, *, router_weights=None, token_id: int | None = None,
+                     wait: bool = True):
         seq, fence, ids, event = self._begin(layer, expert_ids, router_weights, token_id, thread_check=False)
         coro = self._p.scheduler.demand(layer, ids, seq, fence)
         if self._thread is not None:  # the pipeline's loop runs elsewhere: bridge to it
@@ -135,7 +164,7 @@ class ExpertPipeline:
             task = asyncio.ensure_future(coro)
             self._p.actor.publish(event)
             res = await asyncio.wait_for(task, self._demand_timeout())
-        return self._finish(res)
+        return self._finish(res, wait)
 
     def hint(self, layer: int, hidden_state) -> None:
         """Score later layers' experts from `hidden_state` with their routers (router lookahead);
@@ -247,13 +276,15 @@ class ExpertPipeline:
         self._hint = None
         return self._seq, fence, ids, event
 
-    def _finish(self, results) -> list[dict[str, torch.Tensor]]:
-        out = []
-        for slot, transfer in results:
+    def _finish(self, results, wait: bool = True) -> list[dict[str, torch.Tensor]]:
+        tensors = [self._p.vram_arena.tensors(slot.index) for slot, _ in results]
+        transfers = [transfer for _, transfer in results]
+        if not wait:
+            return StagedExperts(tensors, transfers)
+        for transfer in transfers:
             if transfer is not None:
                 transfer.make_stream_wait()  # the caller's stream waits on the copy's event
-            out.append(self._p.vram_arena.tensors(slot.index))
-        return out
+        return tensors
 
     def _demand_timeout(self) -> float:
         c = self.config
@@ -271,4 +302,4 @@ async def _assemble(cfg: PipelineConfig, reader_hooks: dict | None):
     return await assemble(cfg, reader_hooks=reader_hooks)
 
 
-__all__ = ["ExpertPipeline", "PipelineClosed", "PipelineStats"]
+__all__ = ["ExpertPipeline", "PipelineClosed", "PipelineStats", "StagedExperts"]

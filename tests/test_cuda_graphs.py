@@ -66,7 +66,8 @@ def test_graph_follows_the_tensors_it_reads_and_captures_once():
 @pytest.mark.gpu
 def test_graphed_replay_is_bit_identical_to_eager(setup):
     """Through a pipeline with 3 VRAM slots for 24 experts (every slot reloaded many times),
-    with the graphs on and off, and against the eager resident reference."""
+    with the graphs on and off, each expert after its own copy or after all, against the eager
+    resident reference."""
     store_dir, trace = setup
     store = StoreCheckpoint(store_dir)
     spec = store.spec
@@ -80,11 +81,12 @@ def test_graphed_replay_is_bit_identical_to_eager(setup):
     rslot = max(x.read_length for x in store.index.experts)
     for name in ("on-demand", "lru-lookahead"):
         (m,) = select(baseline_methods(), [name])
-        runs = {g: run_method(store_dir, store, m, 3 * vslot, 24 * rslot, passes, model, hints, device="cuda",
-                              readers=1, keep_outputs=True, cuda_graphs=g) for g in (True, False)}
-        assert runs[True].after.vram_misses > 20  # slots really were reloaded under the graphs
-        for outs in (runs[True].loop.outputs, runs[False].loop.outputs):
-            assert all(torch.equal(a, b) for a, b in zip(_bits(ref), _bits(outs), strict=True)), name
+        runs = {(g, w): run_method(store_dir, store, m, 3 * vslot, 24 * rslot, passes, model, hints,
+                                   device="cuda", readers=1, keep_outputs=True, cuda_graphs=g, per_expert_waits=w)
+                for g in (True, False) for w in (False, True)}
+        assert runs[True, False].after.vram_misses > 20  # slots really were reloaded under the graphs
+        for key, r in runs.items():
+            assert all(torch.equal(a, b) for a, b in zip(_bits(ref), _bits(r.loop.outputs), strict=True)), (name, key)
 
 
 @pytest.mark.gpu

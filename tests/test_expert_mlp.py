@@ -89,3 +89,23 @@ def test_moe_weighted_sum_with_row_routing():
 def test_unknown_family_is_named():
     with pytest.raises(ValueError, match="family 'dense'.*gpt-oss"):
         expert_forward("dense", {}, torch.zeros(1, H))
+
+
+def test_moe_compute_order_changes_nothing_and_waits_before_each_expert():
+    """`order` + `ready`: each expert computed after its own ready(i), in that order; the sum
+    stays in router order, so bf16 results equal the router-order run bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    experts = [{k: v.to(torch.bfloat16) for k, v in _tensors("qwen-moe", g).items()} for _ in range(4)]
+    x, w = _rand(1, H, g=g).to(torch.bfloat16), [0.4, 0.3, 0.2, 0.1]
+    want = moe_forward("qwen-moe", experts, x, w)
+    seen = []
+
+    def run_expert(t, xi):
+        assert seen and experts[seen[-1]] is t  # ready(i) came right before expert i's math
+        return expert_forward("qwen-moe", t, xi)
+
+    got = moe_forward("qwen-moe", experts, x, w, run_expert=run_expert, ready=seen.append, order=(2, 0, 3, 1))
+    assert seen == [2, 0, 3, 1]
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    with pytest.raises(ValueError, match="each of the 4 experts once"):
+        moe_forward("qwen-moe", experts, x, w, order=(0, 1, 1, 3))

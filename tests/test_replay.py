@@ -72,7 +72,8 @@ def test_baselines_cpu(setup, tmp_path, capsys, no_leaks):  # noqa: F811
     assert b["oracle_tokens_per_s"] <= rows["resident"]["tokens_per_s"] * (1 + 1e-9)
 
 
-def test_pipeline_outputs_bit_identical_to_resident_reference(setup):
+@pytest.mark.parametrize("per_expert_waits", [False, True])
+def test_pipeline_outputs_bit_identical_to_resident_reference(setup, per_expert_waits):
     store_dir, trace_path, _ = setup
     store = StoreCheckpoint(store_dir)
     spec = store.spec
@@ -85,7 +86,7 @@ def test_pipeline_outputs_bit_identical_to_resident_reference(setup):
     vslot = VramArena.slot_bytes_for(store)
     rslot = max(x.read_length for x in store.index.experts)
     run = run_method(store_dir, store, m, 4 * vslot, 6 * rslot, passes, model, hints, device="cpu",
-                     readers=1, keep_outputs=True)
+                     readers=1, keep_outputs=True, per_expert_waits=per_expert_waits)
     assert run.after.vram_misses > 0  # experts really moved through the tiers
     for a, b in zip(ref, run.loop.outputs, strict=True):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))

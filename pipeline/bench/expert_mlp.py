@@ -1,10 +1,11 @@
 """The expert MLP of each store family, run on the dense tensors `ExpertPipeline.fetch` returns.
 
     expert_forward(family, tensors, x) -> y          x [n, H] -> y [n, H], in the weights' dtype
-    moe_forward(family, experts, x, weights, rows=None, run_expert=None) -> y
+    moe_forward(family, experts, x, weights, rows=None, run_expert=None, ready=None, order=None) -> y
         router-weighted sum of several experts; `rows[i]` (optional) selects which rows of x
         expert i sees (a prefill pass routes each row to its own experts); `run_expert(t, x)`
-        (optional) replaces expert_forward, e.g. by a captured graph of it
+        (optional) replaces expert_forward, e.g. by a captured graph of it; `order` and
+        `ready(i)` (optional) compute the experts in another order, each once it is ready
 
 Families and roles (adapters/base.py):
   gpt-oss : mlp1_weight [2I, H] (+ bias) -> interleaved gate x[..., ::2] / linear x[..., 1::2];
@@ -57,22 +58,31 @@ def expert_forward(family: str, t: dict[str, torch.Tensor], x: torch.Tensor) -> 
 
 
 def moe_forward(family: str, experts: list[dict[str, torch.Tensor]], x: torch.Tensor, weights,
-                rows: list[torch.Tensor | None] | None = None, run_expert=None) -> torch.Tensor:
-    """sum_i weights[i] * expert_i(x[rows[i]]) scattered back to [n, H] (all rows when rows[i] is None)."""
+                rows: list[torch.Tensor | None] | None = None, run_expert=None, ready=None,
+                order=None) -> torch.Tensor:
+    """sum_i weights[i] * expert_i(x[rows[i]]) scattered back to [n, H] (all rows when rows[i] is None).
+    `order` (optional): the order the experts are computed in, each after `ready(i)` when given;
+    the sum is always taken in router order, so the result does not depend on `order`."""
     if len(weights) != len(experts) or (rows is not None and len(rows) != len(experts)):
         raise ValueError(f"moe_forward: {len(experts)} experts, {len(weights)} weights"
                          f"{'' if rows is None else f', {len(rows)} row sets'}")
-    out = None
-    for i, (t, w) in enumerate(zip(experts, weights)):
+    if not experts:
+        raise ValueError("moe_forward: no experts")
+    if order is not None and sorted(order) != list(range(len(experts))):
+        raise ValueError(f"moe_forward: order {list(order)} must list each of the {len(experts)} experts once")
+    ys: list[torch.Tensor | None] = [None] * len(experts)
+    for i in range(len(experts)) if order is None else order:
+        if ready is not None:
+            ready(i)
         sel = None if rows is None else rows[i]
         xi = x if sel is None else x.index_select(0, sel)
-        y = (expert_forward(family, t, xi) if run_expert is None else run_expert(t, xi)) * w
-        if out is None:
-            out = torch.zeros(x.shape[0], y.shape[-1], dtype=y.dtype, device=y.device)
+        y = expert_forward(family, experts[i], xi) if run_expert is None else run_expert(experts[i], xi)
+        ys[i] = y * weights[i]  # now: a graph's output buffer is overwritten by its next replay
+    out = torch.zeros(x.shape[0], ys[0].shape[-1], dtype=ys[0].dtype, device=ys[0].device)
+    for i, y in enumerate(ys):
+        sel = None if rows is None else rows[i]
         if sel is None:
             out += y
         else:
             out.index_add_(0, sel, y)
-    if out is None:
-        raise ValueError("moe_forward: no experts")
     return out

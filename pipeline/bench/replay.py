@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 
 import msgspec
@@ -194,13 +195,17 @@ class Model:
         return y
 
     def experts(self, h: torch.Tensor, tensors, weights, rows) -> torch.Tensor:
+        # From fetch(..., wait=False): each expert computed once its own copy is waited for,
+        # experts already in VRAM first (pipeline.api.StagedExperts)
+        staged = {"ready": tensors.ready, "order": tensors.order} if hasattr(tensors, "ready") else {}
         if self._graphs is None or h.shape[0] != 1 or rows is not None:
-            y = moe_forward(self.family, tensors, self._norm(h), weights, rows)
+            y = moe_forward(self.family, tensors, self._norm(h), weights, rows, **staged)
         else:
             # The norm runs inside each expert's graph: the same kernels on the same input, so
             # the same values, and one launch fewer per layer than an eager norm.
             self._x_in.copy_(h)
-            y = moe_forward(self.family, tensors, self._x_in, weights, None, run_expert=self._graphed_expert)
+            y = moe_forward(self.family, tensors, self._x_in, weights, None, run_expert=self._graphed_expert,
+                            **staged)
         return h + y.to(h.dtype)
 
 
@@ -282,13 +287,14 @@ def warm_up(pipe, spec, model: Model) -> None:
 
 def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes: list[Pass], model: Model,
                hints, *, device: str, readers: int | None = None, progress=None, policy_process: bool = False,
-               keep_outputs: bool = False, cuda_graphs: bool = True) -> MethodRun:
+               keep_outputs: bool = False, cuda_graphs: bool = True, per_expert_waits: bool = False) -> MethodRun:
     with (open_pipeline(store_dir, method, vram_bytes, ram_bytes, device, readers, policy_process) as pipe,
           model.graphs(cuda_graphs)):  # closes first: its graphs read the pipeline's slots
         if method.warm:
             warm_up(pipe, store.spec, model)
         before = pipe.stats().scheduler
-        loop = run_loop(model, passes, pipe.fetch, hints=hints if method.lookahead else None,
+        fetch = functools.partial(pipe.fetch, wait=False) if per_expert_waits else pipe.fetch
+        loop = run_loop(model, passes, fetch, hints=hints if method.lookahead else None,
                         hint_sink=pipe.hint_scores if method.lookahead else None, progress=progress,
                         keep_outputs=keep_outputs)
         st = pipe.stats()

@@ -47,6 +47,9 @@ def add_arguments(p) -> None:
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="run each decode step's stand-in and expert MLPs as captured CUDA graphs, one per "
                    "VRAM slot, in every method alike (default on; no effect on the CPU)")
+    p.add_argument("--per-expert-waits", action="store_true",
+                   help="fetch with wait=False and compute each expert once its own copy has landed, experts "
+                   "already in VRAM first, so their math overlaps the other copies (default: wait for all)")
     p.add_argument("--attn-matmuls", type=int, default=4, help="[n,H]x[H,H] matmuls of the attention stand-in")
     p.add_argument("--disk-probe-bytes", default="1GiB", help="cap on bytes read by the raw disk probe")
     p.add_argument("--json", help="write every figure and setting here (atomically)")
@@ -220,7 +223,8 @@ def run(args) -> int:
 
     limits = _limits(store, device, cap, args.seed)
     graphs = args.cuda_graphs and device.type == "cuda"
-    print(f"  compute: {'decode steps as CUDA graphs (one per VRAM slot), prefill eager' if graphs else 'eager'}, "
+    print(f"  compute: {'decode steps as CUDA graphs (one per VRAM slot), prefill eager' if graphs else 'eager'}"
+          f"{', each expert after its own copy (--per-expert-waits)' if args.per_expert_waits else ''}, "
           f"the same for every method")
     with model.graphs(graphs):
         run_loop(model, passes[:2], compute_only_fetch(store, device))  # warm-up: kernels, allocator
@@ -235,7 +239,8 @@ def run(args) -> int:
         try:
             mr = run_method(args.store, store, m, v * vslot, r * rslot, passes, model, hints,
                             device=str(device), readers=args.readers, progress=bar,
-                            policy_process=args.policy_process, cuda_graphs=graphs)
+                            policy_process=args.policy_process, cuda_graphs=graphs,
+                            per_expert_waits=args.per_expert_waits)
         finally:
             bar.close()
         return R.method_row(m.name, m, mr, compute_s_tok, v, r)
