@@ -2,8 +2,10 @@
 
     available(device) -> bool        CUDA device and Triton importable (and not switched off)
     supports(store, device) -> bool  available, and the store's raw tensors are kept as stored
-    FusedDecode(arena)
-      decode(k, slot)                enqueue on the current stream: staging buffer k -> slot
+    FusedDecode(arena)               the arena's decoder where supported (see VramArena)
+      decode(k, slot, lane=0)        enqueue on the current stream: staging buffer k -> slot
+                                     (`lane` is SlotDecoder's; this decoder needs no scratch)
+      nbytes                         0: no scratch
 
 Why: a miss in a host-bound decode loop pays for every kernel launch from Python. The
 prepared torch decode (pipeline/slot_decoder.py) needs three launches per MXFP4 tensor and a
@@ -123,8 +125,16 @@ class FusedDecode:
         self._programs = start
         self._nseg = len(rows)
         self._slot32 = [None] * arena.num_slots  # int32 views of the slots, made on first use
+        self.nbytes = 0
+        # Compile now, not inside the first miss: one launch from every staging buffer (their
+        # alignments may differ, and Triton specialises on them) into slot 0, which holds
+        # nothing yet.
+        for k in range(arena.num_staging):
+            self.decode(k, 0)
+        if arena.device.type == "cuda":
+            torch.cuda.synchronize(arena.device)
 
-    def decode(self, k: int, slot: int) -> None:
+    def decode(self, k: int, slot: int, lane: int = 0) -> None:
         raw = self._arena.raw_view(slot)
         s32 = self._slot32[slot]
         if s32 is None:

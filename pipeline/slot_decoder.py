@@ -1,12 +1,13 @@
 """MXFP4 staging buffer -> VRAM slot, with every view and temporary prepared once.
 
-    SlotDecoder(arena, lanes=2, fused=False)
+    SlotDecoder(arena, lanes=2)
       decode(k, slot, lane)    decode staging buffer k into slot `slot` (enqueued on the
                                current stream on CUDA; done on return on the CPU)
-      fused                    True: one Triton launch per expert (pipeline/fused_decode.py),
-                               no scratch; False: the torch decode below
       nbytes                   device bytes of its scratch
-    scratch_bytes(store, lanes, fused=False) -> int   the same, before building one (budget checks)
+    scratch_bytes(store, lanes) -> int   the same, before building one (budget checks)
+
+On CUDA with Triton the arena uses pipeline.fused_decode.FusedDecode instead: the same
+decode(k, slot, lane) in one launch per expert, with no scratch.
 
 Why: the general decode (`StoreCheckpoint.decode_from_buffer` -> `mxfp4_decode_into`) slices
 and views the buffer, checks shapes and allocates its index temporaries on every call, about
@@ -27,8 +28,6 @@ import torch
 from adapters.base import TORCH_DTYPES
 from adapters.mxfp4 import _table
 
-from .fused_decode import FusedDecode
-
 
 def _most_groups(store) -> int:
     """The largest MXFP4 tensor's number of 32-value groups: what the scratch must hold."""
@@ -36,32 +35,21 @@ def _most_groups(store) -> int:
                default=0)
 
 
-def scratch_bytes(store, lanes: int, fused: bool = False) -> int:
-    """Device bytes of a SlotDecoder's scratch: per lane an int32 per group and per byte
-    (none for the fused kernel, which keeps its indices in registers)."""
-    return 0 if fused else lanes * _most_groups(store) * 17 * 4
+def scratch_bytes(store, lanes: int) -> int:
+    """Device bytes of a SlotDecoder's scratch: per lane an int32 per group and per byte."""
+    return lanes * _most_groups(store) * 17 * 4
 
 
 class SlotDecoder:
-    def __init__(self, arena, lanes: int = 2, fused: bool = False):
+    def __init__(self, arena, lanes: int = 2):
         store, device = arena.store, arena.device
         if store.dtype != "mxfp4":
             raise ValueError(f"SlotDecoder decodes mxfp4 stores; this one is {store.dtype}")
         if lanes < 1:
             raise ValueError(f"SlotDecoder needs at least one lane, got {lanes}")
         self._arena = arena
-        self.lanes, self.fused = lanes, fused
-        self.nbytes = scratch_bytes(store, lanes, fused)
-        if fused:
-            self._fused = FusedDecode(arena)
-            # Compile now, not inside the first miss: one launch from every staging buffer
-            # (their alignments may differ, and Triton specialises on them) into slot 0,
-            # which holds nothing yet.
-            for k in range(arena.num_staging):
-                self._fused.decode(k, 0)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            return
+        self.lanes = lanes
+        self.nbytes = scratch_bytes(store, lanes)
         self._table = _table(device)
         # Per staging buffer, each dense tensor's source views, made once.
         self._steps = [self._steps_for(arena.staging(k), store) for k in range(arena.num_staging)]
@@ -86,9 +74,6 @@ class SlotDecoder:
         return steps
 
     def decode(self, k: int, slot: int, lane: int) -> None:
-        if self.fused:  # no scratch, so lanes need no separating
-            self._fused.decode(k, slot)
-            return
         out = self._arena.tensors(slot)
         sidx_all, idx_all = self._sidx[lane], self._idx[lane]
         for dense, src, scales in self._steps[k]:

@@ -81,7 +81,7 @@ class VramArena:
         self.fused_decode = self.decodes and fused_decode.supports(store, self.device)
         # Staging buffers and the decoder's scratch come on top of the slots (mxfp4 only).
         staging_bytes = self.num_staging * self.read_length + (
-            scratch_bytes(store, DECODE_LANES, self.fused_decode) if self.decodes else 0)
+            scratch_bytes(store, DECODE_LANES) if self.decodes and not self.fused_decode else 0)
         need = self.num_slots * self.slot_bytes + staging_bytes
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
@@ -103,7 +103,8 @@ class VramArena:
         # now rather than inside the first copy on the hot path.
         self.decoder = None
         if self.decodes:
-            self.decoder = SlotDecoder(self, lanes=DECODE_LANES, fused=self.fused_decode)
+            self.decoder = (fused_decode.FusedDecode(self) if self.fused_decode
+                            else SlotDecoder(self, lanes=DECODE_LANES))
         if self.device.type == "cuda":
             # The table and the slots were made on this stream; copy streams use them next.
             torch.cuda.current_stream(self.device).synchronize()

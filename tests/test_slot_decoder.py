@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from adapters.store import StoreCheckpoint
+from pipeline.fused_decode import FusedDecode
 from pipeline.slot_decoder import SlotDecoder, scratch_bytes
 from pipeline.vram_arena import DECODE_LANES, VramArena
 from tests.helpers_pipeline import bit_pattern, build_tiny_store
@@ -19,7 +20,7 @@ def stores(tmp_path_factory):
 def _check_every_staging_lane_and_slot(store: StoreCheckpoint, device: str, fused: bool | None = None) -> int:
     arena = VramArena(store, 3, device, num_staging=3)
     if fused is not None:  # this decoder rather than the one the arena chose
-        arena.decoder = SlotDecoder(arena, lanes=DECODE_LANES, fused=fused)
+        arena.decoder = FusedDecode(arena) if fused else SlotDecoder(arena, lanes=DECODE_LANES)
     checked = 0
     experts = [(x.layer, x.expert) for x in store.index.experts][:5]
     for n, (layer, e) in enumerate(experts):
@@ -54,10 +55,11 @@ def test_prepared_decode_is_bit_identical_on_the_gpu(stores, fused):
 FUSED_ON_CPU = """
 import sys
 from adapters.store import StoreCheckpoint
-from tests.test_slot_decoder import _check_every_staging_lane_and_slot
+from pipeline.fused_decode import FusedDecode
 from pipeline.vram_arena import VramArena
+from tests.test_slot_decoder import _check_every_staging_lane_and_slot
 store = StoreCheckpoint(sys.argv[1])
-assert VramArena(store, 2, "cpu").decoder.fused
+assert isinstance(VramArena(store, 2, "cpu").decoder, FusedDecode)
 print(_check_every_staging_lane_and_slot(store, "cpu", fused=True))
 """
 
