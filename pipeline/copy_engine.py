@@ -280,13 +280,14 @@ class CopyEngine:
             self._cv.notify()
         return Transfer(demand=demand, nbytes=nbytes, slot=dst_slot, future=fut)
 
-    def _land(self, src: torch.Tensor, slot: int, arena: VramArena, nbytes: int, staging: int,
-              non_blocking: bool, lane: int = 0) -> None:
-        """The copy and the decode, enqueued on the current stream (CUDA) or done now (CPU)."""
+    def _land(self, src: torch.Tensor, slot: int, arena: VramArena, nbytes: int, lane: int,
+              non_blocking: bool) -> None:
+        """The copy and the decode, enqueued on the current stream (CUDA) or done now (CPU).
+        Lane k lands in staging buffer k and decodes with scratch k."""
         _check_copy(src, arena, nbytes)
-        dst = arena.staging(staging) if arena.decodes else arena.raw_view(slot)
+        dst = arena.staging(lane) if arena.decodes else arena.raw_view(slot)
         dst[:nbytes].copy_(src[:nbytes], non_blocking=non_blocking)
-        self._decode_slot(arena, staging, slot, lane=lane)
+        self._decode_slot(arena, lane, slot, lane=lane)
 
     def _decode_slot(self, arena: VramArena, staging: int, slot: int, lane: int) -> None:
         """Staging buffer -> slot on the current stream: the arena's prepared decoder, or the
@@ -382,7 +383,7 @@ class CopyEngine:
         try:
             if after is not None:
                 after.make_stream_wait()  # CPU fences are complete; a CUDA one would block here
-            self._land(src, slot, arena, nbytes, lane, non_blocking=False, lane=lane)
+            self._land(src, slot, arena, nbytes, lane, non_blocking=False)
         except Exception as e:  # noqa: BLE001 - carried to wait()
             err = e
         with self._cv:
