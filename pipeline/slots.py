@@ -94,15 +94,8 @@ class SlotTable:
         """The least recently used READY slot that `evictable(slot)` allows; failing that, the
         least recently used one whose copy has finished but is not settled yet, or, with
         `in_flight`, whose copy is issued at all."""
-        fallback = None
-        with self._lock:
-            for slot in self._recency.values():
-                if slot.state == READY:
-                    if evictable(slot):
-                        return slot
-                elif fallback is None and _taking_over(slot, in_flight) and evictable(slot):
-                    fallback = slot
-        return fallback
+        found = self.victims(evictable, 1, in_flight=in_flight)
+        return found[0] if found else None
 
 
 def _taking_over(slot: Slot, in_flight: bool) -> bool:
