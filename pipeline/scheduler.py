@@ -138,10 +138,7 @@ class Scheduler(PlanExecution):
             for key, rslot in copies:
                 slot = self.vram.take_free(key) or self._evict_now(key, seq)
                 assert slot is not None, "victims were counted above, under the same lock"
-                self._c["vram_misses"] += 1
-                self._c["ram_hits"] += 1
-                self._drop_queued(Tier.VRAM, key)
-                self._copy(slot, rslot, demand=True, prev_handed=self._hand_out(slot, seq))
+                self._copy_from_ram(slot, rslot, seq)
             return [(slot, slot.transfer) for slot in (self.vram.where[key] for key in keys)]
 
     async def demand(self, layer: int, experts: list[int], seq: int, fence) -> list[tuple[Slot, object]]:
@@ -182,11 +179,15 @@ class Scheduler(PlanExecution):
         slot = self.vram.take_free(key) or self._evict_now(key, seq)
         if slot is None:
             return None
+        self._copy_from_ram(slot, rslot, seq)
+        return slot, slot.transfer
+
+    def _copy_from_ram(self, slot: Slot, rslot: Slot, seq: int) -> None:
+        """A demand miss whose bytes are in RAM, into the VRAM slot just taken for it."""
         self._c["vram_misses"] += 1
         self._c["ram_hits"] += 1
-        self._drop_queued(Tier.VRAM, key)
+        self._drop_queued(Tier.VRAM, slot.key)  # demand takes over a queued prefetch of it
         self._copy(slot, rslot, demand=True, prev_handed=self._hand_out(slot, seq))
-        return slot, slot.transfer
 
     def _hand_out(self, slot: Slot, seq: int) -> int:
         """Pin `slot` for fetch `seq` and mark it most recently used; returns the fetch that
