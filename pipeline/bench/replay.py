@@ -186,8 +186,10 @@ class Model:
 
     def _graphed_expert(self, t: dict[str, torch.Tensor], _x) -> torch.Tensor:
         # The graph reads the weights where they are now: one graph per set of addresses (one
-        # per VRAM slot), valid for whichever expert the slot holds when it replays.
-        key = tuple(v.data_ptr() for v in t.values())
+        # per VRAM slot), valid for whichever expert the slot holds when it replays. The first
+        # tensor's address names the set: an expert's tensors live and die together (a slot's
+        # views, or one loaded expert), so two live sets never share it.
+        key = next(iter(t.values())).data_ptr()
         if self._y_out is None:
             self._y_out = torch.zeros_like(self._x_in, dtype=next(iter(t.values())).dtype)
         (y,) = self._graphs.run(key, lambda: (expert_forward(self.family, t, self._norm(self._x_in)),),
