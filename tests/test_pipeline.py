@@ -425,45 +425,30 @@ def test_hint_needs_routers_and_feeds_the_next_event(stores, no_leaks):
             pipe.hint_scores({1: [0.0]})
 
 
-def _staged_visits(pipe, st, store_dir, direct, device: str) -> tuple[int, int]:
-    """fetch(wait=False) over a trace; each expert read right after ready(i), in `order`.
-    Returns (experts checked, fetches that mixed VRAM hits and copies)."""
-    checked = mixed = 0
-    for layer, ids, token in trace_visits(store_dir):
-        staged = pipe.fetch(layer, ids, token_id=token, wait=False)
-        assert isinstance(staged, StagedExperts) and len(staged) == len(ids)
-        assert sorted(staged.order) == list(range(len(ids)))
-        hits = [i for i in staged.order if staged._transfers[i] is None]
-        assert list(staged.order[: len(hits)]) == hits  # experts already in VRAM come first
-        mixed += 0 < len(hits) < len(ids)
-        for i in staged.order:
-            staged.ready(i)
-            want = direct.setdefault((layer, ids[i]), st.load_expert(layer, ids[i]))
-            assert_same({k: v.to("cpu") for k, v in staged[i].items()}, want, (layer, ids[i], device))
-            checked += 1
-    return checked, mixed
-
-
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", STORE_DTYPES)
-def test_staged_fetch_is_bit_exact_expert_by_expert(stores, dtype, no_leaks):
+def test_staged_fetch_is_bit_exact_expert_by_expert(stores, dtype, device, no_leaks):
+    """fetch(wait=False) over a trace; each expert read right after ready(i), in `order`. On
+    CUDA only expert i's copy is waited for before it is read (.to("cpu") on the current
+    stream), while the fetch's later copies may still be in flight."""
     st = StoreCheckpoint(stores[dtype])
+    checked = mixed = 0
     with ExpertPipeline.open(stores[dtype], **budgets(stores[dtype], st.spec.top_k + 2, st.spec.top_k + 3),
-                             device="cpu", readers=2) as pipe:
-        checked, mixed = _staged_visits(pipe, st, stores[dtype], {}, "cpu")
+                             device=device, readers=2) as pipe:
+        for layer, ids, token in trace_visits(stores[dtype]):
+            staged = pipe.fetch(layer, ids, token_id=token, wait=False)
+            assert isinstance(staged, StagedExperts) and len(staged) == len(ids)
+            assert sorted(staged.order) == list(range(len(ids)))
+            hits = [i for i in staged.order if staged._transfers[i] is None]
+            assert list(staged.order[: len(hits)]) == hits  # experts already in VRAM come first
+            mixed += 0 < len(hits) < len(ids)
+            for i in staged.order:
+                staged.ready(i)
+                assert_same({k: v.to("cpu") for k, v in staged[i].items()}, st.load_expert(layer, ids[i]),
+                            (layer, ids[i], device))
+                checked += 1
         assert pipe.stats().scheduler.evictions_vram > checked // 4
     assert checked > 50 and mixed > 0  # hits and copies in one fetch: the order mattered
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", STORE_DTYPES)
-def test_staged_fetch_is_bit_exact_on_the_gpu(stores, dtype, no_leaks):
-    # Only expert i's copy is waited for before expert i is read (.to("cpu") on the current
-    # stream), while the fetch's later copies may still be in flight.
-    st = StoreCheckpoint(stores[dtype])
-    with ExpertPipeline.open(stores[dtype], **budgets(stores[dtype], st.spec.top_k + 2, st.spec.top_k + 3),
-                             device="cuda", readers=2) as pipe:
-        checked, mixed = _staged_visits(pipe, st, stores[dtype], {}, "cuda")
-    assert checked > 50 and mixed > 0
 
 
 @pytest.mark.gpu
