@@ -451,6 +451,23 @@ def test_staged_fetch_is_bit_exact_expert_by_expert(stores, dtype, device, no_le
     assert checked > 50 and mixed > 0  # hits and copies in one fetch: the order mattered
 
 
+def test_staged_ready_raises_the_failed_copy_of_that_expert_only():
+    from concurrent.futures import Future
+
+    from pipeline.copy_engine import Transfer
+
+    ok, failed = Future(), Future()
+    ok.set_result(None)
+    failed.set_exception(ValueError("copy of expert (0, 5) failed"))
+    staged = StagedExperts([{}, {}, {}], [None, Transfer(demand=True, nbytes=1, slot=1, future=failed),
+                                           Transfer(demand=True, nbytes=1, slot=2, future=ok)])
+    assert staged.order == (0, 1, 2)
+    staged.ready(0)
+    staged.ready(2)
+    with pytest.raises(ValueError, match=r"expert \(0, 5\)"):
+        staged.ready(1)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", STORE_DTYPES)
 def test_bit_exact_on_the_gpu_under_constant_eviction(stores, dtype, no_leaks):

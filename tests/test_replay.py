@@ -226,6 +226,25 @@ def test_policy_process_flag_runs_the_policy_in_a_child(setup, tmp_path, capsys,
     assert res["settings"]["policy_process"] is True and row["skipped"] is None and row["tokens_per_s"] > 0
 
 
+def test_per_expert_waits_flag_reaches_every_method(setup, tmp_path, capsys, monkeypatch):
+    import pipeline.bench.replay as replay
+
+    store, trace, _ = setup
+    real, seen = replay.run_method, []
+
+    def recording(*a, **kw):
+        seen.append(kw["per_expert_waits"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(replay, "run_method", recording)
+    for flag, want in (([], False), (["--per-expert-waits"], True)):
+        seen.clear()
+        rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--vram", "0.5", "--methods",
+                    "on-demand,ours", "--tokens", "3", "--device", "cpu", "--no-progress", "--readers", "1", *flag])
+        assert rc == 0, capsys.readouterr().err
+        assert seen == [want, want]
+
+
 def test_a_run_cut_short_keeps_the_budgets_it_finished(setup, tmp_path, monkeypatch):
     """The JSON is rewritten after each VRAM budget: killed during the second, the first stays."""
     import pipeline.bench.replay as replay

@@ -111,3 +111,10 @@ def test_fused_kernel_compiles_for_hopper():
            "NSEG": "constexpr", "GROUPS": "constexpr"}
     src = ASTSource(fn=_decode_expert, signature=sig, constexprs={"NSEG": 4, "GROUPS": 64})
     assert "cubin" in triton.compile(src, target=GPUTarget("cuda", 90, 32), options=COMPILE_OPTIONS).asm
+
+
+def test_fused_decode_refuses_what_it_cannot_decode(stores):
+    from pipeline.fused_decode import FusedDecode
+
+    with pytest.raises(ValueError, match="FusedDecode needs an mxfp4 store.*bfloat16"):
+        FusedDecode(VramArena(stores["bfloat16"], 2, "cpu"))
