@@ -38,6 +38,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from concurrent.futures import wait as concurrent_wait
 from typing import Callable
 
 import msgspec
@@ -99,22 +100,46 @@ class SlotFence:
 class Transfer:
     """One RAM -> VRAM copy. CUDA: an event after the copy (and decode); CPU: the thread's future."""
 
-    __slots__ = ("_event", "_future", "_error", "_pool", "_src", "demand", "nbytes", "slot")
+    __slots__ = ("_event", "_future", "_error", "_pool", "_src", "_landed", "demand", "nbytes", "slot")
 
     def __init__(self, *, demand: bool, nbytes: int, slot: int, event=None, future: Future | None = None,
                  error: BaseException | None = None, pool: _EventPool | None = None, src=None):
         self._event, self._future, self._error, self._pool = event, future, error, pool
         self._src = src  # keeps the source alive while the DMA may still read it
+        # Known complete (the host saw it): later checks and stream waits cost no device call.
+        self._landed = event is None and future is None
         self.demand, self.nbytes, self.slot = demand, nbytes, slot
 
     def done(self) -> bool:
         """True once the copy has finished or failed; never blocks."""
+        if self._landed:
+            return True
         if self._future is not None:
             return self._future.done()
-        if self._event is not None and not self._event.query():
+        if not self._event.query():
             return False
-        self._src = None
+        self._mark_landed()
         return True
+
+    @property
+    def known_done(self) -> bool:
+        """True if the copy is known to be complete without asking the device (a waiter saw
+        it land, or it failed at submission); False may still mean done. Never blocks."""
+        return self._landed or (self._future is not None and self._future.done())
+
+    def synchronize(self) -> None:
+        """Block this thread until the copy is complete (for a waiter thread, never the loop)."""
+        if self._landed:
+            return
+        if self._future is not None:
+            concurrent_wait([self._future])
+            return
+        self._event.synchronize()
+        self._mark_landed()
+
+    def _mark_landed(self) -> None:
+        self._src = None
+        self._landed = True
 
     @property
     def error(self) -> BaseException | None:
@@ -143,7 +168,7 @@ class Transfer:
             return
         if self._error is not None:
             raise self._error
-        if self._event is not None:
+        if not self._landed:  # a landed copy has nothing left to wait for
             (stream or torch.cuda.current_stream()).wait_event(self._event)
 
     def __del__(self):

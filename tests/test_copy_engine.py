@@ -325,6 +325,25 @@ def test_cuda_make_stream_wait_orders_the_current_stream_without_host_sync(tiny_
 
 
 @pytest.mark.gpu
+def test_cuda_known_done_only_after_the_host_saw_the_copy_land(tiny_store, cuda_engine):
+    st = tiny_store
+    arena = VramArena(st, 2, "cuda")
+    src = ram_slot(st, 1, 3, pin=True)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)
+        fence = cuda_engine.fence(side)
+    t = cuda_engine.copy_in(src, 0, arena, src.numel(), demand=True, after=fence)
+    assert not t.known_done and not t.done()
+    torch.cuda.synchronize()
+    assert not t.known_done  # landed on the device, but nobody on the host has looked yet
+    t.synchronize()
+    assert t.known_done and t.done() and t.error is None
+    t.make_stream_wait()  # a landed copy: nothing to wait for, and no error
+    assert_slot_holds(arena, 0, st, 1, 3)
+
+
+@pytest.mark.gpu
 def test_cuda_fence_keeps_old_contents_for_earlier_readers(tiny_store, cuda_engine):
     st = tiny_store
     arena = VramArena(st, 2, "cuda")
@@ -417,3 +436,20 @@ def test_inline_copies_finish_on_return_and_run_beside_the_copy_thread(tiny_stor
             assert_slot_holds(arena, j, st, *keys[i + j])
         n += 1
     assert n >= 5 and engine.stats().copies_demand == 2 * n
+
+
+def test_known_done_never_asks_and_follows_the_copy_thread(tiny_store):
+    st = tiny_store
+    arena = VramArena(st, 2, "cpu")
+    refused = Transfer(demand=True, nbytes=1, slot=0, error=ValueError("refused"))
+    assert refused.known_done and refused.done()
+    refused.synchronize()  # returns at once: nothing in flight
+    gate = Gate(arena)
+    with CopyEngine("cpu", decode=gate) as eng:
+        src = ram_slot(st, 0, 0)
+        t = eng.copy_in(src, 0, arena, src.numel(), demand=False)
+        assert gate.started.wait(5)
+        assert not t.known_done  # held in the decode hook
+        gate.release.set()
+        t.synchronize()
+        assert t.known_done and t.error is None
