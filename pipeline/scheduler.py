@@ -27,6 +27,7 @@ moves bytes, and it is the single source of truth about what is where.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import itertools
 import queue
@@ -41,7 +42,9 @@ from .plans import PlanExecution
 from .readers import read_request
 from .slots import LOADING, READY, Key, Slot, SlotTable
 
-
+# Fences of recent fetches kept for refills (between this many and twice as many): a slot
+# last handed out before the oldest kept waits on the oldest, later than it need but safe.
+FENCES_KEPT = 256
 
 
 class SchedulerStats(msgspec.Struct, frozen=True):
@@ -92,6 +95,10 @@ class Scheduler(PlanExecution):
         self._tasks: set[asyncio.Task] = set()
         self._fence = None  # the latest fetch's fence and its sequence number
         self._fence_seq = -1
+        # Recent fetches' fences by sequence number: a slot's refill waits for the first fence
+        # after its last use, not the latest one, so copies overlap the compute enqueued since.
+        self._fence_seqs: list[int] = []
+        self._fences: list = []
         # Slot tables, queues and counters change only under this lock: the loop thread takes
         # it for each synchronous step (never across an await), `try_serve` for a whole fetch.
         self.table_lock = threading.RLock()
@@ -129,8 +136,7 @@ class Scheduler(PlanExecution):
             if short > 0 and len(self.vram.victims(lambda s: s.handed_seq < seq, short,
                                                     in_flight=self.engine.is_cuda)) < short:
                 return None
-            if fence is not None:
-                self._fence, self._fence_seq = fence, seq
+            self._note_fence(fence, seq)
             self._c["fetches"] += 1
             self._c["vram_hits"] += len(hits)
             for slot in hits:
@@ -148,8 +154,7 @@ class Scheduler(PlanExecution):
         experts that must wait (a disk read, a slot still filling) get concurrent tasks."""
         keys = [(layer, e) for e in experts]
         with self.table_lock:
-            if fence is not None:
-                self._fence, self._fence_seq = fence, seq
+            self._note_fence(fence, seq)
             self._c["fetches"] += 1
             for key in keys:  # pin first, so no eviction below picks an expert of this fetch
                 slot = self.vram.lookup(key)
@@ -162,6 +167,24 @@ class Scheduler(PlanExecution):
             for i, r in zip(waiting, done):
                 out[i] = r
         return out
+
+    def _note_fence(self, fence, seq: int) -> None:
+        """Record fetch `seq`'s fence: the caller's stream is past every use of the tensors
+        handed out before that fetch (they are valid only until the next fetch)."""
+        if fence is None:
+            return
+        self._fence, self._fence_seq = fence, seq
+        if not self._fence_seqs or seq > self._fence_seqs[-1]:
+            self._fence_seqs.append(seq)
+            self._fences.append(fence)
+            if len(self._fences) > 2 * FENCES_KEPT:  # older ones are implied by those kept
+                del self._fence_seqs[:FENCES_KEPT], self._fences[:FENCES_KEPT]
+
+    def _fence_after(self, seq: int):
+        """The earliest recorded fence of a fetch after `seq`: it follows every use of what
+        fetch `seq` handed out, and little else, so a copy behind it starts as early as it can."""
+        i = bisect.bisect_right(self._fence_seqs, seq)
+        return self._fences[i] if i < len(self._fences) else self._fence
 
     def _demand_now(self, key: Key, seq: int) -> tuple[Slot, object] | None:
         """The demand of `key` if it needs no waiting (in VRAM, or a free/evictable slot and
@@ -345,7 +368,7 @@ class Scheduler(PlanExecution):
         entry = self.store.expert_range(*key)
         prev = slot.handed_seq if prev_handed is None else prev_handed
         assert prev < self._fence_seq or prev < 0, "a slot handed out by this fetch is never refilled"
-        after = self._fence if prev >= 0 else None  # the latest fence follows the previous expert's uses
+        after = self._fence_after(prev) if prev >= 0 else None  # follows the previous expert's uses
         prior, slot.prior = slot.prior, None
         if prior is not None and prior.done():
             prior = None
@@ -368,7 +391,9 @@ class Scheduler(PlanExecution):
         with self.table_lock:
             for item in self._inflight:
                 key, slot, rslot, transfer, demand = item
-                if not transfer.done():
+                # With a waiter thread, a copy counts once the waiter has seen it land (it wakes
+                # the loop then): no device query per copy in flight on every turn.
+                if not (transfer.known_done if self._waiter is not None else transfer.done()):
                     still.append(item)
                     continue
                 ok = transfer.error is None
@@ -387,7 +412,7 @@ class Scheduler(PlanExecution):
         return bool(settled)
 
     def _watch(self, transfer) -> None:
-        if transfer.done():  # e.g. a copy refused at submission: settle it on the next turn
+        if transfer.known_done:  # e.g. a copy refused at submission: settle it on the next turn
             self._wake_loop()
         elif self._waiter is not None:
             self._landed.put(transfer)
@@ -395,13 +420,28 @@ class Scheduler(PlanExecution):
             transfer._future.add_done_callback(lambda _f: self._wake_loop())
 
     def _wait_copies(self) -> None:
-        """The waiter thread: block on each copy's event in issue order, then wake the loop."""
+        """The waiter thread: block on each copy's event in issue order; once one lands, take
+        the copies behind it that have landed too, then wake the loop once for all of them
+        (one loop turn per batch, not per copy: the loop thread shares the GIL with the caller)."""
+        head = None
         while True:
-            transfer = self._landed.get()
+            transfer = head if head is not None else self._landed.get()
+            head = None
             if transfer is None:
                 return
             with contextlib.suppress(Exception):
-                transfer._event.synchronize()
+                transfer.synchronize()
+            while True:
+                try:
+                    nxt = self._landed.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._landed.put(None)  # stop after this batch's wake-up
+                    break
+                if not nxt.done():
+                    head = nxt  # still in flight: the next one to block on
+                    break
             self._wake_loop()
 
     def _wake_loop(self) -> None:

@@ -536,3 +536,79 @@ def test_the_gil_switch_interval_is_set_while_open_and_restored(stores, no_leaks
         assert sys.getswitchinterval() == pytest.approx(before)
     with pytest.raises(ValueError, match="gil_switch_interval_s"):
         ExpertPipeline.open(store, **budgets(store, 4, 4), device="cpu", gil_switch_interval_s=5.0)
+
+
+class _FakeCopy:
+    """A Transfer as the copy waiter sees it: landed already or not, and whether it blocked on it."""
+
+    def __init__(self, landed: bool):
+        self.landed, self.blocked_on = landed, False
+
+    def synchronize(self) -> None:
+        self.blocked_on = True
+
+    def done(self) -> bool:
+        return self.landed
+
+
+def test_copy_waiter_wakes_the_loop_once_per_batch_of_landed_copies():
+    import queue
+    import types
+
+    from pipeline.scheduler import Scheduler
+
+    copies = [_FakeCopy(True), _FakeCopy(True), _FakeCopy(True), _FakeCopy(False), _FakeCopy(True)]
+    wakes = []
+    waiter = types.SimpleNamespace(_landed=queue.SimpleQueue())
+    waiter._wake_loop = lambda: wakes.append([c.blocked_on for c in copies])
+    for c in copies:
+        waiter._landed.put(c)
+    waiter._landed.put(None)  # close()
+    Scheduler._wait_copies(waiter)  # returns at the stop, after the last batch's wake-up
+    # Blocked on the first copy, took the next two (landed) with it; blocked on the fourth
+    # (still in flight when looked at), took the fifth with it: two wake-ups, not five.
+    assert wakes == [[True, False, False, False, False], [True, False, False, True, False]]
+
+
+@pytest.mark.gpu
+def test_a_refill_of_a_slot_freed_fetches_ago_does_not_wait_for_compute_enqueued_since(stores, no_leaks):
+    # Fetch 1 hands out layer 0's experts, fetch 2 layer 1's (other slots); the GPU is idle.
+    # Then the compute stream is held busy and fetch 3 evicts fetch 1's slots. Their refills
+    # follow fetch 2's fence (passed long ago), not the latest one (behind the sleep): they
+    # land while the compute stream is still asleep, so copies overlap compute.
+    store = stores["mxfp4"]
+    k = StoreCheckpoint(store).spec.top_k
+    with ExpertPipeline.open(store, **budgets(store, 2 * k, 6 * k), device="cuda", readers=1,
+                             policy="lru") as pipe:
+        pipe.fetch(0, list(range(k)))
+        pipe.fetch(1, list(range(k)))
+        torch.cuda.synchronize()
+        torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU time on the current stream
+        pipe.fetch(2, list(range(k)))
+        compute = torch.cuda.current_stream()
+        landed_while_busy = False
+        while not compute.query():
+            if pipe.stats().copies.in_flight == 0:
+                landed_while_busy = True
+                break
+            time.sleep(1e-3)
+        assert landed_while_busy, "the refills waited for compute enqueued after the slots' last use"
+
+
+def test_a_refill_waits_on_the_first_fence_after_the_slots_last_use():
+    import types
+
+    from pipeline.scheduler import FENCES_KEPT, Scheduler
+
+    s = types.SimpleNamespace(_fence=None, _fence_seq=-1, _fence_seqs=[], _fences=[])
+    for seq in range(1, 3 * FENCES_KEPT):
+        Scheduler._note_fence(s, f"fence{seq}", seq)
+    Scheduler._note_fence(s, None, 10**6)  # a fetch without a fence (CPU) changes nothing
+    assert s._fence == f"fence{3 * FENCES_KEPT - 1}"
+    last = 3 * FENCES_KEPT - 1
+    assert Scheduler._fence_after(s, last - 5) == f"fence{last - 4}"
+    assert Scheduler._fence_after(s, last) == s._fence  # nothing later yet: the latest
+    assert FENCES_KEPT <= len(s._fences) <= 2 * FENCES_KEPT
+    oldest = s._fence_seqs[0]
+    assert oldest > 1
+    assert Scheduler._fence_after(s, 0) == f"fence{oldest}"  # trimmed: the oldest kept, still after it
