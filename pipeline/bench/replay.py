@@ -32,7 +32,7 @@ import torch
 
 from policies.traces import PREFILL, Trace, decode_steps
 
-from .cuda_graphs import GraphCache
+from .cuda_graphs import GraphCache, kernel_copy
 from .expert_mlp import expert_forward, moe_forward
 
 
@@ -144,7 +144,9 @@ class Model:
         H, E = self.embed.shape[1], self.router.shape[1]
         self._ne_in, self._ne_h, self._ne_logits = (torch.zeros(1, n, device=self.device, dtype=self.dtype)
                                                     for n in (H, H, E))
-        self._x_in = torch.zeros(1, H, device=self.device, dtype=self.dtype)
+        # The experts read the stand-in's output buffer directly, and each layer's result is
+        # written where the next stand-in reads it: no copy between graphs (see kernel_copy).
+        self._x_in = self._ne_h
         self._y_out: torch.Tensor | None = None
         self._graphs = GraphCache(self.device)
         try:
@@ -179,7 +181,8 @@ class Model:
         results are the graph's output buffers, overwritten by the next call."""
         if self._graphs is None or h.shape[0] != 1:
             return self._non_expert_math(h)
-        self._ne_in.copy_(h)
+        if h is not self._ne_in:
+            kernel_copy(self._ne_in, h)
         h2, logits = self._graphs.run("non-expert", lambda: self._non_expert_math(self._ne_in),
                                       (self._ne_h, self._ne_logits))
         return h2, logits
@@ -205,9 +208,11 @@ class Model:
         else:
             # The norm runs inside each expert's graph: the same kernels on the same input, so
             # the same values, and one launch fewer per layer than an eager norm.
-            self._x_in.copy_(h)
+            if h is not self._x_in:
+                kernel_copy(self._x_in, h)
             y = moe_forward(self.family, tensors, self._x_in, weights, None, run_expert=self._graphed_expert,
                             **staged)
+            return torch.add(h, y.to(h.dtype), out=self._ne_in)  # the next layer's stand-in input
         return h + y.to(h.dtype)
 
 
