@@ -68,11 +68,12 @@ class GraphCache:
 
 
 def kernel_copy(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """dst <- src by an elementwise kernel on the current stream, not a memcpy. A device-to-device
-    memcpy on the compute stream runs on a copy engine, in line behind the pipeline's
-    host-to-device expert copies enqueued before it: the compute stream would then wait for
-    copies it does not need, and later copies for it, so copies and compute never overlap.
-    x * 1 is x bit for bit (also -0 and inf)."""
+    """dst <- src by an elementwise kernel on the current stream, not a memcpy: a
+    device-to-device memcpy may be served by a copy engine, the resource the pipeline's
+    expert copies keep busy, so compute would queue on it. x * 1 is x bit for bit (also -0
+    and inf). Measured on an H100 (full-size replay): compute-stream memcpys 49 -> 1 per
+    token, but copies and compute overlapped only 1.6 instead of 0.6 ms per token, so that
+    queueing was not what keeps them apart."""
     return torch.mul(src, 1, out=dst)
 
 
