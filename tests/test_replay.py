@@ -127,6 +127,7 @@ def test_trace_larger_than_store_refused(setup, tmp_path, capsys, dims, what):
     (["--vram", "lots"], "--vram"),
     (["--vram", "1KiB"], "top-k"),
     (["--ram", "-1"], "--ram"),
+    (["--profile-passes", "-1"], "--profile-passes"),
 ])
 def test_bad_input_one_line_exit_2(setup, tmp_path, capsys, extra, needle):
     store, trace, _ = setup
@@ -267,3 +268,35 @@ def test_a_run_cut_short_keeps_the_budgets_it_finished(setup, tmp_path, monkeypa
     assert res["complete"] is False and [b["vram"] for b in res["budgets"]] == ["0.5"]
     assert res["budgets"][0]["methods"][0]["tokens_per_s"] > 0
     assert not list(tmp_path.glob(".r.json.*"))  # no temp file left behind
+
+
+def test_profile_passes_on_the_cpu_says_so_and_records_no_profile(setup, tmp_path, capsys):
+    store, trace, _ = setup
+    out = tmp_path / "r.json"
+    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--vram", "0.5", "--methods", "ours",
+                "--tokens", "3", "--device", "cpu", "--no-progress", "--readers", "1", "--profile-passes", "2",
+                "--json", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "needs a CUDA device" in err
+    rows = json.loads(out.read_text())["budgets"][0]["methods"]
+    assert [r["gpu_profile"] for r in rows] == [None]
+
+
+@pytest.mark.gpu
+def test_profile_passes_measure_copies_and_compute_on_the_gpu(setup):
+    store_dir, trace_path, _ = setup
+    store = StoreCheckpoint(store_dir)
+    passes = build_passes(load_trace(trace_path), True, 6)
+    model = Model(store.spec, torch.device("cuda"))
+    (m,) = select(baseline_methods(), ["on-demand"])
+    vslot = VramArena.slot_bytes_for(store)
+    rslot = max(x.read_length for x in store.index.experts)
+    total = store.spec.num_layers * store.spec.num_experts
+    mr = run_method(store_dir, store, m, store.spec.top_k * vslot, total * rslot, passes, model, None,
+                    device="cuda", readers=1, profile_passes=3)
+    p = mr.profile
+    assert p["copies_per_token"] > 0 and p["copy_ms_per_token"] > 0  # on-demand copies every expert it uses
+    assert p["compute_ms_per_token"] > 0 and p["kernels_per_token"] > 0
+    assert p["busy_ms_per_token"] <= p["copy_ms_per_token"] + p["compute_ms_per_token"] + 1e-9
+    assert p["busy_ms_per_token"] <= p["window_ms_per_token"] + 1e-9

@@ -266,6 +266,7 @@ class MethodRun(msgspec.Struct):
     after: object  # SchedulerStats at the end
     device: str
     pinned: bool
+    profile: dict | None = None  # pipeline/bench/gpu_profile.py summary of extra profiled passes
 
 
 def open_pipeline(store_dir, method, vram_bytes: int, ram_bytes: int, device: str, readers: int | None,
@@ -294,7 +295,8 @@ def warm_up(pipe, spec, model: Model) -> None:
 
 def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes: list[Pass], model: Model,
                hints, *, device: str, readers: int | None = None, progress=None, policy_process: bool = False,
-               keep_outputs: bool = False, cuda_graphs: bool = True, per_expert_waits: bool = False) -> MethodRun:
+               keep_outputs: bool = False, cuda_graphs: bool = True, per_expert_waits: bool = False,
+               profile_passes: int = 0) -> MethodRun:
     with (open_pipeline(store_dir, method, vram_bytes, ram_bytes, device, readers, policy_process) as pipe,
           model.graphs(cuda_graphs)):  # closes first: its graphs read the pipeline's slots
         if method.warm:
@@ -305,7 +307,15 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
                         hint_sink=pipe.hint_scores if method.lookahead else None, progress=progress,
                         keep_outputs=keep_outputs)
         st = pipe.stats()
-        return MethodRun(loop, before, st.scheduler, st.device, st.pinned)
+        prof = None
+        if profile_passes > 0 and model.device.type == "cuda":  # after the counters: they stay the timed run's
+            from .gpu_profile import profile
+
+            tail = passes[-profile_passes:]
+            prof = profile(lambda: run_loop(model, tail, fetch, hints=hints[-len(tail):] if method.lookahead else None,
+                                            hint_sink=pipe.hint_scores if method.lookahead else None),
+                           sum(p.n for p in tail))
+        return MethodRun(loop, before, st.scheduler, st.device, st.pinned, prof)
 
 
 def direct_fetch(store, device: torch.device):

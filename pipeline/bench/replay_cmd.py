@@ -50,6 +50,9 @@ def add_arguments(p) -> None:
     p.add_argument("--per-expert-waits", action="store_true",
                    help="fetch with wait=False and compute each expert once its own copy has landed, experts "
                    "already in VRAM first, so their math overlaps the other copies (default: wait for all)")
+    p.add_argument("--profile-passes", type=int, default=0,
+                   help="after each method's timed run, run its last N passes again under the torch profiler "
+                   "and report GPU time per token: copying, computing, and both at once (CUDA only; default 0: off)")
     p.add_argument("--attn-matmuls", type=int, default=4, help="[n,H]x[H,H] matmuls of the attention stand-in")
     p.add_argument("--disk-probe-bytes", default="1GiB", help="cap on bytes read by the raw disk probe")
     p.add_argument("--json", help="write every figure and setting here (atomically)")
@@ -156,6 +159,8 @@ def _validate(args):
         raise ValueError(f"--lookahead-recall must be in [0, 1], got {args.lookahead_recall}")
     if args.tokens is not None and args.tokens < 1:
         raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
+    if args.profile_passes < 0:
+        raise ValueError(f"--profile-passes must be >= 0, got {args.profile_passes}")
     if args.attn_matmuls < 0:
         raise ValueError(f"--attn-matmuls must be >= 0, got {args.attn_matmuls}")
     spec = store.spec
@@ -194,6 +199,7 @@ def run(args) -> int:
     from policies.cache.belady import belady_min
 
     from . import report as R
+    from .gpu_profile import describe
     from .methods import slots_for
     from .replay import (Model, access_keys, build_passes, compute_only_fetch, emulate_hints, run_loop,
                          run_method)
@@ -223,6 +229,8 @@ def run(args) -> int:
 
     limits = _limits(store, device, cap, args.seed)
     graphs = args.cuda_graphs and device.type == "cuda"
+    if args.profile_passes and device.type != "cuda":
+        print("  --profile-passes: GPU time needs a CUDA device; no profile on the CPU", file=sys.stderr)
     print(f"  compute: {'decode steps as CUDA graphs (one per VRAM slot), prefill eager' if graphs else 'eager'}"
           f"{', each expert after its own copy (--per-expert-waits)' if args.per_expert_waits else ''}, "
           f"the same for every method")
@@ -240,10 +248,14 @@ def run(args) -> int:
             mr = run_method(args.store, store, m, v * vslot, r * rslot, passes, model, hints,
                             device=str(device), readers=args.readers, progress=bar,
                             policy_process=args.policy_process, cuda_graphs=graphs,
-                            per_expert_waits=args.per_expert_waits)
+                            per_expert_waits=args.per_expert_waits, profile_passes=args.profile_passes)
         finally:
             bar.close()
-        return R.method_row(m.name, m, mr, compute_s_tok, v, r)
+        row = R.method_row(m.name, m, mr, compute_s_tok, v, r)
+        row["gpu_profile"] = mr.profile
+        if mr.profile is not None:
+            print(f"  profile {m.name} @ {vram_text}: {describe(mr.profile)}")
+        return row
 
     # Compute per token with everything resident: the resident method when it runs and fits,
     # else the math on top_k preloaded experts with nothing to move.
