@@ -63,10 +63,10 @@ def baseline_methods() -> list[Method]:
         Method(name="watermark-ewma", policy="watermark", predictor="ewma", note="the original design"),
         # Ours: what the library does by default, the registry's default policy and predictor.
         # A variant fuses that predictor with the router lookahead. Fusion raises the VRAM hit
-        # rate (qwen1.5 on an H100, RAM 1.0: 0.55 vs 0.13 at 10%), yet it was the slower of the
-        # two in every GPU replay of stop 8 (GPT-OSS-20B dims, qwen1.5: 33.6 vs 55.5 tok/s at
-        # 10%, 41.1 vs 55.5 at 25%; scaled dims, llama4 and qwen1.5 alike): the loop is
-        # host-bound, and the hints and the extra prefetches they start cost host time.
+        # rate (qwen1.5 on an H100, RAM 1.0: 0.49 vs 0.13 at 10%), yet it was the slower of the
+        # two in every GPU replay (GPT-OSS-20B dims, qwen1.5 at 10%: 39.9 vs 54.5 tok/s at
+        # 84d8d16, 33.6 vs 55.5 in stop 8). A hint comes one layer ahead, 0.3 ms of math, for
+        # about 0.8 ms of copies, and its wrong guesses take link time from the demand copies.
         Method(name="ours", policy=DEFAULT_POLICY, predictor=ours_pred, predictor_options=ours_opts,
                note=f"{DEFAULT_POLICY} + {DEFAULT_PREDICTOR} (the defaults)"),
         Method(name="ours-lookahead", policy=DEFAULT_POLICY, predictor="fusion", lookahead=True,
