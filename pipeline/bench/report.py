@@ -172,7 +172,8 @@ def plot(path: str | Path, budgets: list[dict]) -> None:
         a1.plot(xs, [r["tokens_per_s"] for _, r in pts], marker="o", label=name)
         a2.plot(xs, [r["vram_hit_rate"] for _, r in pts], marker="o", label=name)
     xs = [b["vram_slots"] for b in budgets]
-    a1.plot(xs, [b["oracle_tokens_per_s"] for b in budgets], "k--", label="oracle bound")
+    # With a marker: a run of one budget draws its bound as a single point.
+    a1.plot(xs, [b["oracle_tokens_per_s"] for b in budgets], "k--", marker="_", markersize=14, label="oracle bound")
     a1.set(xlabel="VRAM budget (expert slots)", ylabel="tokens/s", title="throughput")
     a2.set(xlabel="VRAM budget (expert slots)", ylabel="VRAM hit rate", title="VRAM hit rate", ylim=(0, 1.05))
     a1.legend(fontsize=7)
