@@ -247,6 +247,18 @@ def access_sequence(trace: Trace, include_prefill: bool = False) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
+def visit_sequence(trace: Trace, include_prefill: bool = False) -> list[tuple[int, ...]]:
+    """The layer visits `simulate` makes, each as keys layer * E + expert (a prefill pass's
+    union in chunks of top_k), for schedules computed outside a policy."""
+    E, K = trace.num_experts, trace.top_k
+    out = []
+    for step in decode_steps(trace, include_prefill=include_prefill):
+        for layer, row in enumerate(step.experts.tolist()):
+            ids = [layer * E + e for e in row if e >= 0]
+            out.extend(tuple(ids[i:i + K]) for i in range(0, max(1, len(ids)), K))
+    return out
+
+
 def truncate(trace: Trace, rows: int) -> Trace:
     """The first `rows` rows of `trace` (a view), for quick runs and tests."""
     import dataclasses

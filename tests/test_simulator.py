@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.bench.simulate_cmd import parse_capacity
 from policies.cache.registry import DEFAULT_POLICY, DEFAULT_PREDICTOR, make_policy, parse_predictor_spec
-from policies.simulator import access_sequence, simulate, truncate
+from policies.simulator import access_sequence, simulate, truncate, visit_sequence
 from policies.traces import FORMAT, TraceMeta, load_trace, make_trace, save_trace
 
 from test_policies_narrated import FixedPredictor
@@ -104,6 +104,9 @@ def test_prefill_passes_are_chunked_to_top_k():
     assert r.tokens == 3 and r.accesses == 6  # the prefill union {0,1,2,3} + the decode row
     assert access_sequence(trace, include_prefill=True).tolist() == [0, 1, 2, 3, 0, 2]
     assert access_sequence(trace).tolist() == [0, 2]
+    # The visits schedules are computed over: the same chunks, in the same order.
+    assert visit_sequence(trace, include_prefill=True) == [(0, 1), (2, 3), (0, 2)]
+    assert visit_sequence(trace) == [(0, 2)]
 
 
 @pytest.mark.parametrize("text,expected", [("0.1", 10), ("1.0", 100), ("5MB", 5), ("5000000", 5),
@@ -148,6 +151,10 @@ def test_cli_writes_json_with_belady(bin_env, small_trace_file, tmp_path):
         assert r["loads_vram"] >= rep["belady"]["loads_vram"]
         assert r["vram_hit_rate"] <= rep["belady"]["vram_hit_rate"] + 1e-12
     assert "belady" in res.stdout.lower() and "nextuse" in res.stdout
+    off = rep["offline_prefetch"]  # perfect knowledge, RAM warm: Belady-like loads, the fastest schedule here
+    assert off["loads_vram"] >= rep["belady"]["loads_vram"]
+    assert off["tokens_per_second"] >= max(r["tokens_per_second"] for r in rep["runs"])
+    assert "offline prefetch" in res.stdout
 
 
 @pytest.mark.parametrize("args,message", [
