@@ -50,7 +50,7 @@ class PlanExecution:
 
     def _evictable(self, table: SlotTable, slot: Slot) -> bool:
         if table is self.vram:
-            return slot.handed_seq < self._fence_seq or slot.handed_seq < 0
+            return slot.handed_seq < self.fences.latest_seq or slot.handed_seq < 0
         return slot.users == 0 and slot.reading is None
 
     def _queue(self, heap: list, tier: Tier, mv, stamped) -> None:

@@ -27,7 +27,6 @@ moves bytes, and it is the single source of truth about what is where.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import itertools
 import queue
@@ -40,11 +39,7 @@ from policies.events import Tier
 
 from .plans import PlanExecution
 from .readers import read_request
-from .slots import LOADING, READY, Key, Slot, SlotTable
-
-# Fences of recent fetches kept for refills (between this many and twice as many): a slot
-# last handed out before the oldest kept waits on the oldest, later than it need but safe.
-FENCES_KEPT = 256
+from .slots import LOADING, READY, FenceLog, Key, Slot, SlotTable
 
 
 class SchedulerStats(msgspec.Struct, frozen=True):
@@ -93,12 +88,7 @@ class Scheduler(PlanExecution):
         self._order = itertools.count()
         self._req_ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
-        self._fence = None  # the latest fetch's fence and its sequence number
-        self._fence_seq = -1
-        # Recent fetches' fences by sequence number: a slot's refill waits for the first fence
-        # after its last use, not the latest one, so copies overlap the compute enqueued since.
-        self._fence_seqs: list[int] = []
-        self._fences: list = []
+        self.fences = FenceLog()  # a refill waits on the first fence after the slot's last use
         # Slot tables, queues and counters change only under this lock: the loop thread takes
         # it for each synchronous step (never across an await), `try_serve` for a whole fetch.
         self.table_lock = threading.RLock()
@@ -136,7 +126,7 @@ class Scheduler(PlanExecution):
             if short > 0 and len(self.vram.victims(lambda s: s.handed_seq < seq, short,
                                                     in_flight=self.engine.is_cuda)) < short:
                 return None
-            self._note_fence(fence, seq)
+            self.fences.note(fence, seq)
             self._c["fetches"] += 1
             self._c["vram_hits"] += len(hits)
             for slot in hits:
@@ -154,7 +144,7 @@ class Scheduler(PlanExecution):
         experts that must wait (a disk read, a slot still filling) get concurrent tasks."""
         keys = [(layer, e) for e in experts]
         with self.table_lock:
-            self._note_fence(fence, seq)
+            self.fences.note(fence, seq)
             self._c["fetches"] += 1
             for key in keys:  # pin first, so no eviction below picks an expert of this fetch
                 slot = self.vram.lookup(key)
@@ -167,24 +157,6 @@ class Scheduler(PlanExecution):
             for i, r in zip(waiting, done):
                 out[i] = r
         return out
-
-    def _note_fence(self, fence, seq: int) -> None:
-        """Record fetch `seq`'s fence: the caller's stream is past every use of the tensors
-        handed out before that fetch (they are valid only until the next fetch)."""
-        if fence is None:
-            return
-        self._fence, self._fence_seq = fence, seq
-        if not self._fence_seqs or seq > self._fence_seqs[-1]:
-            self._fence_seqs.append(seq)
-            self._fences.append(fence)
-            if len(self._fences) > 2 * FENCES_KEPT:  # older ones are implied by those kept
-                del self._fence_seqs[:FENCES_KEPT], self._fences[:FENCES_KEPT]
-
-    def _fence_after(self, seq: int):
-        """The earliest recorded fence of a fetch after `seq`: it follows every use of what
-        fetch `seq` handed out, and little else, so a copy behind it starts as early as it can."""
-        i = bisect.bisect_right(self._fence_seqs, seq)
-        return self._fences[i] if i < len(self._fences) else self._fence
 
     def _demand_now(self, key: Key, seq: int) -> tuple[Slot, object] | None:
         """The demand of `key` if it needs no waiting (in VRAM, or a free/evictable slot and
@@ -367,8 +339,8 @@ class Scheduler(PlanExecution):
         key = slot.key
         entry = self.store.expert_range(*key)
         prev = slot.handed_seq if prev_handed is None else prev_handed
-        assert prev < self._fence_seq or prev < 0, "a slot handed out by this fetch is never refilled"
-        after = self._fence_after(prev) if prev >= 0 else None  # follows the previous expert's uses
+        assert prev < self.fences.latest_seq or prev < 0, "a slot handed out by this fetch is never refilled"
+        after = self.fences.after(prev) if prev >= 0 else None  # follows the previous expert's uses
         prior, slot.prior = slot.prior, None
         if prior is not None and prior.done():
             prior = None
@@ -391,9 +363,9 @@ class Scheduler(PlanExecution):
         with self.table_lock:
             for item in self._inflight:
                 key, slot, rslot, transfer, demand = item
-                # With a waiter thread, a copy counts once the waiter has seen it land (it wakes
-                # the loop then): no device query per copy in flight on every turn.
-                if not (transfer.known_done if self._waiter is not None else transfer.done()):
+                # A CUDA copy counts once the waiter thread has seen it land (it wakes the loop
+                # then), a CPU one once its future is done: no device query per copy per turn.
+                if not transfer.known_done:
                     still.append(item)
                     continue
                 ok = transfer.error is None

@@ -7,6 +7,7 @@ Victims come off the front of that order: no scan of every slot per miss.
 """
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -102,3 +103,38 @@ def _taking_over(slot: Slot, in_flight: bool) -> bool:
     """A filling slot may be re-taken when its copy has finished (the loop has not settled it
     yet) or, where copies into one slot are ordered on the device (`in_flight`), once issued."""
     return slot.transfer is not None and (in_flight or slot.transfer.done())
+
+
+class FenceLog:
+    """The fences of recent fetches, by fetch sequence number. A VRAM slot handed out by fetch
+    s may be refilled behind the first fence recorded after s: the caller's stream is past
+    every use of what fetch s handed out, and little else, so the refill starts as early as
+    it can (the latest fence would order it after all compute enqueued since).
+
+    Keeps between `keep` and 2 * `keep` fences; a fetch older than the oldest kept gets the
+    oldest, later than it needs but safe."""
+
+    def __init__(self, keep: int = 256):
+        self.keep = keep
+        self._seqs: list[int] = []
+        self._fences: list = []
+
+    def note(self, fence, seq: int) -> None:
+        """Record fetch `seq`'s fence (None: nothing to record, e.g. on the CPU)."""
+        if fence is None or (self._seqs and seq <= self._seqs[-1]):
+            return
+        self._seqs.append(seq)
+        self._fences.append(fence)
+        if len(self._fences) > 2 * self.keep:
+            del self._seqs[:self.keep], self._fences[:self.keep]
+
+    @property
+    def latest_seq(self) -> int:
+        return self._seqs[-1] if self._seqs else -1
+
+    def after(self, seq: int):
+        """The earliest kept fence of a fetch after `seq` (the latest if none is later yet)."""
+        return self._fences[min(bisect.bisect_right(self._seqs, seq), len(self._fences) - 1)]
+
+    def __len__(self) -> int:
+        return len(self._fences)

@@ -596,19 +596,18 @@ def test_a_refill_of_a_slot_freed_fetches_ago_does_not_wait_for_compute_enqueued
 
 
 def test_a_refill_waits_on_the_first_fence_after_the_slots_last_use():
-    import types
+    from pipeline.slots import FenceLog
 
-    from pipeline.scheduler import FENCES_KEPT, Scheduler
-
-    s = types.SimpleNamespace(_fence=None, _fence_seq=-1, _fence_seqs=[], _fences=[])
-    for seq in range(1, 3 * FENCES_KEPT):
-        Scheduler._note_fence(s, f"fence{seq}", seq)
-    Scheduler._note_fence(s, None, 10**6)  # a fetch without a fence (CPU) changes nothing
-    assert s._fence == f"fence{3 * FENCES_KEPT - 1}"
-    last = 3 * FENCES_KEPT - 1
-    assert Scheduler._fence_after(s, last - 5) == f"fence{last - 4}"
-    assert Scheduler._fence_after(s, last) == s._fence  # nothing later yet: the latest
-    assert FENCES_KEPT <= len(s._fences) <= 2 * FENCES_KEPT
-    oldest = s._fence_seqs[0]
+    log = FenceLog(keep=256)
+    last = 3 * log.keep - 1
+    for seq in range(1, last + 1):
+        log.note(f"fence{seq}", seq)
+    log.note(None, 10**6)  # a fetch without a fence (CPU) changes nothing
+    log.note("stale", last - 3)  # not after the latest: ignored
+    assert log.latest_seq == last
+    assert log.after(last - 5) == f"fence{last - 4}"
+    assert log.after(last) == f"fence{last}"  # nothing later yet: the latest
+    assert log.keep <= len(log) <= 2 * log.keep
+    oldest = last - len(log) + 1
     assert oldest > 1
-    assert Scheduler._fence_after(s, 0) == f"fence{oldest}"  # trimmed: the oldest kept, still after it
+    assert log.after(0) == f"fence{oldest}"  # trimmed: the oldest kept, still after it
