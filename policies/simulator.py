@@ -203,16 +203,12 @@ def simulate(trace: Trace, policy: CachePolicy, *, policy_name: str, predictor_n
     """
     sim = Simulator(policy, compute_seconds_per_layer=compute_seconds_per_layer,
                     h2d_bytes_per_s=h2d_bytes_per_s, disk_bytes_per_s=disk_bytes_per_s)
-    K, L = trace.top_k, trace.num_layers
     tokens = 0
     pending = 0
     for step in decode_steps(trace, include_prefill=include_prefill):
         tokens += step.rows[1] - step.rows[0]
-        rows = step.experts.tolist()
-        for layer in range(L):
-            ids = [e for e in rows[layer] if e >= 0]
-            for i in range(0, max(1, len(ids)), K):
-                sim.visit(layer, tuple(ids[i:i + K]))
+        for layer, ids in layer_visits(step, trace.top_k):
+            sim.visit(layer, ids)
         pending += 1
         if progress is not None and pending >= 256:
             progress(pending)
@@ -247,16 +243,22 @@ def access_sequence(trace: Trace, include_prefill: bool = False) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-def visit_sequence(trace: Trace, include_prefill: bool = False) -> list[tuple[int, ...]]:
-    """The layer visits `simulate` makes, each as keys layer * E + expert (a prefill pass's
-    union in chunks of top_k), for schedules computed outside a policy."""
-    E, K = trace.num_experts, trace.top_k
+def layer_visits(step, top_k: int) -> list[tuple[int, tuple[int, ...]]]:
+    """(layer, expert ids) per layer visit of one forward pass, in order: a prefill pass's
+    union in chunks of top_k (one layer processes its experts group by group)."""
     out = []
-    for step in decode_steps(trace, include_prefill=include_prefill):
-        for layer, row in enumerate(step.experts.tolist()):
-            ids = [layer * E + e for e in row if e >= 0]
-            out.extend(tuple(ids[i:i + K]) for i in range(0, max(1, len(ids)), K))
+    for layer, row in enumerate(step.experts.tolist()):
+        ids = [e for e in row if e >= 0]
+        out.extend((layer, tuple(ids[i:i + top_k])) for i in range(0, max(1, len(ids)), top_k))
     return out
+
+
+def visit_sequence(trace: Trace, include_prefill: bool = False) -> list[tuple[int, ...]]:
+    """The layer visits `simulate` makes, each as keys layer * E + expert, for schedules
+    computed outside a policy."""
+    E = trace.num_experts
+    return [tuple(layer * E + e for e in ids) for step in decode_steps(trace, include_prefill=include_prefill)
+            for layer, ids in layer_visits(step, trace.top_k)]
 
 
 def truncate(trace: Trace, rows: int) -> Trace:
