@@ -144,9 +144,9 @@ class Model:
         H, E = self.embed.shape[1], self.router.shape[1]
         self._ne_in, self._ne_h, self._ne_logits = (torch.zeros(1, n, device=self.device, dtype=self.dtype)
                                                     for n in (H, H, E))
-        # The experts read the stand-in's output buffer directly, and each layer's result is
-        # written where the next stand-in reads it: no copy between graphs (see kernel_copy).
-        self._x_in = self._ne_h
+        # The expert graphs read the stand-in's output buffer (_ne_h) directly, and each
+        # layer's result is written where the next stand-in reads it (_ne_in): no copy
+        # between graphs (see kernel_copy).
         self._y_out: torch.Tensor | None = None
         self._graphs = GraphCache(self.device)
         try:
@@ -194,8 +194,8 @@ class Model:
         # views, or one loaded expert), so two live sets never share it.
         key = next(iter(t.values())).data_ptr()
         if self._y_out is None:
-            self._y_out = torch.zeros_like(self._x_in, dtype=next(iter(t.values())).dtype)
-        (y,) = self._graphs.run(key, lambda: (expert_forward(self.family, t, self._norm(self._x_in)),),
+            self._y_out = torch.zeros_like(self._ne_h, dtype=next(iter(t.values())).dtype)
+        (y,) = self._graphs.run(key, lambda: (expert_forward(self.family, t, self._norm(self._ne_h)),),
                                 (self._y_out,))
         return y
 
@@ -208,9 +208,9 @@ class Model:
         else:
             # The norm runs inside each expert's graph: the same kernels on the same input, so
             # the same values, and one launch fewer per layer than an eager norm.
-            if h is not self._x_in:
-                kernel_copy(self._x_in, h)
-            y = moe_forward(self.family, tensors, self._x_in, weights, None, run_expert=self._graphed_expert,
+            if h is not self._ne_h:
+                kernel_copy(self._ne_h, h)
+            y = moe_forward(self.family, tensors, self._ne_h, weights, None, run_expert=self._graphed_expert,
                             **staged)
             return torch.add(h, y.to(h.dtype), out=self._ne_in)  # the next layer's stand-in input
         return h + y.to(h.dtype)
@@ -303,8 +303,9 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
             warm_up(pipe, store.spec, model)
         before = pipe.stats().scheduler
         fetch = functools.partial(pipe.fetch, wait=False) if per_expert_waits else pipe.fetch
-        loop = run_loop(model, passes, fetch, hints=hints if method.lookahead else None,
-                        hint_sink=pipe.hint_scores if method.lookahead else None, progress=progress,
+        hints = hints if method.lookahead else None
+        sink = pipe.hint_scores if method.lookahead else None
+        loop = run_loop(model, passes, fetch, hints=hints, hint_sink=sink, progress=progress,
                         keep_outputs=keep_outputs)
         st = pipe.stats()
         prof = None
@@ -312,8 +313,8 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
             from .gpu_profile import profile
 
             tail = passes[-profile_passes:]
-            prof = profile(lambda: run_loop(model, tail, fetch, hints=hints[-len(tail):] if method.lookahead else None,
-                                            hint_sink=pipe.hint_scores if method.lookahead else None),
+            prof = profile(lambda: run_loop(model, tail, fetch, hints=hints[-len(tail):] if hints else None,
+                                            hint_sink=sink),
                            sum(p.n for p in tail))
         return MethodRun(loop, before, st.scheduler, st.device, st.pinned, prof)
 
