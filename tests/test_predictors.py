@@ -175,7 +175,7 @@ def test_router_scores_shape_check():
         router_scores(np.ones(4), np.eye(3))
 
 
-@pytest.mark.parametrize("name", ["ewma", "lookahead", "fusion"])
+@pytest.mark.parametrize("name", ["ewma", "lookahead", "fusion", "colayer"])
 def test_contract_probabilities_in_unit_interval(name):
     p = make_predictor(name, 3, 6, 2)
     rng = np.random.default_rng(0)
@@ -186,7 +186,7 @@ def test_contract_probabilities_in_unit_interval(name):
             assert out.shape == (3, 6) and out.dtype == np.float64 and (out >= 0).all() and (out <= 1).all()
 
 
-@pytest.mark.parametrize("name", ["lookahead", "fusion"])
+@pytest.mark.parametrize("name", ["lookahead", "fusion", "colayer"])
 def test_predict_all_is_bit_identical_to_predict_per_layer(name):
     # predict_all is the fast path a policy uses once per token; it must give exactly the rows
     # that predict(layer) gives, hints included.

@@ -96,7 +96,7 @@ def test_quality_command_table_and_json(tmp_path, capsys):
 
 def test_quality_command_unknown_predictor_lists_valid(tmp_path):
     ns = argparse.Namespace(trace=str(tmp_path / "missing.npz"), predictors=["nope"], ks=None, json_out=None)
-    with pytest.raises(KeyError, match="unknown predictor 'nope'; valid: ewma, fusion"):
+    with pytest.raises(KeyError, match="unknown predictor 'nope'; valid: colayer, ewma, fusion"):
         quality_cmd.run(ns)
 
 
@@ -115,7 +115,7 @@ def test_prefetch_bench_quality_end_to_end(tmp_path, bin_env):
     bad = subprocess.run([sys.executable, str(exe), "quality", "--trace", str(tmp_path / "t.npz"),
                           "--predictor", "bogus", "--json", str(tmp_path / "o.json")],
                          capture_output=True, text=True, env=bin_env, timeout=60)
-    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "valid: ewma" in bad.stderr
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "valid: colayer, ewma" in bad.stderr
     assert not (tmp_path / "o.json").exists()
 
 

@@ -2,8 +2,8 @@
 
 `predict_all` can cost L predictor calls, too much for every layer visit; so the matrix is
 refreshed fully once per token (at layer 0) and, after each visit, for the visited layer
-and the next one (the rows that a visit changes for history-based predictors, and the row
-that prefetching looks at next).
+and the `predictor.horizon` layers after it (the rows that a visit changes for
+history-based predictors, and the rows that prefetching looks at next).
 """
 from __future__ import annotations
 
@@ -31,13 +31,17 @@ class PredictedPolicy(CachePolicy):
             self.p[:] = self.predictor.predict_all()
             self._rows_changed(range(self.L))
         else:
-            nxt = (layer + 1) % self.L
             self.p[layer] = self.predictor.predict(layer)
-            row = self.predictor.predict(nxt)
-            # History-only predictors (EWMA) leave other layers alone: skip the refresh then.
-            if not np.array_equal(row, self.p[nxt]):
-                self.p[nxt] = row
-                self._rows_changed((nxt,))  # the visited row: `_touch` in `access` refreshes it
+            changed = []
+            for ahead in range(1, min(self.predictor.horizon, self.L - 1) + 1):
+                nxt = (layer + ahead) % self.L
+                row = self.predictor.predict(nxt)
+                # History-only predictors (EWMA) leave other layers alone: skip the refresh then.
+                if not np.array_equal(row, self.p[nxt]):
+                    self.p[nxt] = row
+                    changed.append(nxt)
+            if changed:
+                self._rows_changed(changed)  # the visited row: `_touch` in `access` refreshes it
         return self.access(layer, event.experts, event.time)
 
     def _rows_changed(self, layers) -> None:

@@ -16,6 +16,9 @@ class Predictor(abc.ABC):
     """
 
     name: str = "base"
+    # How many layers after the visited one a visit can change the prediction of (policies
+    # refresh those rows after each visit, and every row once per token).
+    horizon: int = 1
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int):
         if num_layers < 1 or num_experts < 1 or not (1 <= top_k <= num_experts):

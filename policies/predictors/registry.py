@@ -16,6 +16,7 @@ from .base import Predictor
 # name -> (module, class name)
 PREDICTORS: dict[str, tuple[str, str]] = {
     "ewma": ("policies.predictors.ewma", "EwmaPredictor"),
+    "colayer": ("policies.predictors.colayer", "CoLayerPredictor"),
     "lookahead": ("policies.predictors.lookahead", "LookaheadPredictor"),
     "oracle": ("policies.predictors.oracle", "OraclePredictor"),
     "fusion": ("policies.predictors.fusion", "FusionPredictor"),
