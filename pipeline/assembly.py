@@ -96,6 +96,11 @@ async def assemble(cfg: PipelineConfig, *, reader_hooks: dict | None = None) -> 
     policy_config = dict(num_layers=spec.num_layers, num_experts=spec.num_experts, top_k=spec.top_k,
                          vram_bytes=n_vram * ram_slot, ram_bytes=n_ram * ram_slot, expert_bytes=ram_slot,
                          containment=n_ram >= n_vram)
+    fixed = sorted(set(cfg.policy_options) & (set(policy_config) - {"containment"}))
+    if fixed:
+        raise ValueError(f"policy_options {', '.join(fixed)}: set by the store and the vram/ram budgets; "
+                         f"remove them from policy_options")
+    policy_config = {**policy_config, **cfg.policy_options}
     policy = make_policy(cfg.policy, predictor, **policy_config)
     device = _device(cfg)
     with contextlib.ExitStack() as stack:

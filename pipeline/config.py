@@ -40,6 +40,9 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     policy: str = "nextuse"
     predictor: str | None = "ewma"  # None for policies that take none
     predictor_options: dict[str, float | int | str] = {}
+    # Fields of the policy's config (its config_type), e.g. {"prefetch_min_prob": 0.2} for
+    # nextuse; the budgets and the model's shape come from vram, ram and the store.
+    policy_options: dict[str, float | int | str | bool] = {}
     device: str = "auto"  # auto: CUDA when available, else the VRAM tier lives on the CPU
     readers: int | None = None  # reader processes; None = the pool's default for the disk
     read_timeout_s: float = 10.0  # a read taking longer kills and replaces its reader

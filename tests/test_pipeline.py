@@ -611,3 +611,20 @@ def test_a_refill_waits_on_the_first_fence_after_the_slots_last_use():
     oldest = last - len(log) + 1
     assert oldest > 1
     assert log.after(0) == f"fence{oldest}"  # trimmed: the oldest kept, still after it
+
+
+def test_policy_options_reach_the_policy_and_bad_ones_fail_before_allocating(stores, no_leaks):
+    store = stores["bfloat16"]
+    k = StoreCheckpoint(store).spec.top_k
+    options = {"prefetch_min_prob": 0.0, "max_prefetch": 2, "lookahead": 2}
+    with ExpertPipeline.open(store, **budgets(store, 4 * k, 8 * k), device="cpu", readers=2, policy="nextuse",
+                             predictor="colayer", policy_options=options) as pipe:
+        config = pipe._p.policy.config
+        assert (config.prefetch_min_prob, config.max_prefetch, config.lookahead) == (0.0, 2, 2)
+        assert config.vram_bytes == 4 * k * max(x.read_length for x in StoreCheckpoint(store).index.experts)
+        for layer, ids, token in trace_visits(store, tokens=4):
+            pipe.fetch(layer, ids, token_id=token)
+    with pytest.raises(ValueError, match="unknown field `prefetch_min_prb`"):
+        ExpertPipeline.open(store, vram="1GiB", ram="1GiB", device="cpu", policy_options={"prefetch_min_prb": 0.2})
+    with pytest.raises(ValueError, match="policy_options vram_bytes: set by the store and the vram/ram budgets"):
+        ExpertPipeline.open(store, vram="1GiB", ram="1GiB", device="cpu", policy_options={"vram_bytes": 5})

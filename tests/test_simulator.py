@@ -157,6 +157,19 @@ def test_cli_writes_json_with_belady(bin_env, small_trace_file, tmp_path):
     assert "offline prefetch" in res.stdout
 
 
+def test_cli_policy_options_reach_the_policy(bin_env, small_trace_file, tmp_path):
+    # A threshold above every probability prefetches nothing; one at 0 prefetches whenever
+    # there is room: the option must reach the policy to tell the two runs apart.
+    out = tmp_path / "r.json"
+    res = cli(bin_env, "--trace", str(small_trace_file), "--vram-capacity", "0.5", "--predictor", "colayer",
+              "--policy", "nextuse:prefetch_min_prob=1.0", "--policy", "nextuse:prefetch_min_prob=0.0,lookahead=2",
+              "--json", str(out))
+    assert res.returncode == 0, res.stderr
+    never, eager = json.loads(out.read_text())["runs"]
+    assert never["policy"] == "nextuse:prefetch_min_prob=1.0" and never["predictor"] == "colayer"
+    assert eager["loads_vram"] > never["loads_vram"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--policy", "nope"], "unknown policy 'nope'; valid: hawkeye, lfu, lru"),
     (["--predictor", "nope"], "unknown predictor 'nope'; valid:"),
@@ -165,6 +178,9 @@ def test_cli_writes_json_with_belady(bin_env, small_trace_file, tmp_path):
     (["--vram-capacity", "lots"], "--vram-capacity 'lots' does not parse"),
     (["--vram-capacity", "10"], "fewer than one layer's top-1 working set"),
     (["--max-tokens", "0"], "--max-tokens must be >= 1"),
+    (["--policy", "nextuse:prefetch_min_prb=0.2"], "unknown field `prefetch_min_prb`"),
+    (["--policy", "nextuse:top_k=2"], "top_k come from the capacities and the trace"),
+    (["--policy", "nextuse:lookahead"], "is not key=value (e.g. nextuse:prefetch_min_prob=0.2)"),
 ])
 def test_cli_bad_input_is_one_line_exit_2_no_output(bin_env, small_trace_file, tmp_path, args, message):
     out = tmp_path / "r.json"

@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", required=True, help="routing trace .npz (moe-routing-trace/1)")
     p.add_argument("--vram-capacity", default="0.1", help="fraction of all experts (0.1) or bytes (6GiB)")
     p.add_argument("--ram-capacity", default="0.5", help="fraction of all experts (0.5) or bytes (64GiB)")
-    p.add_argument("--policy", action="append", help="policy name, repeatable (default: all)")
+    p.add_argument("--policy", action="append", help="policy NAME or NAME:key=value,... (fields of its config, e.g. "
+                   "nextuse:prefetch_min_prob=0.2), repeatable (default: all)")
     p.add_argument("--predictor", action="append", help="predictor for policies that take one: NAME "
                    "or NAME:key=value,... (repeatable; default: ewma:alpha=0.05)")
     p.add_argument("--expert-bytes", type=int, help="bytes of one expert (default: the trace's "
@@ -75,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from policies.cache.belady import belady_min
-    from policies.cache.registry import (DEFAULT_PREDICTOR, make_policy, parse_predictor_spec, policy_class,
-                                         policy_names)
+    from policies.cache.registry import (DEFAULT_PREDICTOR, make_policy, parse_policy_spec, parse_predictor_spec,
+                                         policy_class, policy_names)
     from policies.predictors.registry import make_predictor, predictor_class
     from policies.prefetch_bound import aggressive_prefetch
     from policies.simulator import access_sequence, count_passes, simulate, truncate, visit_sequence
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Check every name and number before the (long) replay starts.
     policies = args.policy or policy_names()
-    classes = {name: policy_class(name) for name in policies}
+    classes = {spec: policy_class(parse_policy_spec(spec)[0]) for spec in policies}
     predictors = args.predictor or [DEFAULT_PREDICTOR]
     for spec in predictors:
         predictor_class(parse_predictor_spec(spec)[0])
@@ -127,8 +128,18 @@ def run(args: argparse.Namespace) -> int:
             opts.update(trace=trace, include_prefill=args.include_prefill)
         return make_predictor(pname, L, E, K, **opts)
 
+    def build_policy(spec: str, predictor):
+        name, opts = parse_policy_spec(spec)
+        fixed = sorted(set(opts) & set(base))
+        if fixed:
+            raise ValueError(f"--policy {spec}: {', '.join(fixed)} come from the capacities and the trace; "
+                             f"drop them from the spec")
+        return make_policy(name, predictor, **base, **opts)
+
     for spec in predictors:  # bad options fail now, not after the first long replay
         build_predictor(spec)
+    for spec in policies:
+        build_policy(spec, build_predictor(predictors[0]) if classes[spec].uses_predictor else None)
     pairs = [(p, q) for p in policies for q in (predictors if classes[p].uses_predictor else ["-"])]
     passes = count_passes(trace, args.include_prefill)
     if passes == 0:
@@ -142,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
             predictor = None
             if pred != "-":
                 predictor = build_predictor(pred)
-            policy = make_policy(pol, predictor, **base)
+            policy = build_policy(pol, predictor)
             bar.set_postfix_str(f"{pol}/{pred}")
             t0 = time.perf_counter()
             results.append(simulate(trace, policy, policy_name=pol, predictor_name=pred,
@@ -178,11 +189,13 @@ def _print_table(report: dict) -> None:
     off = report["offline_prefetch"]
     print(f"offline prefetch with perfect knowledge (RAM warm): {off['tokens_per_second']:.2f} tok/s, "
           f"loads {off['loads_vram']}, stall {off['stall_seconds_per_token']:.4f} s/tok")
-    head = f"{'policy':<14}{'predictor':<17}{'vram_hit':>9}{'ram_hit':>9}{'loads_vram':>11}{'x_belady':>9}" \
+    wp = max([14] + [len(r["policy"]) + 2 for r in report["runs"]])
+    wq = max([17] + [len(r["predictor"]) + 2 for r in report["runs"]])
+    head = f"{'policy':<{wp}}{'predictor':<{wq}}{'vram_hit':>9}{'ram_hit':>9}{'loads_vram':>11}{'x_belady':>9}" \
            f"{'loads_ram':>10}{'stall_s/tok':>12}{'tok/s':>9}{'wall_s':>8}"
     print(head)
     for r in report["runs"]:
         ratio = r["loads_vram"] / bel["loads_vram"] if bel["loads_vram"] else float("nan")
-        print(f"{r['policy']:<14}{r['predictor']:<17}{r['vram_hit_rate']:>9.3f}{r['ram_hit_rate']:>9.3f}"
+        print(f"{r['policy']:<{wp}}{r['predictor']:<{wq}}{r['vram_hit_rate']:>9.3f}{r['ram_hit_rate']:>9.3f}"
               f"{r['loads_vram']:>11}{ratio:>9.2f}{r['loads_ram']:>10}"
               f"{r['stall_seconds_per_token']:>12.4f}{r['tokens_per_second']:>9.2f}{r['wall_seconds']:>8.1f}")

@@ -48,15 +48,15 @@ def make_policy(name: str, predictor: Predictor | None = None, **config) -> Cach
     return cls(cfg, predictor)
 
 
-def parse_predictor_spec(spec: str) -> tuple[str, dict]:
+def parse_predictor_spec(spec: str, kind: str = "predictor",
+                         example: str = "ewma:alpha=0.05") -> tuple[str, dict]:
     """`name` or `name:key=value,key=value` -> (name, options); values are numbers or text."""
     name, _, rest = spec.partition(":")
     options: dict = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq or not key:
-            raise ValueError(f"predictor spec {spec!r}: option {item!r} is not key=value "
-                             f"(e.g. ewma:alpha=0.05)")
+            raise ValueError(f"{kind} spec {spec!r}: option {item!r} is not key=value (e.g. {example})")
         try:
             options[key] = int(value)
         except ValueError:
@@ -65,6 +65,11 @@ def parse_predictor_spec(spec: str) -> tuple[str, dict]:
             except ValueError:
                 options[key] = value
     return name, options
+
+
+def parse_policy_spec(spec: str) -> tuple[str, dict]:
+    """`name` or `name:key=value,...`: options are fields of the policy's config."""
+    return parse_predictor_spec(spec, "policy", "nextuse:prefetch_min_prob=0.2")
 
 
 def policy_names() -> list[str]:
