@@ -128,6 +128,7 @@ def test_trace_larger_than_store_refused(setup, tmp_path, capsys, dims, what):
     (["--vram", "1KiB"], "top-k"),
     (["--ram", "-1"], "--ram"),
     (["--profile-passes", "-1"], "--profile-passes"),
+    (["--prefetch-copies", "-1"], "--prefetch-copies"),
 ])
 def test_bad_input_one_line_exit_2(setup, tmp_path, capsys, extra, needle):
     store, trace, _ = setup
@@ -189,7 +190,7 @@ def test_vram_sweep_and_extra_policy(setup, tmp_path, capsys):
     assert [b["vram_slots"] for b in res["budgets"]] == [6, 18]  # of 3 x 8 experts
     for b in res["budgets"]:
         names = [r["method"] for r in b["methods"]]
-        assert names == ["ours", "ours-lookahead", "lru"]
+        assert names == ["ours", "ours-lookahead", "ours-colayer", "lru"]
         assert all(r["vram_slots"] == b["vram_slots"] for r in b["methods"])
     # more VRAM, never fewer Belady hits
     assert res["budgets"][1]["belady_loads"] <= res["budgets"][0]["belady_loads"]
@@ -244,6 +245,29 @@ def test_per_expert_waits_flag_reaches_every_method(setup, tmp_path, capsys, mon
                     "on-demand,ours", "--tokens", "3", "--device", "cpu", "--no-progress", "--readers", "1", *flag])
         assert rc == 0, capsys.readouterr().err
         assert seen == [want, want]
+
+
+def test_prefetch_copies_and_policy_options_reach_each_methods_pipeline(setup, tmp_path, capsys, monkeypatch):
+    import pipeline.bench.replay as replay
+
+    store, trace, _ = setup
+    real, seen = replay.open_pipeline, []
+
+    def recording(store_dir, method, *a, **kw):
+        pipe = real(store_dir, method, *a, **kw)
+        seen.append((method.name, pipe.config.prefetch_copies, dict(pipe.config.policy_options)))
+        return pipe
+
+    monkeypatch.setattr(replay, "open_pipeline", recording)
+    out = tmp_path / "r.json"
+    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--vram", "0.5", "--methods",
+                "ours,ours-colayer", "--tokens", "3", "--device", "cpu", "--no-progress", "--readers", "1",
+                "--prefetch-copies", "1", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    colayer = {"prefetch_min_prob": 0.2, "max_prefetch": 2}
+    assert seen == [("ours", 1, {}), ("ours-colayer", 1, colayer)]
+    rows = {r["method"]: r for r in json.loads(out.read_text())["budgets"][0]["methods"]}
+    assert rows["ours-colayer"]["policy_options"] == colayer and rows["ours-colayer"]["predictor"] == "colayer"
 
 
 def test_a_run_cut_short_keeps_the_budgets_it_finished(setup, tmp_path, monkeypatch):

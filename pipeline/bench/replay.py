@@ -270,12 +270,14 @@ class MethodRun(msgspec.Struct):
 
 
 def open_pipeline(store_dir, method, vram_bytes: int, ram_bytes: int, device: str, readers: int | None,
-                  policy_process: bool = False):
+                  **options):
+    """`options`: further PipelineConfig fields for every method (policy_process, prefetch_copies)."""
     from ..api import ExpertPipeline
 
     return ExpertPipeline.open(store_dir, vram=vram_bytes, ram=ram_bytes, policy=method.policy,
                                predictor=method.predictor, predictor_options=dict(method.predictor_options),
-                               device=device, readers=readers, policy_process=policy_process)
+                               policy_options=dict(method.policy_options), device=device, readers=readers,
+                               **options)
 
 
 def warm_up(pipe, spec, model: Model) -> None:
@@ -296,8 +298,10 @@ def warm_up(pipe, spec, model: Model) -> None:
 def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes: list[Pass], model: Model,
                hints, *, device: str, readers: int | None = None, progress=None, policy_process: bool = False,
                keep_outputs: bool = False, cuda_graphs: bool = True, per_expert_waits: bool = False,
-               profile_passes: int = 0) -> MethodRun:
-    with (open_pipeline(store_dir, method, vram_bytes, ram_bytes, device, readers, policy_process) as pipe,
+               profile_passes: int = 0, prefetch_copies: int | None = None) -> MethodRun:
+    extra = {} if prefetch_copies is None else {"prefetch_copies": prefetch_copies}
+    with (open_pipeline(store_dir, method, vram_bytes, ram_bytes, device, readers,
+                        policy_process=policy_process, **extra) as pipe,
           model.graphs(cuda_graphs)):  # closes first: its graphs read the pipeline's slots
         if method.warm:
             warm_up(pipe, store.spec, model)

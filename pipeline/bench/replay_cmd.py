@@ -53,6 +53,9 @@ def add_arguments(p) -> None:
     p.add_argument("--profile-passes", type=int, default=0,
                    help="after each method's timed run, run its last N passes again under the torch profiler "
                    "and report GPU time per token: copying, computing, and both at once (CUDA only; default 0: off)")
+    p.add_argument("--prefetch-copies", type=int,
+                   help="prefetch H2D copies in flight at once, every method (PipelineConfig.prefetch_copies; "
+                        "default: the pipeline's)")
     p.add_argument("--attn-matmuls", type=int, default=4, help="[n,H]x[H,H] matmuls of the attention stand-in")
     p.add_argument("--disk-probe-bytes", default="1GiB", help="cap on bytes read by the raw disk probe")
     p.add_argument("--json", help="write every figure and setting here (atomically)")
@@ -163,6 +166,8 @@ def _validate(args):
         raise ValueError(f"--profile-passes must be >= 0, got {args.profile_passes}")
     if args.attn_matmuls < 0:
         raise ValueError(f"--attn-matmuls must be >= 0, got {args.attn_matmuls}")
+    if args.prefetch_copies is not None and args.prefetch_copies < 0:
+        raise ValueError(f"--prefetch-copies must be >= 0, got {args.prefetch_copies}")
     spec = store.spec
     total = spec.num_layers * spec.num_experts
     vslot = VramArena.slot_bytes_for(store)
@@ -248,7 +253,8 @@ def run(args) -> int:
             mr = run_method(args.store, store, m, v * vslot, r * rslot, passes, model, hints,
                             device=str(device), readers=args.readers, progress=bar,
                             policy_process=args.policy_process, cuda_graphs=graphs,
-                            per_expert_waits=args.per_expert_waits, profile_passes=args.profile_passes)
+                            per_expert_waits=args.per_expert_waits, profile_passes=args.profile_passes,
+                            prefetch_copies=args.prefetch_copies)
         finally:
             bar.close()
         row = R.method_row(m.name, m, mr, compute_s_tok, v, r)

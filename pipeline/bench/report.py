@@ -59,7 +59,8 @@ def method_row(name: str, method, run, compute_s_per_token: float, vram_slots: i
     ms_tok = seconds / max(1, tokens) * 1e3
     return {
         "method": name, "policy": method.policy, "predictor": method.predictor,
-        "predictor_options": dict(method.predictor_options), "lookahead": method.lookahead, "note": method.note,
+        "predictor_options": dict(method.predictor_options), "policy_options": dict(method.policy_options),
+        "lookahead": method.lookahead, "note": method.note,
         "vram_slots": vram_slots, "ram_slots": ram_slots, "device": run.device, "pinned": run.pinned,
         "tokens": tokens, "passes": len(run.loop.pass_seconds), "seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "ms_per_token": ms_tok,
