@@ -73,9 +73,11 @@ def baseline_methods() -> list[Method]:
         Method(name="ours-lookahead", policy=DEFAULT_POLICY, predictor="fusion", lookahead=True,
                note=f"{DEFAULT_POLICY} + fusion(ewma, router lookahead)"),
         # The causal stand-in for lookahead: this token's earlier experts predict its later
-        # ones (recall 0.42-0.45 on the Qwen traces against EWMA's 0.16-0.33), so prefetching
-        # one layer ahead pays at a lower threshold; the simulator at H100 figures puts it 6%
-        # above ours on qwen1.5 at 10% and 25% (2% on qwen3.6).
+        # ones (recall@k 0.40 / 0.41 on the Qwen traces against EWMA's 0.15 / 0.30), so
+        # prefetching one layer ahead at a lower threshold; the simulator at H100 figures puts
+        # it 6% above ours on qwen1.5 at 10% and 25% (2% on qwen3.6). On the H100 it was the
+        # slower one at 10% in four runs (31-39 vs 40-49 tok/s): each prefetch costs the
+        # decode thread GIL time (README, "where the time goes"); faster at 25% in one run.
         Method(name="ours-colayer", policy=DEFAULT_POLICY, predictor="colayer",
                policy_options={"prefetch_min_prob": 0.2, "max_prefetch": 2},
                note=f"{DEFAULT_POLICY} (prefetch at p >= 0.2, 2 per layer) + colayer"),
