@@ -306,20 +306,22 @@ def test_cuda_every_expert_bit_exact_from_pinned_sources(tiny_store, cuda_engine
     assert cuda_engine.stats().copies_pageable == 0
 
 
-def _slow_fence(engine) -> SlotFence:
-    """A fence on a side stream held busy (~25 ms of GPU sleep): a copy after it must queue."""
+def _copy_behind_slow_fence(st, engine, slot: int, layer: int, expert: int):
+    """(arena, transfer): a demand copy of (layer, expert) into `slot` of a fresh 2-slot arena,
+    after a fence on a side stream held busy (~25 ms of GPU sleep), so the copy must queue."""
+    arena = VramArena(st, 2, "cuda")
+    src = ram_slot(st, layer, expert, pin=True)
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         torch.cuda._sleep(50_000_000)
-        return engine.fence(side)
+        fence = engine.fence(side)
+    return arena, engine.copy_in(src, slot, arena, src.numel(), demand=True, after=fence)
 
 
 @pytest.mark.gpu
 def test_cuda_make_stream_wait_orders_the_current_stream_without_host_sync(tiny_store, cuda_engine):
     st = tiny_store
-    arena = VramArena(st, 2, "cuda")
-    src = ram_slot(st, 2, 5, pin=True)
-    t = cuda_engine.copy_in(src, 1, arena, src.numel(), demand=True, after=_slow_fence(cuda_engine))
+    arena, t = _copy_behind_slow_fence(st, cuda_engine, 1, 2, 5)
     assert not t.done()  # a slow fence holds it: done() did not block
     t.make_stream_wait()
     got = {k: v.clone() for k, v in arena.tensors(1).items()}  # on the current stream, after its wait
@@ -331,9 +333,7 @@ def test_cuda_make_stream_wait_orders_the_current_stream_without_host_sync(tiny_
 @pytest.mark.gpu
 def test_cuda_known_done_only_after_the_host_saw_the_copy_land(tiny_store, cuda_engine):
     st = tiny_store
-    arena = VramArena(st, 2, "cuda")
-    src = ram_slot(st, 1, 3, pin=True)
-    t = cuda_engine.copy_in(src, 0, arena, src.numel(), demand=True, after=_slow_fence(cuda_engine))
+    arena, t = _copy_behind_slow_fence(st, cuda_engine, 0, 1, 3)
     assert not t.known_done and not t.done()
     torch.cuda.synchronize()
     assert not t.known_done  # landed on the device, but nobody on the host has looked yet
