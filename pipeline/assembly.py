@@ -20,7 +20,7 @@ import torch
 from adapters.store import StoreCheckpoint
 from policies.actor import PolicyActor
 from policies.process_actor import PolicyProcess, PolicySpec
-from policies.cache.registry import make_policy, policy_class
+from policies.cache.registry import fixed_options, make_policy, policy_class
 from policies.events import Tier
 from policies.predictors.registry import make_predictor
 
@@ -96,7 +96,7 @@ async def assemble(cfg: PipelineConfig, *, reader_hooks: dict | None = None) -> 
     policy_config = dict(num_layers=spec.num_layers, num_experts=spec.num_experts, top_k=spec.top_k,
                          vram_bytes=n_vram * ram_slot, ram_bytes=n_ram * ram_slot, expert_bytes=ram_slot,
                          containment=n_ram >= n_vram)
-    fixed = sorted(set(cfg.policy_options) & (set(policy_config) - {"containment"}))
+    fixed = fixed_options(policy_config, cfg.policy_options)
     if fixed:
         raise ValueError(f"policy_options {', '.join(fixed)}: set by the store and the vram/ram budgets; "
                          f"remove them from policy_options")

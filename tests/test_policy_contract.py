@@ -230,3 +230,12 @@ def test_forget_follows_the_executors_own_evictions(name):
     # The next access asks for both again.
     plan = policy.on_activation(Activation(layer=0, experts=(3, 4)))
     assert {(m.layer, m.expert) for m in plan.promotions} >= {(0, 3), (0, 4)}
+
+
+def test_options_may_not_override_shape_or_budgets_but_may_change_containment():
+    from policies.cache.registry import fixed_options
+
+    base = dict(num_layers=2, num_experts=4, top_k=1, vram_bytes=2, ram_bytes=4, expert_bytes=1, containment=True)
+    assert fixed_options(base, {"top_k": 2, "vram_bytes": 9, "containment": False, "lookahead": 2}) == \
+        ["top_k", "vram_bytes"]
+    assert fixed_options(base, {"containment": False, "lookahead": 2}) == []

@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from policies.cache.belady import belady_min
-    from policies.cache.registry import (DEFAULT_PREDICTOR, make_policy, parse_policy_spec, parse_predictor_spec,
-                                         policy_class, policy_names)
+    from policies.cache.registry import (DEFAULT_PREDICTOR, fixed_options, make_policy, parse_policy_spec,
+                                         parse_predictor_spec, policy_class, policy_names)
     from policies.predictors.registry import make_predictor, predictor_class
     from policies.prefetch_bound import aggressive_prefetch
     from policies.simulator import access_sequence, count_passes, simulate, truncate, visit_sequence
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
     def build_policy(spec: str, predictor):
         name, opts = parse_policy_spec(spec)
-        fixed = sorted(set(opts) & set(base))
+        fixed = fixed_options(base, opts)
         if fixed:
             raise ValueError(f"--policy {spec}: {', '.join(fixed)} come from the capacities and the trace; "
                              f"drop them from the spec")

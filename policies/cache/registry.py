@@ -48,9 +48,24 @@ def make_policy(name: str, predictor: Predictor | None = None, **config) -> Cach
     return cls(cfg, predictor)
 
 
-def parse_predictor_spec(spec: str, kind: str = "predictor",
-                         example: str = "ewma:alpha=0.05") -> tuple[str, dict]:
+def parse_predictor_spec(spec: str) -> tuple[str, dict]:
     """`name` or `name:key=value,key=value` -> (name, options); values are numbers or text."""
+    return _parse_spec(spec, "predictor", "ewma:alpha=0.05")
+
+
+def parse_policy_spec(spec: str) -> tuple[str, dict]:
+    """`name` or `name:key=value,...`: options are fields of the policy's config."""
+    return _parse_spec(spec, "policy", "nextuse:prefetch_min_prob=0.2")
+
+
+def fixed_options(base: dict, options: dict) -> list[str]:
+    """The names in `options` that `base` already sets and a caller may not override: the
+    model's shape, the budgets and the timing come from the store or trace and the flags.
+    `containment` is a default derived from the budgets, which a policy option may change."""
+    return sorted(set(options) & (set(base) - {"containment"}))
+
+
+def _parse_spec(spec: str, kind: str, example: str) -> tuple[str, dict]:
     name, _, rest = spec.partition(":")
     options: dict = {}
     for item in filter(None, rest.split(",")):
@@ -65,11 +80,6 @@ def parse_predictor_spec(spec: str, kind: str = "predictor",
             except ValueError:
                 options[key] = value
     return name, options
-
-
-def parse_policy_spec(spec: str) -> tuple[str, dict]:
-    """`name` or `name:key=value,...`: options are fields of the policy's config."""
-    return parse_predictor_spec(spec, "policy", "nextuse:prefetch_min_prob=0.2")
 
 
 def policy_names() -> list[str]:
