@@ -120,7 +120,8 @@ class FenceLog:
         self._fences: list = []
 
     def note(self, fence, seq: int) -> None:
-        """Record fetch `seq`'s fence (None: nothing to record, e.g. on the CPU)."""
+        """Record fetch `seq`'s fence (the copy engine's; on the CPU an always-complete one).
+        None, or a fetch not after the latest, records nothing."""
         if fence is None or (self._seqs and seq <= self._seqs[-1]):
             return
         self._seqs.append(seq)

@@ -602,7 +602,7 @@ def test_a_refill_waits_on_the_first_fence_after_the_slots_last_use():
     last = 3 * log.keep - 1
     for seq in range(1, last + 1):
         log.note(f"fence{seq}", seq)
-    log.note(None, 10**6)  # a fetch without a fence (CPU) changes nothing
+    log.note(None, 10**6)  # no fence: nothing recorded
     log.note("stale", last - 3)  # not after the latest: ignored
     assert log.latest_seq == last
     assert log.after(last - 5) == f"fence{last - 4}"

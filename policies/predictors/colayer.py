@@ -66,7 +66,7 @@ class CoLayerPredictor(Predictor):
         layer = event.layer
         if layer == self._layer:  # another visit of the same layer (a prefill pass in chunks)
             ids = sorted(set(self._route[layer] or ()) | set(ids))
-        elif layer <= self._layer or self._layer < 0:  # a new pass
+        elif layer < self._layer:  # a new pass (before the first, the route is empty already)
             self._route = [None] * L
         self._route[layer], self._layer = ids, layer
         self._ahead.clear()
