@@ -61,11 +61,14 @@ class StagedExperts(list):
     copy is done) and re-raises that copy's error; call it before expert i's tensors are used.
     `order` lists the experts already in VRAM first, then the rest in the order asked: computing
     in that order lets the first experts' math run while later experts are still being copied,
-    instead of every expert waiting for the last copy (what `wait=True` implies)."""
+    instead of every expert waiting for the last copy (what `wait=True` implies).
+    With vram_form="stored", `ready(i)` also enqueues expert i's decode into its dense view
+    (`prepare`); experts already in VRAM are decoded before the fetch returns."""
 
-    def __init__(self, tensors: list[dict[str, torch.Tensor]], transfers: list):
+    def __init__(self, tensors: list[dict[str, torch.Tensor]], transfers: list, prepare=None):
         super().__init__(tensors)
         self._transfers = transfers
+        self._prepare = prepare
         self.order = tuple([i for i, t in enumerate(transfers) if t is None]
                            + [i for i, t in enumerate(transfers) if t is not None])
 
@@ -73,6 +76,8 @@ class StagedExperts(list):
         transfer = self._transfers[i]
         if transfer is not None:
             transfer.make_stream_wait()
+        if self._prepare is not None:
+            self._prepare(i)
 
 
 class ExpertPipeline:
@@ -266,6 +271,10 @@ class ExpertPipeline:
             raise ValueError(f"expert ids {ids} repeat an expert")
         if len(ids) > len(self._p.scheduler.vram):
             raise ValueError(f"{len(ids)} experts at once but the VRAM budget holds {len(self._p.scheduler.vram)}")
+        views = self._p.vram_arena.views
+        if views is not None and len(ids) > views.num_views:
+            raise ValueError(f"{len(ids)} experts at once but vram_form='stored' decodes into {views.num_views} "
+                             f"dense views (top_k); fetch at most {views.num_views} at a time")
         self._seq += 1
         fence = self._p.engine.fence()  # on the caller's current stream, before this fetch's uses
         weights = None if router_weights is None else tuple(float(w) for w in
@@ -277,14 +286,38 @@ class ExpertPipeline:
         return self._seq, fence, ids, event
 
     def _finish(self, results, wait: bool = True) -> list[dict[str, torch.Tensor]]:
-        tensors = [self._p.vram_arena.tensors(slot.index) for slot, _ in results]
         transfers = [transfer for _, transfer in results]
+        views = self._p.vram_arena.views
+        if views is not None:
+            return self._finish_decoding(views, [slot.index for slot, _ in results], transfers, wait)
+        tensors = [self._p.vram_arena.tensors(slot.index) for slot, _ in results]
         if not wait:
             return StagedExperts(tensors, transfers)
         for transfer in transfers:
             if transfer is not None:
                 transfer.make_stream_wait()  # the caller's stream waits on the copy's event
         return tensors
+
+    @staticmethod
+    def _finish_decoding(views, slots: list[int], transfers: list, wait: bool):
+        """vram_form='stored': expert i is decoded from its slot into dense view i on the
+        caller's stream, after the caller's stream waits for its copy."""
+        if wait:
+            for transfer in transfers:
+                if transfer is not None:
+                    transfer.make_stream_wait()
+            return [views.decode(slot, i) for i, slot in enumerate(slots)]
+        pending = set(range(len(slots)))
+
+        def prepare(i: int) -> None:
+            if i in pending:
+                pending.discard(i)
+                views.decode(slots[i], i)
+
+        for i, transfer in enumerate(transfers):
+            if transfer is None:  # in VRAM already: usable without ready(), as in the dense form
+                prepare(i)
+        return StagedExperts([views.tensors(i) for i in range(len(slots))], transfers, prepare)
 
     def _demand_timeout(self) -> float:
         c = self.config

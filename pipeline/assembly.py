@@ -26,6 +26,7 @@ from policies.predictors.registry import make_predictor
 
 from .config import PipelineConfig
 from .copy_engine import CopyEngine
+from .decode_at_use import view_bytes_for
 from .ram_arena import RamArena
 from .readers import ReaderPool
 from .scheduler import Scheduler
@@ -70,16 +71,23 @@ def _device(cfg: PipelineConfig) -> torch.device:
 
 def plan_slots(cfg: PipelineConfig, store: StoreCheckpoint) -> tuple[int, int, int, int]:
     """(vram slots, vram slot bytes, ram slots, ram slot bytes) for the budgets; ValueError
-    with the numbers when a budget cannot hold one layer's top-k working set."""
+    with the numbers when a budget cannot hold one layer's top-k working set. With
+    vram_form="stored" (mxfp4) the dense views of one fetch come out of the VRAM budget first.
+    Neither tier gets more slots than the store has experts."""
     top_k = store.spec.top_k
-    vram_slot = VramArena.slot_bytes_for(store)
+    stored = cfg.vram_form == "stored" and store.dtype == "mxfp4"
+    vram_slot = VramArena.slot_bytes_for(store, "stored" if stored else "dense")
+    views = view_bytes_for(store, top_k) if stored else 0
     ram_slot = max(x.read_length for x in store.index.experts)
-    n_vram, n_ram = cfg.vram_bytes // vram_slot, cfg.ram_bytes // ram_slot
-    for tier, n, size, budget in (("vram", n_vram, vram_slot, cfg.vram_bytes), ("ram", n_ram, ram_slot, cfg.ram_bytes)):
+    n_vram, n_ram = max(0, cfg.vram_bytes - views) // vram_slot, cfg.ram_bytes // ram_slot
+    for tier, n, size, budget, extra in (("vram", n_vram, vram_slot, cfg.vram_bytes, views),
+                                         ("ram", n_ram, ram_slot, cfg.ram_bytes, 0)):
         if n < top_k:
-            raise ValueError(f"{tier} budget {budget} bytes holds {n} experts of {size} bytes, fewer than one "
-                             f"layer's top-{top_k} working set; give {tier} at least {top_k * size} bytes")
-    return n_vram, vram_slot, n_ram, ram_slot
+            also = f" after {extra} bytes of dense views (vram_form='stored')" if extra else ""
+            raise ValueError(f"{tier} budget {budget} bytes holds {n} experts of {size} bytes{also}, fewer than one "
+                             f"layer's top-{top_k} working set; give {tier} at least {top_k * size + extra} bytes")
+    total = store.spec.num_layers * store.spec.num_experts  # a slot more than every expert is never used
+    return min(n_vram, total), vram_slot, min(n_ram, total), ram_slot
 
 
 async def assemble(cfg: PipelineConfig, *, reader_hooks: dict | None = None) -> Parts:
@@ -106,7 +114,7 @@ async def assemble(cfg: PipelineConfig, *, reader_hooks: dict | None = None) -> 
     with contextlib.ExitStack() as stack:
         ram_arena = RamArena.create(n_ram, ram_slot)
         stack.callback(ram_arena.close)
-        vram_arena = VramArena(store, n_vram, device)
+        vram_arena = VramArena(store, n_vram, device, form=cfg.vram_form)
         stack.callback(vram_arena.close)
         engine = CopyEngine(device)
         stack.callback(engine.close)

@@ -16,6 +16,7 @@ import msgspec
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 DEVICES = ("auto", "cuda", "cpu")
+VRAM_FORMS = ("dense", "stored")  # pipeline.vram_arena.FORMS (not imported: this module needs no torch)
 
 
 def parse_size(value: int | str, what: str = "size") -> int:
@@ -44,6 +45,11 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # nextuse; the budgets and the model's shape come from vram, ram and the store.
     policy_options: dict[str, float | int | str | bool] = {}
     device: str = "auto"  # auto: CUDA when available, else the VRAM tier lives on the CPU
+    # What a VRAM slot holds for an mxfp4 store (pipeline/vram_arena.py): "dense", the decoded
+    # bf16 tensors (decoded once per copy), or "stored", the MXFP4 bytes as stored, 3.8x more
+    # experts in the same budget, each decoded at use into one of top_k dense views (whose
+    # bytes come out of the budget). No difference for bf16/fp16 stores.
+    vram_form: str = "dense"
     readers: int | None = None  # reader processes; None = the pool's default for the disk
     read_timeout_s: float = 10.0  # a read taking longer kills and replaces its reader
     read_attempts: int = 3  # tries of one read (fresh reader each time) before it is an error
@@ -68,6 +74,8 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         parse_size(self.ram, "ram")
         if self.device not in DEVICES:
             raise ValueError(f"device {self.device!r} unknown; valid: {', '.join(DEVICES)}")
+        if self.vram_form not in VRAM_FORMS:
+            raise ValueError(f"vram_form {self.vram_form!r} unknown; valid: {', '.join(VRAM_FORMS)}")
         if self.gil_switch_interval_s is not None and not 0 < self.gil_switch_interval_s <= 1:
             raise ValueError(f"gil_switch_interval_s must be in (0, 1] seconds or None, got {self.gil_switch_interval_s}")
         for name in ("read_timeout_s", "close_timeout_s"):

@@ -1,11 +1,20 @@
 """The VRAM tier: one device allocation cut into fixed expert slots (CPU tensors without CUDA).
 
-    VramArena(store, num_slots, device)
-      slot_bytes_for(store) -> int   bytes one slot needs (staticmethod)
+    VramArena(store, num_slots, device, form="dense", num_views=None)
+      slot_bytes_for(store, form="dense") -> int   bytes one slot needs (staticmethod)
       raw_view(i)   -> uint8 view    where an H2D copy lands for bf16/fp16 stores (the slot itself)
+                                     and for form="stored"
       tensors(i)    -> {role: view}  the expert's dense tensors inside slot i, built once here
-      staging(k)    -> uint8 view    mxfp4 only: compressed-bytes landing buffer k (see below)
+                                     (form="dense" only)
+      staging(k)    -> uint8 view    mxfp4, form="dense": compressed-bytes landing buffer k
+      views                          form="stored": the DecodeAtUse that turns a slot into
+                                     dense tensors at use (pipeline/decode_at_use.py)
       close()                        drop the allocations
+
+Forms, for mxfp4 stores (bf16/fp16 stores are the same in both: their stored bytes are the
+dense tensors): "dense" slots hold the decoded bf16 tensors, decoded once per copy; "stored"
+slots hold the MXFP4 bytes as stored, 3.8x more experts in the same bytes, decoded at each use
+into one of `num_views` dense views (default: top_k, one fetch's worth).
 
 Nothing is allocated after construction: every per-slot view is precomputed, so filling a
 slot is one copy (bf16/fp16: the stored bytes ARE the tensors) or one copy into a staging
@@ -21,6 +30,7 @@ from adapters.base import TORCH_DTYPES
 from adapters.store import StoreCheckpoint
 
 from . import fused_decode
+from .decode_at_use import DecodeAtUse, view_bytes_for
 from .slot_decoder import SlotDecoder, scratch_bytes
 
 # Streams that decode into slots at once (the copy engine's demand and prefetch decode
@@ -42,6 +52,9 @@ def _normalise(device: torch.device | str) -> torch.device:
     return device
 
 
+FORMS = ("dense", "stored")
+
+
 def _dense_offsets(store: StoreCheckpoint) -> list[tuple[str, torch.dtype, tuple[int, ...], int, int]]:
     """(role, dtype, shape, offset, nbytes) of each decoded tensor inside an mxfp4 slot."""
     out, pos = [], 0
@@ -49,6 +62,12 @@ def _dense_offsets(store: StoreCheckpoint) -> list[tuple[str, torch.dtype, tuple
         out.append((t.role, TORCH_DTYPES[t.dtype], tuple(t.shape), pos, t.nbytes))
         pos = _round_up(pos + t.nbytes, TENSOR_ALIGN)
     return out
+
+
+def dense_slot_tensors(store: StoreCheckpoint, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+    """An mxfp4 expert's dense tensors as views of `raw` (a dense slot's bytes)."""
+    return {role: raw[off:off + nbytes].view(dtype).view(shape)
+            for role, dtype, shape, off, nbytes in _dense_offsets(store)}
 
 
 class VramArena:
@@ -61,15 +80,19 @@ class VramArena:
     """
 
     def __init__(self, store: StoreCheckpoint, num_slots: int, device: torch.device | str, *,
-                 num_staging: int = 4):
+                 num_staging: int = 4, form: str = "dense", num_views: int | None = None):
+        if form not in FORMS:
+            raise ValueError(f"VRAM form {form!r} unknown; valid: {', '.join(FORMS)}")
         self.store = store
         self.device = _normalise(device)
         self.dtype = store.dtype
         self.num_slots = int(num_slots)
-        self.slot_bytes = self.slot_bytes_for(store)
+        self.form = form if store.dtype == "mxfp4" else "dense"  # bf16/fp16: stored bytes are dense
+        self.slot_bytes = self.slot_bytes_for(store, self.form)
         self.read_length = max(x.read_length for x in store.index.experts)
         self.expert_length = max(x.length for x in store.index.experts)  # a copy needs at least this
-        self.decodes = store.dtype == "mxfp4"
+        # The copy engine decodes into the slot (mxfp4 held dense), or copies the bytes as they are.
+        self.decodes = store.dtype == "mxfp4" and self.form == "dense"
         top_k = store.spec.top_k
         if self.num_slots < top_k:
             raise ValueError(f"VRAM arena of {self.num_slots} slots cannot hold one layer's top-{top_k} experts; "
@@ -82,6 +105,9 @@ class VramArena:
         # Staging buffers and the decoder's scratch come on top of the slots (mxfp4 only).
         staging_bytes = self.num_staging * self.read_length + (
             scratch_bytes(store, DECODE_LANES) if self.decodes and not self.fused_decode else 0)
+        num_views = store.spec.top_k if num_views is None else int(num_views)
+        if self.form == "stored":  # the dense views count with the staging buffers
+            staging_bytes += view_bytes_for(store, num_views)
         need = self.num_slots * self.slot_bytes + staging_bytes
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
@@ -98,35 +124,39 @@ class VramArena:
         self._raw = [self._buf[i * self.slot_bytes:(i + 1) * self.slot_bytes] for i in range(self.num_slots)]
         self._staging = [self._staging_buf[k * self.read_length:(k + 1) * self.read_length]
                          for k in range(self.num_staging)] if self._staging_buf is not None else []
-        self._tensors = [self._slot_tensors(raw) for raw in self._raw]
+        self._tensors = [self._slot_tensors(raw) for raw in self._raw] if self.form == "dense" else []
         # mxfp4: the decoder's views and index scratch (one lane per decoding stream) are made
         # now rather than inside the first copy on the hot path.
         self.decoder = None
         if self.decodes:
             self.decoder = (fused_decode.FusedDecode(self) if self.fused_decode
                             else SlotDecoder(self, lanes=DECODE_LANES))
+        self.views = DecodeAtUse(self, num_views) if self.form == "stored" else None
         if self.device.type == "cuda":
             # The table and the slots were made on this stream; copy streams use them next.
             torch.cuda.current_stream(self.device).synchronize()
 
     @staticmethod
-    def slot_bytes_for(store: StoreCheckpoint) -> int:
+    def slot_bytes_for(store: StoreCheckpoint, form: str = "dense") -> int:
         """Bytes one VRAM slot needs: a bf16/fp16 expert's `read_length` (the raw bytes are the
-        tensors; the whole padded read is copied), or for mxfp4 the decoded dense tensors, each
-        starting on a 256-byte boundary."""
-        if store.dtype == "mxfp4":
-            *_, (_, _, _, off, nbytes) = _dense_offsets(store)
-            return _round_up(off + nbytes, TENSOR_ALIGN)
-        return max(x.read_length for x in store.index.experts)
+        tensors; the whole padded read is copied); for mxfp4 the decoded dense tensors, each
+        starting on a 256-byte boundary, or in the stored form the `read_length` rounded up to
+        that boundary (the decode kernel's loads stay aligned)."""
+        if form not in FORMS:
+            raise ValueError(f"VRAM form {form!r} unknown; valid: {', '.join(FORMS)}")
+        read = max(x.read_length for x in store.index.experts)
+        if store.dtype != "mxfp4":
+            return read
+        if form == "stored":
+            return _round_up(read, TENSOR_ALIGN)
+        *_, (_, _, _, off, nbytes) = _dense_offsets(store)
+        return _round_up(off + nbytes, TENSOR_ALIGN)
 
     def _slot_tensors(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self.decodes:
             # The store's own slicing, once: dtype views into the slot, no copy.
             return self.store.decode_from_buffer(raw, self.device)
-        res = {}
-        for role, dtype, shape, off, nbytes in _dense_offsets(self.store):
-            res[role] = raw[off:off + nbytes].view(dtype).view(shape)
-        return res
+        return dense_slot_tensors(self.store, raw)
 
     def _check_slot(self, i: int) -> None:
         if self._buf is None:
@@ -144,6 +174,9 @@ class VramArena:
         """The expert's dense tensors (roles and dtypes of `store.dense_tensors`) as views of
         slot i. Valid only once a transfer into the slot has completed."""
         self._check_slot(i)
+        if self.form == "stored":
+            raise ValueError(f"VRAM slot {i} holds the stored {self.dtype} bytes (form='stored'); "
+                             f"decode it with arena.views.decode({i}, view)")
         return self._tensors[i]
 
     def staging(self, k: int) -> torch.Tensor:
@@ -155,9 +188,10 @@ class VramArena:
 
     @property
     def nbytes(self) -> int:
-        """Device bytes held: slots, staging buffers and the decoder's scratch."""
+        """Device bytes held: slots, staging buffers, the decoder's scratch and the dense views."""
         scratch = self.decoder.nbytes if self.decoder is not None else 0
-        return self.num_slots * self.slot_bytes + self.num_staging * self.read_length + scratch
+        views = self.views.nbytes if self.views is not None else 0
+        return self.num_slots * self.slot_bytes + self.num_staging * self.read_length + scratch + views
 
     def close(self) -> None:
         """Drop the allocations and return them to the device; idempotent.
@@ -169,12 +203,15 @@ class VramArena:
         self._buf = self._staging_buf = None
         self._raw, self._staging, self._tensors = [], [], []
         self.decoder = None
+        if self.views is not None:
+            self.views.close()
+            self.views = None
         if cuda:  # hand the (often tens of GB) arena back to the device, not to torch's cache
             torch.cuda.empty_cache()
 
     def __repr__(self) -> str:
         return (f"VramArena({self.num_slots} slots x {self.slot_bytes} B on {self.device}, {self.dtype}, "
-                f"{self.num_staging} staging)")
+                f"{self.num_staging} staging{', decoded at use' if self.form == 'stored' else ''})")
 
 
-__all__ = ["VramArena", "TENSOR_ALIGN"]
+__all__ = ["VramArena", "FORMS", "TENSOR_ALIGN", "dense_slot_tensors"]

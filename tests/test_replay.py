@@ -11,6 +11,7 @@ import torch
 from adapters.store import StoreCheckpoint
 from pipeline.bench.cli import main as bench
 from pipeline.bench.methods import baseline_methods, select
+from pipeline.bench.replay_cmd import stored_slots
 from pipeline.bench.replay import (Model, build_passes, direct_fetch, emulate_hints, run_loop, run_method)
 from pipeline.vram_arena import VramArena
 from policies.cache.registry import make_policy
@@ -72,8 +73,9 @@ def test_baselines_cpu(setup, tmp_path, capsys, no_leaks):  # noqa: F811
     assert b["oracle_tokens_per_s"] <= rows["resident"]["tokens_per_s"] * (1 + 1e-9)
 
 
-@pytest.mark.parametrize("per_expert_waits", [False, True])
-def test_pipeline_outputs_bit_identical_to_resident_reference(setup, per_expert_waits):
+@pytest.mark.parametrize("per_expert_waits,vram_form", [(False, "dense"), (True, "dense"), (False, "stored"),
+                                                        (True, "stored")])
+def test_pipeline_outputs_bit_identical_to_resident_reference(setup, per_expert_waits, vram_form):
     store_dir, trace_path, _ = setup
     store = StoreCheckpoint(store_dir)
     spec = store.spec
@@ -86,8 +88,9 @@ def test_pipeline_outputs_bit_identical_to_resident_reference(setup, per_expert_
     vslot = VramArena.slot_bytes_for(store)
     rslot = max(x.read_length for x in store.index.experts)
     run = run_method(store_dir, store, m, 4 * vslot, 6 * rslot, passes, model, hints, device="cpu",
-                     readers=1, keep_outputs=True, per_expert_waits=per_expert_waits)
+                     readers=1, keep_outputs=True, per_expert_waits=per_expert_waits, vram_form=vram_form)
     assert run.after.vram_misses > 0  # experts really moved through the tiers
+    assert run.vram_slots == (stored_slots(store, 4 * vslot) if vram_form == "stored" else 4)
     for a, b in zip(ref, run.loop.outputs, strict=True):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))
 
@@ -129,6 +132,8 @@ def test_trace_larger_than_store_refused(setup, tmp_path, capsys, dims, what):
     (["--ram", "-1"], "--ram"),
     (["--profile-passes", "-1"], "--profile-passes"),
     (["--prefetch-copies", "-1"], "--prefetch-copies"),
+    (["--vram", "0.1", "--vram-form", "stored"], "--vram-form dense"),
+    (["--vram-form", "packed"], "--vram-form"),
 ])
 def test_bad_input_one_line_exit_2(setup, tmp_path, capsys, extra, needle):
     store, trace, _ = setup
@@ -268,6 +273,23 @@ def test_prefetch_copies_and_policy_options_reach_each_methods_pipeline(setup, t
     assert seen == [("ours", 1, {}), ("ours-colayer", 1, colayer)]
     rows = {r["method"]: r for r in json.loads(out.read_text())["budgets"][0]["methods"]}
     assert rows["ours-colayer"]["policy_options"] == colayer and rows["ours-colayer"]["predictor"] == "colayer"
+
+
+def test_vram_form_stored_gives_budget_methods_more_slots_and_states_its_bound(setup, tmp_path, capsys):
+    store, trace, _ = setup
+    out = tmp_path / "r.json"
+    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--vram", "0.5", "--methods",
+                "on-demand,ours", "--tokens", "4", "--device", "cpu", "--no-progress", "--readers", "1",
+                "--vram-form", "stored", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert "stored MXFP4 in VRAM" in capsys.readouterr().out
+    (b,) = json.loads(out.read_text())["budgets"]
+    rows = {r["method"]: r for r in b["methods"]}
+    assert rows["on-demand"]["vram_form"] == "dense" and rows["on-demand"]["vram_slots"] == 2  # top_k, as always
+    assert rows["ours"]["vram_form"] == "stored"
+    assert rows["ours"]["vram_slots"] == b["stored"]["vram_slots"] > b["vram_slots"]
+    assert b["stored"]["belady_loads"] <= b["belady_loads"]  # more room, never more loads
+    assert b["stored"]["oracle_tokens_per_s"] >= b["oracle_tokens_per_s"]
 
 
 def test_a_run_cut_short_keeps_the_budgets_it_finished(setup, tmp_path, monkeypatch):

@@ -267,6 +267,7 @@ class MethodRun(msgspec.Struct):
     device: str
     pinned: bool
     profile: dict | None = None  # pipeline/bench/gpu_profile.py summary of extra profiled passes
+    vram_slots: int = 0  # the pipeline's VRAM slots (more than the budget's dense count when stored)
 
 
 def open_pipeline(store_dir, method, vram_bytes: int, ram_bytes: int, device: str, readers: int | None,
@@ -298,8 +299,10 @@ def warm_up(pipe, spec, model: Model) -> None:
 def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes: list[Pass], model: Model,
                hints, *, device: str, readers: int | None = None, progress=None, policy_process: bool = False,
                keep_outputs: bool = False, cuda_graphs: bool = True, per_expert_waits: bool = False,
-               profile_passes: int = 0, prefetch_copies: int | None = None) -> MethodRun:
+               profile_passes: int = 0, prefetch_copies: int | None = None, vram_form: str = "dense") -> MethodRun:
     extra = {} if prefetch_copies is None else {"prefetch_copies": prefetch_copies}
+    if vram_form != "dense":
+        extra["vram_form"] = vram_form
     with (open_pipeline(store_dir, method, vram_bytes, ram_bytes, device, readers,
                         policy_process=policy_process, **extra) as pipe,
           model.graphs(cuda_graphs)):  # closes first: its graphs read the pipeline's slots
@@ -320,7 +323,7 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
             prof = profile(lambda: run_loop(model, tail, fetch, hints=hints[-len(tail):] if hints else None,
                                             hint_sink=sink),
                            sum(p.n for p in tail))
-        return MethodRun(loop, before, st.scheduler, st.device, st.pinned, prof)
+        return MethodRun(loop, before, st.scheduler, st.device, st.pinned, prof, st.vram_slots)
 
 
 def direct_fetch(store, device: torch.device):

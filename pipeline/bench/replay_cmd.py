@@ -56,6 +56,10 @@ def add_arguments(p) -> None:
     p.add_argument("--prefetch-copies", type=int,
                    help="prefetch H2D copies in flight at once, every method (PipelineConfig.prefetch_copies; "
                         "default: the pipeline's)")
+    p.add_argument("--vram-form", default="dense",
+                   help="what a VRAM slot holds for an mxfp4 store, in every method whose VRAM is the --vram "
+                        "budget: dense bf16 (decoded per copy) or the stored MXFP4 bytes, ~3.8x more experts "
+                        "in the same bytes, decoded at each use (PipelineConfig.vram_form; default dense)")
     p.add_argument("--attn-matmuls", type=int, default=4, help="[n,H]x[H,H] matmuls of the attention stand-in")
     p.add_argument("--disk-probe-bytes", default="1GiB", help="cap on bytes read by the raw disk probe")
     p.add_argument("--json", help="write every figure and setting here (atomically)")
@@ -149,6 +153,7 @@ def _validate(args):
     from adapters.store import StoreCheckpoint
     from policies.traces import load_trace
 
+    from ..vram_arena import FORMS as VRAM_FORMS
     from ..vram_arena import VramArena
     from . import methods as M
     from .replay import check_fit
@@ -174,6 +179,15 @@ def _validate(args):
     rslot = max(x.read_length for x in store.index.experts)
     vrams = [(v, parse_budget(v, "vram", total, vslot, spec.top_k)) for v in (args.vram or ["0.1"])]
     ram = parse_budget(args.ram, "ram", total, rslot, spec.top_k)
+    if args.vram_form not in VRAM_FORMS:
+        raise ValueError(f"--vram-form {args.vram_form!r} unknown; valid: {', '.join(VRAM_FORMS)}")
+    if args.vram_form == "stored" and store.dtype == "mxfp4":
+        for text, slots in vrams:
+            n = stored_slots(store, slots * vslot)
+            if n < spec.top_k:
+                raise ValueError(f"--vram {text} with --vram-form stored holds {n} experts next to one fetch's "
+                                 f"dense views, fewer than top-k={spec.top_k}; give a larger --vram or use "
+                                 f"--vram-form dense")
     methods = []
     if args.baselines:
         methods += M.baseline_methods()
@@ -195,6 +209,16 @@ def _validate(args):
 
     cap = parse_size(args.disk_probe_bytes, "--disk-probe-bytes")
     return store, trace, methods, vrams, ram, vslot, rslot, cap
+
+
+def stored_slots(store, vram_bytes: int) -> int:
+    """VRAM slots of a vram_form='stored' pipeline with this budget (pipeline.assembly.plan_slots)."""
+    from ..decode_at_use import view_bytes_for
+    from ..vram_arena import VramArena
+
+    spec = store.spec
+    n = max(0, vram_bytes - view_bytes_for(store, spec.top_k)) // VramArena.slot_bytes_for(store, "stored")
+    return min(n, spec.num_layers * spec.num_experts)
 
 
 def run(args) -> int:
@@ -249,15 +273,18 @@ def run(args) -> int:
         if why:
             return R.skipped_row(m.name, m, f"does not fit: {why}")
         bar = R.progress_bar(len(passes), f"{m.name} @ {vram_text}", show)
+        # The fixed-size baselines (top_k, all) keep dense slots: their size is a slot count.
+        form = args.vram_form if m.vram == "budget" else "dense"
         try:
             mr = run_method(args.store, store, m, v * vslot, r * rslot, passes, model, hints,
                             device=str(device), readers=args.readers, progress=bar,
                             policy_process=args.policy_process, cuda_graphs=graphs,
                             per_expert_waits=args.per_expert_waits, profile_passes=args.profile_passes,
-                            prefetch_copies=args.prefetch_copies)
+                            prefetch_copies=args.prefetch_copies, vram_form=form)
         finally:
             bar.close()
-        row = R.method_row(m.name, m, mr, compute_s_tok, v, r)
+        row = R.method_row(m.name, m, mr, compute_s_tok, mr.vram_slots or v, r)
+        row["vram_form"] = form if store.dtype == "mxfp4" else "dense"
         row["gpu_profile"] = mr.profile
         if mr.profile is not None:
             print(f"  profile {m.name} @ {vram_text}: {describe(mr.profile)}")
@@ -324,6 +351,14 @@ def run(args) -> int:
         budget = {"vram": vram_text, "vram_slots": vram_slots, "vram_bytes": vram_slots * vslot,
                   "ram_slots": ram_slots, "belady_loads": loads, "belady_hit_rate": hits / max(1, len(keys)),
                   "oracle_tokens_per_s": 1.0 / oracle_s_tok, "methods": []}
+        if args.vram_form == "stored" and store.dtype == "mxfp4":
+            # The same bytes hold more experts stored: the bound for what those caches can do
+            # (same formula; it leaves out the decode each use then costs).
+            n = stored_slots(store, vram_slots * vslot)
+            s_hits, s_loads = belady_min(keys, n)
+            budget["stored"] = {"vram_slots": n, "belady_loads": s_loads, "belady_hit_rate": s_hits / max(1, len(keys)),
+                                "oracle_tokens_per_s": 1.0 / max(compute_s_tok, s_loads * rslot / tokens
+                                                                 / (limits["h2d_raw_gbps"] * 1e9))}
         for m in methods:
             if m.name in fixed:  # a copy: its ratios are this budget's, not the last one's
                 budget["methods"].append(dict(fixed[m.name]))

@@ -102,6 +102,11 @@ def print_table(budget: dict, rows: list[dict], file=None) -> None:
     print(f"\nVRAM {budget['vram']} = {budget['vram_slots']} expert slots, RAM {budget['ram_slots']} slots; "
           f"oracle bound {budget['oracle_tokens_per_s']:.1f} tokens/s (Belady {budget['belady_loads']} loads)",
           file=file)
+    if "stored" in budget:
+        st = budget["stored"]
+        print(f"  stored MXFP4 in VRAM (--vram-form stored): the same bytes hold {st['vram_slots']} experts; "
+              f"oracle bound there {st['oracle_tokens_per_s']:.1f} tokens/s (Belady {st['belady_loads']} loads); "
+              f"/oracle below is to the dense-slot bound", file=file)
     head = (f"{'method':22s} {'tok/s':>8s} {'ms/tok':>7s} {'stall':>7s} {'VRAMhit':>7s} {'RAMhit':>7s} "
             f"{'GB h2d':>7s} {'GB nvme':>7s} {'h2d GB/s':>8s} {'nvme GB/s':>9s} {'/oracle':>7s} {'/on-dem':>7s}")
     print(head, file=file)

@@ -1,0 +1,161 @@
+"""vram_form="stored": VRAM slots hold the MXFP4 bytes as stored, decoded at each use into
+dense views. The tensors a fetch hands out must be bit for bit those of a direct load, the
+budget must buy more experts than the dense form, and misuse must fail with a clear message."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.store import StoreCheckpoint
+from pipeline.api import ExpertPipeline, StagedExperts
+from pipeline.assembly import plan_slots
+from pipeline.config import PipelineConfig
+from pipeline.decode_at_use import view_bytes_for
+from pipeline.vram_arena import VramArena
+from tests.helpers_pipeline import STORE_DTYPES, build_tiny_store, no_leaks  # noqa: F401
+from tests.test_pipeline import assert_same, trace_visits
+
+GPU = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("atuse")
+    return {d: build_tiny_store(root, d) for d in STORE_DTYPES}
+
+
+def stored_budget(st: StoreCheckpoint, vram_experts: int, ram_experts: int) -> dict:
+    """Budgets that hold exactly `vram_experts` stored-form slots next to one fetch's views."""
+    ram_slot = max(x.read_length for x in st.index.experts)
+    return {"vram": view_bytes_for(st, st.spec.top_k) + VramArena.slot_bytes_for(st, "stored") * vram_experts,
+            "ram": ram_slot * ram_experts, "vram_form": "stored"}
+
+
+def _raw(st: StoreCheckpoint, layer: int, e: int) -> torch.Tensor:
+    return torch.frombuffer(bytearray(st.read_expert(layer, e)), dtype=torch.uint8)
+
+
+def test_stored_slots_are_the_read_length_and_refuse_dense_access(stores):
+    st = StoreCheckpoint(stores["mxfp4"])
+    read = max(x.read_length for x in st.index.experts)
+    stored, dense = VramArena.slot_bytes_for(st, "stored"), VramArena.slot_bytes_for(st, "dense")
+    assert stored == -(-read // 256) * 256 and stored < dense
+    arena = VramArena(st, 3, "cpu", form="stored")
+    assert arena.form == "stored" and not arena.decodes and arena.num_staging == 0
+    assert arena.slot_bytes == stored
+    assert arena.nbytes == 3 * stored + arena.views.nbytes and arena.views.num_views == st.spec.top_k
+    with pytest.raises(ValueError, match=r"slot 1 holds the stored mxfp4 bytes.*views\.decode"):
+        arena.tensors(1)
+    with pytest.raises(ValueError, match="VRAM form 'packed' unknown; valid: dense, stored"):
+        VramArena(st, 3, "cpu", form="packed")
+
+
+def test_a_bf16_store_is_the_same_in_both_forms(stores):
+    st = StoreCheckpoint(stores["bfloat16"])
+    arena = VramArena(st, 3, "cpu", form="stored")
+    assert arena.form == "dense" and arena.views is None
+    assert VramArena.slot_bytes_for(st, "stored") == VramArena.slot_bytes_for(st, "dense")
+
+
+def _check_every_slot_and_view(st: StoreCheckpoint, device: str) -> int:
+    arena = VramArena(st, 3, device, form="stored", num_views=2)
+    experts = [(x.layer, x.expert) for x in st.index.experts][:6]
+    checked = 0
+    for n, (layer, e) in enumerate(experts):
+        slot, view = n % arena.num_slots, n % arena.views.num_views
+        raw = _raw(st, layer, e)
+        arena.raw_view(slot).fill_(0x5A)  # an earlier expert's leftovers must not leak through
+        arena.raw_view(slot)[: raw.numel()].copy_(raw.to(device))
+        for t in arena.views.tensors(view).values():
+            t.view(torch.uint8).fill_(0xFF) if t.element_size() == 1 else t.view(torch.int16).fill_(-1)
+        got = arena.views.decode(slot, view)
+        assert got is arena.views.tensors(view)
+        assert_same({k: v.cpu() for k, v in got.items()}, st.decode_from_buffer(raw), (layer, e, slot, view))
+        checked += 1
+    arena.close()
+    return checked
+
+
+def test_decode_at_use_is_bit_identical_to_the_general_decode(stores):
+    assert _check_every_slot_and_view(StoreCheckpoint(stores["mxfp4"]), "cpu") == 6
+
+
+@GPU
+def test_decode_at_use_is_bit_identical_on_the_gpu(stores):
+    assert _check_every_slot_and_view(StoreCheckpoint(stores["mxfp4"]), "cuda") == 6
+
+
+def test_the_same_bytes_buy_more_experts_stored_and_the_views_count(stores):
+    st = StoreCheckpoint(stores["mxfp4"])
+    k = st.spec.top_k
+    total = st.spec.num_layers * st.spec.num_experts
+    vram = 6 * VramArena.slot_bytes_for(st, "dense")
+    dense = plan_slots(PipelineConfig(store=str(stores["mxfp4"]), vram=vram, ram="1MiB"), st)[0]
+    stored = plan_slots(PipelineConfig(store=str(stores["mxfp4"]), vram=vram, ram="1MiB", vram_form="stored"), st)[0]
+    assert dense == 6
+    assert total > stored == (vram - view_bytes_for(st, k)) // VramArena.slot_bytes_for(st, "stored") > dense
+    # never more slots than experts: the rest of a large budget stays unallocated
+    assert plan_slots(PipelineConfig(store=str(stores["mxfp4"]), vram="1GiB", ram="1GiB", vram_form="stored"),
+                      st)[::2] == (total, total)
+    short = view_bytes_for(st, k) + (k - 1) * VramArena.slot_bytes_for(st, "stored")
+    with pytest.raises(ValueError, match=r"holds 1 experts .* after \d+ bytes of dense views.*at least \d+ bytes"):
+        plan_slots(PipelineConfig(store=str(stores["mxfp4"]), vram=short, ram="1MiB", vram_form="stored"), st)
+    with pytest.raises(ValueError, match="vram_form 'packed' unknown; valid: dense, stored"):
+        PipelineConfig(store=str(stores["mxfp4"]), vram=vram, ram="1MiB", vram_form="packed")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+def test_fetch_is_bit_exact_under_constant_eviction_stored(stores, device, no_leaks):
+    st = StoreCheckpoint(stores["mxfp4"])
+    k = st.spec.top_k
+    checked = 0
+    with ExpertPipeline.open(stores["mxfp4"], **stored_budget(st, k + 1, k + 2), device=device, readers=2) as pipe:
+        for layer, ids, token in trace_visits(stores["mxfp4"]):
+            got = pipe.fetch(layer, ids, token_id=token)
+            for e, tensors in zip(ids, got):
+                assert_same({r: t.cpu() for r, t in tensors.items()}, st.load_expert(layer, e), (layer, e))
+                checked += 1
+        s = pipe.stats()
+        with pytest.raises(ValueError, match=rf"{k + 1} experts at once but vram_form='stored' decodes into {k}"):
+            pipe.fetch(0, list(range(k + 1)))
+    assert checked > 50 and s.vram_slots == k + 1
+    assert s.scheduler.evictions_vram > checked // 3
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+def test_staged_fetch_decodes_hits_at_once_and_copies_at_ready(stores, device, no_leaks):
+    st = StoreCheckpoint(stores["mxfp4"])
+    k = st.spec.top_k
+    checked = mixed = 0
+    with ExpertPipeline.open(stores["mxfp4"], **stored_budget(st, k + 2, k + 3), device=device, readers=2) as pipe:
+        for layer, ids, token in trace_visits(stores["mxfp4"]):
+            staged = pipe.fetch(layer, ids, token_id=token, wait=False)
+            assert isinstance(staged, StagedExperts)
+            hits = [i for i in staged.order if staged._transfers[i] is None]
+            mixed += 0 < len(hits) < len(ids)
+            for i in hits:  # readable before ready(): decoded when the fetch returned
+                assert_same({r: t.cpu() for r, t in staged[i].items()}, st.load_expert(layer, ids[i]), (layer, i))
+            for i in staged.order:
+                staged.ready(i)
+                staged.ready(i)  # twice is harmless: one decode
+                assert_same({r: t.cpu() for r, t in staged[i].items()}, st.load_expert(layer, ids[i]), (layer, i))
+                checked += 1
+    assert checked > 50 and mixed > 0
+
+
+@GPU
+def test_a_stored_slot_and_its_view_outlive_reads_still_queued_on_the_compute_stream(stores, no_leaks):
+    # As in test_pipeline's dense version: the compute stream is held busy before it reads
+    # expert (0, 1); the next fetch evicts that slot and decodes into the same view. Both the
+    # refill and the decode must come after the delayed read.
+    st = StoreCheckpoint(stores["mxfp4"])
+    k = st.spec.top_k
+    with ExpertPipeline.open(stores["mxfp4"], **stored_budget(st, k, 4 * k), device="cuda", readers=1) as pipe:
+        first = pipe.fetch(0, list(range(k)))
+        torch.cuda._sleep(200_000_000)
+        seen = {role: t.clone() for role, t in first[1].items()}
+        pipe.fetch(1, list(range(k, 2 * k)))
+        torch.cuda.current_stream().synchronize()
+        assert_same({r: t.cpu() for r, t in seen.items()}, st.load_expert(0, 1), (0, 1))
