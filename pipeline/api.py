@@ -300,24 +300,27 @@ class ExpertPipeline:
 
     @staticmethod
     def _finish_decoding(views, slots: list[int], transfers: list, wait: bool):
-        """vram_form='stored': expert i is decoded from its slot into dense view i on the
-        caller's stream, after the caller's stream waits for its copy."""
+        """vram_form='stored': each expert is decoded from its slot into a dense view on the
+        caller's stream, after the caller's stream waits for its copy. wait=True: expert i into
+        view i, one batched decode. wait=False: the experts already in VRAM take the first views
+        (one batched decode now), the others the next ones, each decoded at its ready(i)."""
         if wait:
             for transfer in transfers:
                 if transfer is not None:
                     transfer.make_stream_wait()
-            return [views.decode(slot, i) for i, slot in enumerate(slots)]
-        pending = set(range(len(slots)))
+            return views.decode_many(slots)
+        hits = [i for i, t in enumerate(transfers) if t is None]
+        misses = [i for i, t in enumerate(transfers) if t is not None]
+        view_of = {i: p for p, i in enumerate(hits + misses)}
+        views.decode_many([slots[i] for i in hits])
+        pending = set(misses)
 
         def prepare(i: int) -> None:
             if i in pending:
                 pending.discard(i)
-                views.decode(slots[i], i)
+                views.decode(slots[i], view_of[i])
 
-        for i, transfer in enumerate(transfers):
-            if transfer is None:  # in VRAM already: usable without ready(), as in the dense form
-                prepare(i)
-        return StagedExperts([views.tensors(i) for i in range(len(slots))], transfers, prepare)
+        return StagedExperts([views.tensors(view_of[i]) for i in range(len(slots))], transfers, prepare)
 
     def _demand_timeout(self) -> float:
         c = self.config

@@ -3,6 +3,8 @@
     DecodeAtUse(arena, num_views)       `arena`: a VramArena whose slots hold stored bytes
       decode(slot, j) -> {role: view}   enqueue on the current stream: slot's stored bytes ->
                                         dense view j (done on return on the CPU); view j's tensors
+      decode_many(slots, first=0)       slots[e] -> view first + e for each e; one launch per 8
+                                        experts on CUDA with Triton (pipeline.fused_decode.BatchDecode)
       tensors(j) -> {role: view}        view j's tensors, without decoding
       num_views, view_bytes, nbytes
     view_bytes_for(store, num_views) -> int   device bytes of the views (budget checks)
@@ -69,15 +71,40 @@ class DecodeAtUse:
         views = [self._buf[j * self.view_bytes:(j + 1) * self.view_bytes] for j in range(self.num_views)]
         self._tensors = [dense_slot_tensors(store, v) for v in views]
         targets = _Targets(arena, views, self._tensors)
-        self._decoder = (fused_decode.FusedDecode(targets) if fused_decode.supports(store, arena.device)
-                         else SlotDecoder(targets, lanes=1))
+        self._batch = None
+        if fused_decode.supports(store, arena.device):
+            fused = fused_decode.FusedDecode(targets, warm=False)  # its tables; BatchDecode launches
+            self._batch = fused_decode.BatchDecode(fused, arena.buffer, arena.slot_bytes, self._buf, self.view_bytes)
+            self._decoder = fused
+            # Compile now, not inside the first fetch: slot 0 (nothing yet) into the views.
+            self.decode_many([0] * self.num_views)
+            if arena.device.type == "cuda":
+                torch.cuda.current_stream(arena.device).synchronize()
+        else:
+            self._decoder = SlotDecoder(targets, lanes=1)
         self.nbytes = self.num_views * self.view_bytes + self._decoder.nbytes
 
     def decode(self, slot: int, j: int) -> dict[str, torch.Tensor]:
         if not 0 <= j < self.num_views:
             raise IndexError(f"dense view {j} out of range 0..{self.num_views - 1}")
-        self._decoder.decode(slot, j, 0)
+        if self._batch is not None:
+            self._batch([slot], j)
+        else:
+            self._decoder.decode(slot, j, 0)
         return self._tensors[j]
+
+    def decode_many(self, slots, first: int = 0) -> list[dict[str, torch.Tensor]]:
+        """slots[e] -> view first + e; returns those views' tensors in that order."""
+        slots = list(slots)
+        if first < 0 or first + len(slots) > self.num_views:
+            raise IndexError(f"{len(slots)} experts into dense views {first}.. of {self.num_views}")
+        if self._batch is None:
+            for e, slot in enumerate(slots):
+                self._decoder.decode(slot, first + e, 0)
+        else:
+            for at in range(0, len(slots), fused_decode.BATCH):
+                self._batch(slots[at:at + fused_decode.BATCH], first + at)
+        return self._tensors[first:first + len(slots)]
 
     def tensors(self, j: int) -> dict[str, torch.Tensor]:
         """View j's tensors (what the last decode into it wrote)."""

@@ -164,6 +164,13 @@ class VramArena:
         if not 0 <= i < self.num_slots:
             raise IndexError(f"VRAM slot {i} out of range 0..{self.num_slots - 1}")
 
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The one uint8 allocation every slot is a view of (slot i at i * slot_bytes)."""
+        if self._buf is None:
+            raise RuntimeError("VramArena is closed")
+        return self._buf
+
     def raw_view(self, i: int) -> torch.Tensor:
         """uint8 view of slot i (`slot_bytes`): where a bf16/fp16 copy lands; for mxfp4 the
         decoded tensors' bytes (copies land in `staging(k)` instead)."""

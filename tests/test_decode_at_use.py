@@ -78,13 +78,83 @@ def _check_every_slot_and_view(st: StoreCheckpoint, device: str) -> int:
     return checked
 
 
+def _check_batches(st: StoreCheckpoint, device: str) -> int:
+    """decode_many: slots in any order into consecutive views, from any first view."""
+    arena = VramArena(st, 5, device, form="stored", num_views=4)
+    experts = [(x.layer, x.expert) for x in st.index.experts][:5]
+    raws = [_raw(st, *key) for key in experts]
+    for slot, raw in enumerate(raws):
+        arena.raw_view(slot)[: raw.numel()].copy_(raw.to(device))
+    checked = 0
+    for order, first in (([4, 1, 3], 0), ([2], 3), ([0, 2, 4, 1], 0), ([3, 0], 2)):
+        for j in range(arena.views.num_views):
+            for t in arena.views.tensors(j).values():
+                t.view(torch.uint8).fill_(0xFF) if t.element_size() == 1 else t.view(torch.int16).fill_(-1)
+        got = arena.views.decode_many(order, first)
+        assert len(got) == len(order)
+        for e, slot in enumerate(order):
+            assert got[e] is arena.views.tensors(first + e)
+            assert_same({k: v.cpu() for k, v in got[e].items()}, st.decode_from_buffer(raws[slot]), (order, first, e))
+            checked += 1
+    with pytest.raises(IndexError, match="3 experts into dense views 2.. of 4"):
+        arena.views.decode_many([0, 1, 2], 2)
+    arena.close()
+    return checked
+
+
 def test_decode_at_use_is_bit_identical_to_the_general_decode(stores):
-    assert _check_every_slot_and_view(StoreCheckpoint(stores["mxfp4"]), "cpu") == 6
+    st = StoreCheckpoint(stores["mxfp4"])
+    assert _check_every_slot_and_view(st, "cpu") == 6
+    assert _check_batches(st, "cpu") == 10
 
 
 @GPU
 def test_decode_at_use_is_bit_identical_on_the_gpu(stores):
-    assert _check_every_slot_and_view(StoreCheckpoint(stores["mxfp4"]), "cuda") == 6
+    st = StoreCheckpoint(stores["mxfp4"])
+    assert VramArena(st, 2, "cuda", form="stored").views._batch is not None  # the batched kernel ran
+    assert _check_every_slot_and_view(st, "cuda") == 6
+    assert _check_batches(st, "cuda") == 10
+
+
+BATCHED_ON_CPU = """
+import sys
+from adapters.store import StoreCheckpoint
+from pipeline.vram_arena import VramArena
+from tests.test_decode_at_use import _check_batches, _check_every_slot_and_view
+store = StoreCheckpoint(sys.argv[1])
+assert VramArena(store, 2, "cpu", form="stored").views._batch is not None
+print(_check_every_slot_and_view(store, "cpu") + _check_batches(store, "cpu"))
+"""
+
+
+def test_batched_kernel_is_bit_identical_in_tritons_interpreter(stores):
+    """The batched decode kernel (pipeline/fused_decode.py) run by Triton's interpreter on CPU
+    tensors, where Triton is installed (CI without it relies on the GPU test above)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", BATCHED_ON_CPU, str(stores["mxfp4"])], capture_output=True, text=True,
+                       env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.strip().splitlines()[-1]) == 16
+
+
+def test_batched_kernel_compiles_for_hopper():
+    pytest.importorskip("triton")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pipeline.fused_decode import COMPILE_OPTIONS, _decode_batch
+
+    sig = {"slots": "*u8", "views8": "*u8", "views32": "*i32", "table": "*i32", "desc": "*i64", "first": "i32",
+           **{f"i{e}": "i32" for e in range(8)}, "SLOT_BYTES": "constexpr", "VIEW_BYTES": "constexpr",
+           "NSEG": "constexpr", "GROUPS": "constexpr"}
+    src = ASTSource(fn=_decode_batch, signature=sig,
+                    constexprs={"SLOT_BYTES": 13238272, "VIEW_BYTES": 49783808, "NSEG": 4, "GROUPS": 64})
+    assert "cubin" in triton.compile(src, target=GPUTarget("cuda", 90, 32), options=COMPILE_OPTIONS).asm
 
 
 def test_the_same_bytes_buy_more_experts_stored_and_the_views_count(stores):
