@@ -276,7 +276,8 @@ class CopyEngine:
 
     # -- submitting ------------------------------------------------------------------------
     def copy_in(self, src: torch.Tensor, dst_slot: int, arena: VramArena, nbytes: int, *, demand: bool,
-                after: SlotFence | None = None, prior: Transfer | None = None, inline: bool = False) -> Transfer:
+                after: SlotFence | None = None, prior: Transfer | None = None, inline: bool = False,
+                src_pinned: bool | None = None) -> Transfer:
         """Copy `nbytes` of the RAM slot view `src` into VRAM slot `dst_slot` of `arena`
         (decoding there for mxfp4), after the slot's release fence `after` and, CUDA only, after
         `prior`: a copy into the same slot still in flight (ordered on the GPU, no host wait).
@@ -284,7 +285,10 @@ class CopyEngine:
         `inline` (CPU only; ignored on CUDA): do the copy now on the calling thread, for a
         caller that would only wait for it. It uses its own staging buffer and decode lane,
         so it may run beside the copy thread; inline copies must not run concurrently with
-        each other (the scheduler issues them under its table lock)."""
+        each other (the scheduler issues them under its table lock).
+
+        `src_pinned` (CUDA): whether `src` is page-locked, when the caller knows (a RAM arena
+        is pinned as a whole); None asks the driver, a few microseconds per copy."""
         if self._closed:
             raise RuntimeError("CopyEngine is closed")
         if prior is not None and not self.is_cuda and not prior.done():
@@ -294,7 +298,7 @@ class CopyEngine:
             self._n["demand" if demand else "prefetch"] += 1
             self._n["bytes"] += nbytes
         if self.is_cuda:
-            return self._copy_cuda(src, dst_slot, arena, nbytes, demand, after, prior)
+            return self._copy_cuda(src, dst_slot, arena, nbytes, demand, after, prior, src_pinned)
         fut: Future = Future()
         if inline and (not arena.decodes or arena.num_staging > INLINE_LANE):
             self._run_copy(src, dst_slot, arena, nbytes, after, fut, lane=INLINE_LANE)
@@ -323,10 +327,11 @@ class CopyEngine:
             return
         self._decode(arena, arena.staging(staging) if arena.decodes else arena.raw_view(slot), arena.tensors(slot))
 
-    def _copy_cuda(self, src, slot, arena, nbytes, demand, after, prior=None) -> Transfer:
+    def _copy_cuda(self, src, slot, arena, nbytes, demand, after, prior=None, src_pinned=None) -> Transfer:
         stream = self.demand_stream if demand else self.prefetch_stream
         try:
-            if isinstance(src, torch.Tensor) and not src.is_pinned():
+            pinned = src_pinned if src_pinned is not None else (not isinstance(src, torch.Tensor) or src.is_pinned())
+            if not pinned:
                 with self._lock:
                     self._n["pageable"] += 1
             if arena.decodes:

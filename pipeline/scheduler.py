@@ -350,7 +350,7 @@ class Scheduler(PlanExecution):
         # _copy always runs under table_lock, so inline copies never overlap each other.
         slot.transfer = self.engine.copy_in(self.ram_arena.slot(rslot.index), slot.index, self.vram_arena,
                                             entry.read_length, demand=demand, after=after, prior=prior,
-                                            inline=demand)
+                                            inline=demand, src_pinned=self.ram_arena.pinned)
         self._c["bytes_h2d"] += entry.read_length
         self._inflight.append((key, slot, rslot, slot.transfer, demand))
         self._wake(slot, None)  # waiters take the transfer and wait on its event themselves

@@ -306,6 +306,21 @@ def test_cuda_every_expert_bit_exact_from_pinned_sources(tiny_store, cuda_engine
     assert cuda_engine.stats().copies_pageable == 0
 
 
+@pytest.mark.gpu
+def test_cuda_pageable_sources_are_counted_whether_asked_or_told(tiny_store, cuda_engine):
+    st = tiny_store
+    arena = VramArena(st, 2, "cuda")
+    pageable, pinned = ram_slot(st, 0, 0, pin=False), ram_slot(st, 0, 1, pin=True)
+    cuda_engine.copy_in(pinned, 0, arena, pinned.numel(), demand=True).make_stream_wait()
+    cuda_engine.copy_in(pinned, 1, arena, pinned.numel(), demand=True, src_pinned=True).make_stream_wait()
+    assert cuda_engine.stats().copies_pageable == 0
+    cuda_engine.copy_in(pageable, 0, arena, pageable.numel(), demand=True).make_stream_wait()  # the driver says
+    cuda_engine.copy_in(pageable, 1, arena, pageable.numel(), demand=True, src_pinned=False).make_stream_wait()
+    assert cuda_engine.stats().copies_pageable == 2
+    assert_slot_holds(arena, 0, st, 0, 0)
+    assert_slot_holds(arena, 1, st, 0, 0)
+
+
 def _copy_behind_slow_fence(st, engine, slot: int, layer: int, expert: int):
     """(arena, transfer): a demand copy of (layer, expert) into `slot` of a fresh 2-slot arena,
     after a fence on a side stream held busy (~25 ms of GPU sleep), so the copy must queue."""
