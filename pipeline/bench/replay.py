@@ -118,8 +118,7 @@ class Model:
 
     Inside `with model.graphs():` (CUDA only; a no-op elsewhere) single-row passes run the
     stand-in and each expert as captured CUDA graphs (pipeline/bench/cuda_graphs.py), one per
-    distinct set of expert weight addresses, so one per VRAM slot (or dense view), and the
-    router-weighted sum as one small graph per (layer, position). The math and its kernels are
+    distinct set of expert weight addresses, so one per VRAM slot. The math and its kernels are
     the eager ones, so the values are the same bit for bit (a GPU test compares them). The scope
     must close before the tensors the graphs read are freed, e.g. before a pipeline closes.
     """
@@ -129,7 +128,6 @@ class Model:
         g = torch.Generator().manual_seed(seed)
         H, E = spec.hidden_size, spec.num_experts
         self.family, self.top_k, self.device, self.dtype = spec.family, spec.top_k, device, dtype
-        self.num_layers = spec.num_layers
         self.attn_matmuls = attn_matmuls
         scale = H ** -0.5
         self.embed = (torch.randn(64, H, generator=g)).to(device, dtype)
@@ -150,12 +148,6 @@ class Model:
         # layer's result is written where the next stand-in reads it (_ne_in): no copy
         # between graphs (see kernel_copy).
         self._y_out: torch.Tensor | None = None
-        # The router-weighted sum as graphs too (see experts()): a pass's weights go to the
-        # device in one copy (begin_pass), and _acc carries the running sum between graphs.
-        self._w_host = torch.zeros(self.num_layers, self.top_k, dtype=torch.float32).pin_memory()
-        self._w_dev = torch.zeros(self.num_layers, self.top_k, dtype=torch.float32, device=self.device)
-        self._w_ready = False
-        self._acc = torch.zeros(1, H, device=self.device, dtype=self.dtype)
         self._graphs = GraphCache(self.device)
         try:
             yield
@@ -207,48 +199,10 @@ class Model:
                                 (self._y_out,))
         return y
 
-    def begin_pass(self, weights) -> None:
-        """Under graphs, before a single-row pass: its router weights (per layer, top_k each)
-        to the device in one copy, where the graphed weighted sum reads them. The previous
-        pass's copy must have run (run_loop synchronises the device between passes): the
-        pinned source is overwritten here."""
-        self._w_ready = False
-        if self._graphs is None or len(weights) != self.num_layers or any(len(w) != self.top_k for w in weights):
-            return
-        self._w_host.copy_(torch.tensor(weights, dtype=torch.float32))
-        self._w_dev.copy_(self._w_host, non_blocking=True)
-        self._w_ready = True
-
-    def _graphed_sum(self, layer: int, tensors, ready) -> torch.Tensor:
-        """moe_forward's sum in router order, each step a graph: expert j's graph writes _y_out,
-        then the graph for (layer, j) adds y * w[layer, j] to the running sum (the last also adds
-        the hidden state into _ne_in). The same kernels on the same values as the eager sum:
-        (y.float() * w32).to(bf16) is y * w for a Python float w (opmath), 0 + y is zeros + y."""
-        n = len(tensors)
-        for j in range(n):
-            if ready is not None:
-                ready(j)
-            self._graphed_expert(tensors[j], None)
-
-            def step(j=j):
-                s = (self._y_out.float() * self._w_dev[layer, j]).to(self._y_out.dtype)
-                acc = torch.zeros_like(s) + s if j == 0 else self._acc + s
-                return (torch.add(self._ne_h, acc.to(self._ne_h.dtype)),) if j == n - 1 else (acc,)
-
-            self._graphs.run(("sum", layer, j, n), step, (self._ne_in,) if j == n - 1 else (self._acc,))
-        return self._ne_in
-
-    def experts(self, h: torch.Tensor, tensors, weights, rows, layer: int | None = None) -> torch.Tensor:
-        """`layer` (with begin_pass's weights, under graphs): the weighted sum runs as graphs."""
+    def experts(self, h: torch.Tensor, tensors, weights, rows) -> torch.Tensor:
         # From fetch(..., wait=False): each expert computed once its own copy is waited for,
         # experts already in VRAM first (pipeline.api.StagedExperts)
         staged = {"ready": tensors.ready, "order": tensors.order} if hasattr(tensors, "ready") else {}
-        if (self._graphs is not None and h.shape[0] == 1 and rows is None and layer is not None and self._w_ready
-                and len(tensors) == self.top_k and tuple(staged.get("order", range(len(tensors)))) == tuple(
-                    range(len(tensors)))):
-            if h is not self._ne_h:
-                kernel_copy(self._ne_h, h)
-            return self._graphed_sum(layer, tensors, staged.get("ready"))
         if self._graphs is None or h.shape[0] != 1 or rows is not None:
             y = moe_forward(self.family, tensors, self._norm(h), weights, rows, **staged)
         else:
@@ -260,13 +214,6 @@ class Model:
                             **staged)
             return torch.add(h, y.to(h.dtype), out=self._ne_in)  # the next layer's stand-in input
         return h + y.to(h.dtype)
-
-
-def warm_passes(passes: list[Pass]) -> list[Pass]:
-    """Untimed passes that touch every compute path first: the first pass (often a prefill, run
-    eagerly) and two single-row ones (whose graphs get captured)."""
-    single = [p for p in passes if p.n == 1][:2]
-    return passes[:1] + [p for p in single if p is not passes[0]]
 
 
 class LoopResult(msgspec.Struct):
@@ -289,7 +236,6 @@ def run_loop(model: Model, passes: list[Pass], fetch, *, hints=None, hint_sink=N
     _sync(dev)
     for i, p in enumerate(passes):
         t0 = time.perf_counter()
-        model.begin_pass(p.weights)
         h = model.embed_rows(p.token_ids)
         for layer, ids in enumerate(p.ids):
             h, _logits = model.non_expert(h)
@@ -303,7 +249,7 @@ def run_loop(model: Model, passes: list[Pass], fetch, *, hints=None, hint_sink=N
                 rows = None
                 if p.rows is not None:
                     rows = [torch.tensor(r, device=dev, dtype=torch.long) for r in p.rows[layer][c:c + K]]
-                h = model.experts(h, tensors, p.weights[layer][c:c + K], rows, layer)
+                h = model.experts(h, tensors, p.weights[layer][c:c + K], rows)
         _sync(dev)
         times.append(time.perf_counter() - t0)
         tokens += p.n
@@ -341,14 +287,12 @@ def warm_up(pipe, spec, model: Model) -> None:
     VRAM slot's graph is captured before timing starts."""
     K = spec.top_k
     h = model.embed_rows([0])
-    _sync(model.device)
-    model.begin_pass([[1.0 / K] * K] * spec.num_layers)  # the graphed sums get captured here too
     for _ in range(2):
         for layer in range(spec.num_layers):
             model.non_expert(h)
             for e in range(0, spec.num_experts, K):
                 ids = list(range(e, min(e + K, spec.num_experts)))
-                model.experts(h, pipe.fetch(layer, ids), [1.0 / len(ids)] * len(ids), None, layer)
+                model.experts(h, pipe.fetch(layer, ids), [1.0 / len(ids)] * len(ids), None)
     _sync(model.device)
 
 

@@ -231,7 +231,7 @@ def run(args) -> int:
     from .gpu_profile import describe
     from .methods import slots_for
     from .replay import (Model, access_keys, build_passes, compute_only_fetch, emulate_hints, run_loop,
-                         run_method, warm_passes)
+                         run_method)
 
     spec = store.spec
     total = spec.num_layers * spec.num_experts
@@ -260,11 +260,11 @@ def run(args) -> int:
     graphs = args.cuda_graphs and device.type == "cuda"
     if args.profile_passes and device.type != "cuda":
         print("  --profile-passes: GPU time needs a CUDA device; no profile on the CPU", file=sys.stderr)
-    print(f"  compute: {'decode steps as CUDA graphs (one per VRAM slot, and the weighted sum), prefill eager' if graphs else 'eager'}"
+    print(f"  compute: {'decode steps as CUDA graphs (one per VRAM slot), prefill eager' if graphs else 'eager'}"
           f"{', each expert after its own copy (--per-expert-waits)' if args.per_expert_waits else ''}, "
           f"the same for every method")
     with model.graphs(graphs):
-        run_loop(model, warm_passes(passes), compute_only_fetch(store, device))  # warm-up: kernels, allocator
+        run_loop(model, passes[:2], compute_only_fetch(store, device))  # warm-up: kernels, allocator
     fixed: dict[str, dict] = {}  # methods whose budgets do not depend on --vram run once
 
     def run_one(m, vram_slots, vram_text, compute_s_tok):
@@ -303,7 +303,7 @@ def run(args) -> int:
         bar = R.progress_bar(len(passes), "compute only", show)
         with model.graphs(graphs):
             fetch = compute_only_fetch(store, device)
-            run_loop(model, warm_passes(passes), fetch)  # captures its graphs untimed
+            run_loop(model, passes[:2], fetch)  # captures its graphs untimed
             comp = run_loop(model, passes, fetch, progress=bar)
         bar.close()
         compute_s_tok, source = sum(comp.pass_seconds) / tokens, f"top-{spec.top_k} preloaded experts"
@@ -334,7 +334,7 @@ def run(args) -> int:
                           "experts": trace.num_experts, "top_k": trace.top_k, "rows": trace.tokens},
                 "passes": len(passes), "tokens": tokens, "device": str(device),
                 "stand_in": f"{args.attn_matmuls} bf16 [n,H]x[H,H] matmuls + router [n,H]x[H,E] (not a real attention)",
-                "compute": ("decode rows: stand-in, each expert MLP (one graph per VRAM slot) and the weighted sum as CUDA graphs; "
+                "compute": ("decode rows: stand-in and each expert MLP as CUDA graphs, one per VRAM slot; "
                             "prefill rows eager" if graphs else "eager PyTorch"),
                 "lookahead": f"emulated: recall {args.lookahead_recall}, seed {args.seed}",
                 "timing": "host clock per pass, device synchronised at the end of each pass",
