@@ -79,14 +79,18 @@ def test_graphed_replay_is_bit_identical_to_eager(setup):
     hints = emulate_hints(passes, spec.num_experts, 0.8, 0)
     vslot = VramArena.slot_bytes_for(store)
     rslot = max(x.read_length for x in store.index.experts)
-    for name in ("on-demand", "lru-lookahead"):
+    # (VRAM slots hold decoded tensors, or the stored MXFP4 decoded at each use into views)
+    for name, form, vram in (("on-demand", "dense", 3 * vslot), ("lru-lookahead", "dense", 3 * vslot),
+                             ("lru-lookahead", "stored", 4 * vslot)):
         (m,) = select(baseline_methods(), [name])
-        runs = {(g, w): run_method(store_dir, store, m, 3 * vslot, 24 * rslot, passes, model, hints,
-                                   device="cuda", readers=1, keep_outputs=True, cuda_graphs=g, per_expert_waits=w)
+        runs = {(g, w): run_method(store_dir, store, m, vram, 24 * rslot, passes, model, hints,
+                                   device="cuda", readers=1, keep_outputs=True, cuda_graphs=g, per_expert_waits=w,
+                                   vram_form=form)
                 for g in (True, False) for w in (False, True)}
         assert runs[True, False].after.vram_misses > 20  # slots really were reloaded under the graphs
         for key, r in runs.items():
-            assert all(torch.equal(a, b) for a, b in zip(_bits(ref), _bits(r.loop.outputs), strict=True)), (name, key)
+            assert all(torch.equal(a, b) for a, b in zip(_bits(ref), _bits(r.loop.outputs), strict=True)), \
+                (name, form, key)
 
 
 @pytest.mark.gpu
