@@ -274,7 +274,8 @@ class ExpertPipeline:
         views = self._p.vram_arena.views
         if views is not None and len(ids) > views.num_views:
             raise ValueError(f"{len(ids)} experts at once but vram_form='stored' decodes into {views.num_views} "
-                             f"dense views (top_k); fetch at most {views.num_views} at a time")
+                             f"dense views; fetch at most {views.num_views} at a time or open with "
+                             f"vram_views={len(ids)}")
         self._seq += 1
         fence = self._p.engine.fence()  # on the caller's current stream, before this fetch's uses
         weights = None if router_weights is None else tuple(float(w) for w in

@@ -77,7 +77,7 @@ def plan_slots(cfg: PipelineConfig, store: StoreCheckpoint) -> tuple[int, int, i
     top_k = store.spec.top_k
     stored = cfg.vram_form == "stored" and store.dtype == "mxfp4"
     vram_slot = VramArena.slot_bytes_for(store, "stored" if stored else "dense")
-    views = view_bytes_for(store, top_k) if stored else 0
+    views = view_bytes_for(store, cfg.vram_views or top_k) if stored else 0
     ram_slot = max(x.read_length for x in store.index.experts)
     n_vram, n_ram = max(0, cfg.vram_bytes - views) // vram_slot, cfg.ram_bytes // ram_slot
     for tier, n, size, budget, extra in (("vram", n_vram, vram_slot, cfg.vram_bytes, views),
@@ -114,7 +114,7 @@ async def assemble(cfg: PipelineConfig, *, reader_hooks: dict | None = None) -> 
     with contextlib.ExitStack() as stack:
         ram_arena = RamArena.create(n_ram, ram_slot)
         stack.callback(ram_arena.close)
-        vram_arena = VramArena(store, n_vram, device, form=cfg.vram_form)
+        vram_arena = VramArena(store, n_vram, device, form=cfg.vram_form, num_views=cfg.vram_views)
         stack.callback(vram_arena.close)
         engine = CopyEngine(device)
         stack.callback(engine.close)

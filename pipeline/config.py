@@ -50,6 +50,9 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # experts in the same budget, each decoded at use into one of top_k dense views (whose
     # bytes come out of the budget). No difference for bf16/fp16 stores.
     vram_form: str = "dense"
+    # vram_form="stored": how many dense views, i.e. the most experts one fetch may ask for
+    # (a prefill fetching the union of its rows' experts needs more than top_k); None = top_k.
+    vram_views: int | None = None
     readers: int | None = None  # reader processes; None = the pool's default for the disk
     read_timeout_s: float = 10.0  # a read taking longer kills and replaces its reader
     read_attempts: int = 3  # tries of one read (fresh reader each time) before it is an error
@@ -84,6 +87,8 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         for name in ("read_attempts", "prefetch_reads", "prefetch_copies", "actor_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.vram_views is not None and self.vram_views < 1:
+            raise ValueError(f"vram_views must be >= 1 or None (top_k), got {self.vram_views}")
         if self.readers is not None and self.readers < 1:
             raise ValueError(f"readers must be >= 1, got {self.readers}")
 

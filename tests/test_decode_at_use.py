@@ -188,10 +188,34 @@ def test_fetch_is_bit_exact_under_constant_eviction_stored(stores, device, no_le
                 assert_same({r: t.cpu() for r, t in tensors.items()}, st.load_expert(layer, e), (layer, e))
                 checked += 1
         s = pipe.stats()
-        with pytest.raises(ValueError, match=rf"{k + 1} experts at once but vram_form='stored' decodes into {k}"):
+        with pytest.raises(ValueError, match=rf"{k + 1} experts at once but vram_form='stored' decodes into {k} "
+                                             rf"dense views; .* vram_views={k + 1}"):
             pipe.fetch(0, list(range(k + 1)))
     assert checked > 50 and s.vram_slots == k + 1
     assert s.scheduler.evictions_vram > checked // 3
+
+
+def test_more_views_serve_a_larger_fetch_and_come_out_of_the_budget(stores, no_leaks):
+    st = StoreCheckpoint(stores["mxfp4"])
+    k, E = st.spec.top_k, st.spec.num_experts
+    budget = stored_budget(st, E + 1, 3 * E)  # a fetch of E experts needs E slots too
+    assert plan_slots(PipelineConfig(store=str(stores["mxfp4"]), **budget), st)[0] == E + 1
+    # E views instead of k take their bytes from the slots
+    fewer = max(0, budget["vram"] - view_bytes_for(st, E)) // VramArena.slot_bytes_for(st, "stored")
+    assert 0 <= fewer < E + 1
+    if fewer >= k:
+        assert plan_slots(PipelineConfig(store=str(stores["mxfp4"]), vram_views=E, **budget), st)[0] == fewer
+    else:
+        with pytest.raises(ValueError, match=rf"after {view_bytes_for(st, E)} bytes of dense views"):
+            plan_slots(PipelineConfig(store=str(stores["mxfp4"]), vram_views=E, **budget), st)
+    budget["vram"] += view_bytes_for(st, E) - view_bytes_for(st, k)  # the same slots next to E views
+    with ExpertPipeline.open(stores["mxfp4"], vram_views=E, device="cpu", readers=1, **budget) as pipe:
+        assert pipe.stats().vram_slots == E + 1
+        for layer in range(st.spec.num_layers):  # a prefill-like fetch: every expert of the layer at once
+            for e, tensors in enumerate(pipe.fetch(layer, list(range(E)))):
+                assert_same(tensors, st.load_expert(layer, e), (layer, e))
+    with pytest.raises(ValueError, match="vram_views must be >= 1"):
+        PipelineConfig(store=str(stores["mxfp4"]), vram_views=0, **budget)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
