@@ -30,7 +30,7 @@ from .decode_at_use import view_bytes_for
 from .ram_arena import RamArena
 from .readers import ReaderPool
 from .scheduler import Scheduler
-from .vram_arena import VramArena
+from .vram_arena import VramArena, effective_form
 
 
 @dataclass
@@ -69,25 +69,32 @@ def _device(cfg: PipelineConfig) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def vram_slots_for(store: StoreCheckpoint, vram_bytes: int, form: str = "dense",
+                   views: int | None = None) -> tuple[int, int, int]:
+    """(slots, slot bytes, bytes of dense views) that `vram_bytes` buys: with the stored form
+    (mxfp4) the dense views of one fetch (`views`, default top_k) come out of it first, and no
+    more slots than the store has experts."""
+    stored = effective_form(store, form) == "stored"
+    slot = VramArena.slot_bytes_for(store, form)
+    view_bytes = view_bytes_for(store, views or store.spec.top_k) if stored else 0
+    total = store.spec.num_layers * store.spec.num_experts  # a slot more than every expert is never used
+    return min(max(0, vram_bytes - view_bytes) // slot, total), slot, view_bytes
+
+
 def plan_slots(cfg: PipelineConfig, store: StoreCheckpoint) -> tuple[int, int, int, int]:
-    """(vram slots, vram slot bytes, ram slots, ram slot bytes) for the budgets; ValueError
-    with the numbers when a budget cannot hold one layer's top-k working set. With
-    vram_form="stored" (mxfp4) the dense views of one fetch come out of the VRAM budget first.
-    Neither tier gets more slots than the store has experts."""
+    """(vram slots, vram slot bytes, ram slots, ram slot bytes) for the budgets (vram_slots_for);
+    ValueError with the numbers when a budget cannot hold one layer's top-k working set."""
     top_k = store.spec.top_k
-    stored = cfg.vram_form == "stored" and store.dtype == "mxfp4"
-    vram_slot = VramArena.slot_bytes_for(store, "stored" if stored else "dense")
-    views = view_bytes_for(store, cfg.vram_views or top_k) if stored else 0
+    n_vram, vram_slot, views = vram_slots_for(store, cfg.vram_bytes, cfg.vram_form, cfg.vram_views)
     ram_slot = max(x.read_length for x in store.index.experts)
-    n_vram, n_ram = max(0, cfg.vram_bytes - views) // vram_slot, cfg.ram_bytes // ram_slot
+    n_ram = min(cfg.ram_bytes // ram_slot, store.spec.num_layers * store.spec.num_experts)
     for tier, n, size, budget, extra in (("vram", n_vram, vram_slot, cfg.vram_bytes, views),
                                          ("ram", n_ram, ram_slot, cfg.ram_bytes, 0)):
         if n < top_k:
             also = f" after {extra} bytes of dense views (vram_form='stored')" if extra else ""
             raise ValueError(f"{tier} budget {budget} bytes holds {n} experts of {size} bytes{also}, fewer than one "
                              f"layer's top-{top_k} working set; give {tier} at least {top_k * size + extra} bytes")
-    total = store.spec.num_layers * store.spec.num_experts  # a slot more than every expert is never used
-    return min(n_vram, total), vram_slot, min(n_ram, total), ram_slot
+    return n_vram, vram_slot, n_ram, ram_slot
 
 
 async def assemble(cfg: PipelineConfig, *, reader_hooks: dict | None = None) -> Parts:

@@ -30,6 +30,7 @@ from adapters.base import TORCH_DTYPES
 from adapters.store import StoreCheckpoint
 
 from . import fused_decode
+from .config import VRAM_FORMS
 from .decode_at_use import DecodeAtUse, view_bytes_for
 from .slot_decoder import SlotDecoder, scratch_bytes
 
@@ -52,10 +53,18 @@ def _normalise(device: torch.device | str) -> torch.device:
     return device
 
 
-FORMS = ("dense", "stored")
+FORMS = VRAM_FORMS
 
 
-def _dense_offsets(store: StoreCheckpoint) -> list[tuple[str, torch.dtype, tuple[int, ...], int, int]]:
+def effective_form(store: StoreCheckpoint, form: str) -> str:
+    """The form a slot really holds: only mxfp4 stores differ between the two (a bf16/fp16
+    store's stored bytes are its dense tensors)."""
+    if form not in FORMS:
+        raise ValueError(f"VRAM form {form!r} unknown; valid: {', '.join(FORMS)}")
+    return form if store.dtype == "mxfp4" else "dense"
+
+
+def dense_offsets(store: StoreCheckpoint) -> list[tuple[str, torch.dtype, tuple[int, ...], int, int]]:
     """(role, dtype, shape, offset, nbytes) of each decoded tensor inside an mxfp4 slot."""
     out, pos = [], 0
     for t in store.dense_tensors:
@@ -67,7 +76,7 @@ def _dense_offsets(store: StoreCheckpoint) -> list[tuple[str, torch.dtype, tuple
 def dense_slot_tensors(store: StoreCheckpoint, raw: torch.Tensor) -> dict[str, torch.Tensor]:
     """An mxfp4 expert's dense tensors as views of `raw` (a dense slot's bytes)."""
     return {role: raw[off:off + nbytes].view(dtype).view(shape)
-            for role, dtype, shape, off, nbytes in _dense_offsets(store)}
+            for role, dtype, shape, off, nbytes in dense_offsets(store)}
 
 
 class VramArena:
@@ -81,13 +90,11 @@ class VramArena:
 
     def __init__(self, store: StoreCheckpoint, num_slots: int, device: torch.device | str, *,
                  num_staging: int = 4, form: str = "dense", num_views: int | None = None):
-        if form not in FORMS:
-            raise ValueError(f"VRAM form {form!r} unknown; valid: {', '.join(FORMS)}")
         self.store = store
         self.device = _normalise(device)
         self.dtype = store.dtype
         self.num_slots = int(num_slots)
-        self.form = form if store.dtype == "mxfp4" else "dense"  # bf16/fp16: stored bytes are dense
+        self.form = effective_form(store, form)
         self.slot_bytes = self.slot_bytes_for(store, self.form)
         self.read_length = max(x.read_length for x in store.index.experts)
         self.expert_length = max(x.length for x in store.index.experts)  # a copy needs at least this
@@ -142,14 +149,13 @@ class VramArena:
         tensors; the whole padded read is copied); for mxfp4 the decoded dense tensors, each
         starting on a 256-byte boundary, or in the stored form the `read_length` rounded up to
         that boundary (the decode kernel's loads stay aligned)."""
-        if form not in FORMS:
-            raise ValueError(f"VRAM form {form!r} unknown; valid: {', '.join(FORMS)}")
         read = max(x.read_length for x in store.index.experts)
+        form = effective_form(store, form)
         if store.dtype != "mxfp4":
             return read
         if form == "stored":
             return _round_up(read, TENSOR_ALIGN)
-        *_, (_, _, _, off, nbytes) = _dense_offsets(store)
+        *_, (_, _, _, off, nbytes) = dense_offsets(store)
         return _round_up(off + nbytes, TENSOR_ALIGN)
 
     def _slot_tensors(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -221,4 +227,4 @@ class VramArena:
                 f"{self.num_staging} staging{', decoded at use' if self.form == 'stored' else ''})")
 
 
-__all__ = ["VramArena", "FORMS", "TENSOR_ALIGN", "dense_slot_tensors"]
+__all__ = ["VramArena", "FORMS", "TENSOR_ALIGN", "dense_offsets", "dense_slot_tensors", "effective_form"]

@@ -11,7 +11,7 @@ import torch
 from adapters.store import StoreCheckpoint
 from pipeline.bench.cli import main as bench
 from pipeline.bench.methods import baseline_methods, select
-from pipeline.bench.replay_cmd import stored_slots
+from pipeline.assembly import vram_slots_for
 from pipeline.bench.replay import (Model, build_passes, direct_fetch, emulate_hints, run_loop, run_method)
 from pipeline.vram_arena import VramArena
 from policies.cache.registry import make_policy
@@ -90,7 +90,7 @@ def test_pipeline_outputs_bit_identical_to_resident_reference(setup, per_expert_
     run = run_method(store_dir, store, m, 4 * vslot, 6 * rslot, passes, model, hints, device="cpu",
                      readers=1, keep_outputs=True, per_expert_waits=per_expert_waits, vram_form=vram_form)
     assert run.after.vram_misses > 0  # experts really moved through the tiers
-    assert run.vram_slots == (stored_slots(store, 4 * vslot) if vram_form == "stored" else 4)
+    assert run.vram_slots == vram_slots_for(store, 4 * vslot, vram_form)[0]
     for a, b in zip(ref, run.loop.outputs, strict=True):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))
 

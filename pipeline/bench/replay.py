@@ -266,8 +266,8 @@ class MethodRun(msgspec.Struct):
     after: object  # SchedulerStats at the end
     device: str
     pinned: bool
+    vram_slots: int  # the pipeline's VRAM slots (more than the budget's dense count when stored)
     profile: dict | None = None  # pipeline/bench/gpu_profile.py summary of extra profiled passes
-    vram_slots: int = 0  # the pipeline's VRAM slots (more than the budget's dense count when stored)
 
 
 def open_pipeline(store_dir, method, vram_bytes: int, ram_bytes: int, device: str, readers: int | None,
@@ -323,7 +323,7 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
             prof = profile(lambda: run_loop(model, tail, fetch, hints=hints[-len(tail):] if hints else None,
                                             hint_sink=sink),
                            sum(p.n for p in tail))
-        return MethodRun(loop, before, st.scheduler, st.device, st.pinned, prof, st.vram_slots)
+        return MethodRun(loop, before, st.scheduler, st.device, st.pinned, st.vram_slots, prof)
 
 
 def direct_fetch(store, device: torch.device):

@@ -153,8 +153,9 @@ def _validate(args):
     from adapters.store import StoreCheckpoint
     from policies.traces import load_trace
 
+    from ..assembly import vram_slots_for
     from ..vram_arena import FORMS as VRAM_FORMS
-    from ..vram_arena import VramArena
+    from ..vram_arena import VramArena, effective_form
     from . import methods as M
     from .replay import check_fit
 
@@ -181,9 +182,9 @@ def _validate(args):
     ram = parse_budget(args.ram, "ram", total, rslot, spec.top_k)
     if args.vram_form not in VRAM_FORMS:
         raise ValueError(f"--vram-form {args.vram_form!r} unknown; valid: {', '.join(VRAM_FORMS)}")
-    if args.vram_form == "stored" and store.dtype == "mxfp4":
+    if effective_form(store, args.vram_form) == "stored":
         for text, slots in vrams:
-            n = stored_slots(store, slots * vslot)
+            n = vram_slots_for(store, slots * vslot, "stored")[0]
             if n < spec.top_k:
                 raise ValueError(f"--vram {text} with --vram-form stored holds {n} experts next to one fetch's "
                                  f"dense views, fewer than top-k={spec.top_k}; give a larger --vram or use "
@@ -211,22 +212,14 @@ def _validate(args):
     return store, trace, methods, vrams, ram, vslot, rslot, cap
 
 
-def stored_slots(store, vram_bytes: int) -> int:
-    """VRAM slots of a vram_form='stored' pipeline with this budget (pipeline.assembly.plan_slots)."""
-    from ..decode_at_use import view_bytes_for
-    from ..vram_arena import VramArena
-
-    spec = store.spec
-    n = max(0, vram_bytes - view_bytes_for(store, spec.top_k)) // VramArena.slot_bytes_for(store, "stored")
-    return min(n, spec.num_layers * spec.num_experts)
-
-
 def run(args) -> int:
     store, trace, methods, vrams, ram_slots, vslot, rslot, cap = _validate(args)
     import torch
 
     from policies.cache.belady import belady_min
 
+    from ..assembly import vram_slots_for
+    from ..vram_arena import effective_form
     from . import report as R
     from .gpu_profile import describe
     from .methods import slots_for
@@ -283,8 +276,8 @@ def run(args) -> int:
                             prefetch_copies=args.prefetch_copies, vram_form=form)
         finally:
             bar.close()
-        row = R.method_row(m.name, m, mr, compute_s_tok, mr.vram_slots or v, r)
-        row["vram_form"] = form if store.dtype == "mxfp4" else "dense"
+        row = R.method_row(m.name, m, mr, compute_s_tok, mr.vram_slots, r)
+        row["vram_form"] = effective_form(store, form)
         row["gpu_profile"] = mr.profile
         if mr.profile is not None:
             print(f"  profile {m.name} @ {vram_text}: {describe(mr.profile)}")
@@ -351,10 +344,10 @@ def run(args) -> int:
         budget = {"vram": vram_text, "vram_slots": vram_slots, "vram_bytes": vram_slots * vslot,
                   "ram_slots": ram_slots, "belady_loads": loads, "belady_hit_rate": hits / max(1, len(keys)),
                   "oracle_tokens_per_s": 1.0 / oracle_s_tok, "methods": []}
-        if args.vram_form == "stored" and store.dtype == "mxfp4":
+        if effective_form(store, args.vram_form) == "stored":
             # The same bytes hold more experts stored: the bound for what those caches can do
             # (same formula; it leaves out the decode each use then costs).
-            n = stored_slots(store, vram_slots * vslot)
+            n = vram_slots_for(store, vram_slots * vslot, "stored")[0]
             s_hits, s_loads = belady_min(keys, n)
             budget["stored"] = {"vram_slots": n, "belady_loads": s_loads, "belady_hit_rate": s_hits / max(1, len(keys)),
                                 "oracle_tokens_per_s": 1.0 / max(compute_s_tok, s_loads * rslot / tokens
