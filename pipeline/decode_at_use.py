@@ -70,48 +70,39 @@ class DecodeAtUse:
         self._buf = torch.empty(self.num_views * self.view_bytes, dtype=torch.uint8, device=arena.device)
         views = [self._buf[j * self.view_bytes:(j + 1) * self.view_bytes] for j in range(self.num_views)]
         self._tensors = [dense_slot_tensors(store, v) for v in views]
-        targets = _Targets(arena, views, self._tensors)
-        self._batch = None
-        if fused_decode.supports(store, arena.device):
-            fused = fused_decode.FusedDecode(targets, warm=False)  # its tables; BatchDecode launches
-            self._batch = fused_decode.BatchDecode(fused, arena.buffer, arena.slot_bytes, self._buf, self.view_bytes)
-            self._decoder = fused
-            # Compile now, not inside the first fetch: slot 0 (nothing yet) into the views.
-            self.decode_many([0] * self.num_views)
+        self._batch = self._decoder = None
+        if fused_decode.supports(store, arena.device):  # one launch per 8 experts, no scratch
+            self._batch = fused_decode.BatchDecode(store, arena.buffer, arena.slot_bytes, self._buf,
+                                                   self.view_bytes)
+            self.decode_many([0] * self.num_views)  # compile now, not inside the first fetch
             if arena.device.type == "cuda":
                 torch.cuda.current_stream(arena.device).synchronize()
-        else:
-            self._decoder = SlotDecoder(targets, lanes=1)
-        self.nbytes = self.num_views * self.view_bytes + self._decoder.nbytes
+        else:  # the torch decode, expert by expert
+            self._decoder = SlotDecoder(_Targets(arena, views, self._tensors), lanes=1)
+        self.nbytes = self.num_views * self.view_bytes + (self._decoder.nbytes if self._decoder else 0)
 
     def decode(self, slot: int, j: int) -> dict[str, torch.Tensor]:
-        if not 0 <= j < self.num_views:
-            raise IndexError(f"dense view {j} out of range 0..{self.num_views - 1}")
-        if self._batch is not None:
-            self._batch([slot], j)
-        else:
-            self._decoder.decode(slot, j, 0)
-        return self._tensors[j]
+        return self.decode_many([slot], j)[0]
 
     def decode_many(self, slots, first: int = 0) -> list[dict[str, torch.Tensor]]:
         """slots[e] -> view first + e; returns those views' tensors in that order."""
-        slots = list(slots)
-        if first < 0 or first + len(slots) > self.num_views:
-            raise IndexError(f"{len(slots)} experts into dense views {first}.. of {self.num_views}")
+        n = len(slots)
+        if first < 0 or first + n > self.num_views:
+            raise IndexError(f"{n} experts into dense views {first}.. of {self.num_views}")
         if self._batch is None:
             for e, slot in enumerate(slots):
                 self._decoder.decode(slot, first + e, 0)
         else:
-            for at in range(0, len(slots), fused_decode.BATCH):
+            for at in range(0, n, fused_decode.BATCH):
                 self._batch(slots[at:at + fused_decode.BATCH], first + at)
-        return self._tensors[first:first + len(slots)]
+        return self._tensors[first:first + n]
 
     def tensors(self, j: int) -> dict[str, torch.Tensor]:
         """View j's tensors (what the last decode into it wrote)."""
         return self._tensors[j]
 
     def close(self) -> None:
-        self._buf = self._decoder = None
+        self._buf = self._decoder = self._batch = None
         self._tensors = []
 
 

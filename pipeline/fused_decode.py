@@ -116,42 +116,52 @@ if triton is not None:
                       views32 + view * (VIEW_BYTES // 4), table, desc, tl.program_id(0), NSEG, GROUPS)
 
 
-class FusedDecode:
-    def __init__(self, arena, *, warm: bool = True):
-        """`warm`: launch once from every staging buffer now (compiling the kernel); a
-        BatchDecode built on this one (which uses only its tables) needs none of that."""
-        store = arena.store
-        if not supports(store, arena.device):
-            raise ValueError(f"FusedDecode needs an mxfp4 store on a CUDA device with Triton, raw tensors kept "
-                             f"as stored; got {store.dtype} on {arena.device} (Triton "
-                             f"{'present' if triton is not None else 'missing'})")
-        self._arena = arena
-        self._table = _table(arena.device).view(torch.int32).view(-1)  # the pair of bf16 per index
+class _Program:
+    """What both kernels read besides the bytes: the decode table and one row per dense tensor of
+    an expert (kind, source offset, scales offset, offset in a dense slot, units, first program),
+    all from the store's layout."""
+
+    def __init__(self, store, device: torch.device):
+        from .vram_arena import dense_offsets
+
+        self.table = _table(device).view(torch.int32).view(-1)  # the pair of bf16 per index
         layout = {t.role: t for t in store.index.experts[0].tensors}  # offsets inside an expert
-        base = arena.raw_view(0).data_ptr()
+        at = {role: off for role, _, _, off, _ in dense_offsets(store)}  # offsets inside a dense slot
         rows, start = [], 0
         for dense, stored, scales in store.dense_layout:
             t = layout[stored]
-            at = arena.tensors(0)[dense].data_ptr() - base
             if scales is None:
                 units, programs = t.nbytes, -(-t.nbytes // (GROUPS_PER_PROGRAM * 16))
-                rows.append((RAW, t.offset, 0, at, units, start))
-            else:  # `at` is a multiple of TENSOR_ALIGN (256), so the int32 view below is exact
+                rows.append((RAW, t.offset, 0, at[dense], units, start))
+            else:  # at[dense] is a multiple of TENSOR_ALIGN (256), so the int32 view is exact
                 units = t.nbytes // 16
                 programs = -(-units // GROUPS_PER_PROGRAM)
-                rows.append((MXFP4, t.offset, layout[scales].offset, at, units, start))
+                rows.append((MXFP4, t.offset, layout[scales].offset, at[dense], units, start))
             start += programs
-        self._desc = torch.tensor(rows, dtype=torch.int64).to(arena.device)
-        self._programs = start
-        self._nseg = len(rows)
+        self.desc = torch.tensor(rows, dtype=torch.int64).to(device)
+        self.programs, self.nseg = start, len(rows)
+
+
+def _check_supported(store, device, who: str) -> None:
+    if not supports(store, device):
+        raise ValueError(f"{who} needs an mxfp4 store on a CUDA device with Triton, raw tensors kept "
+                         f"as stored; got {store.dtype} on {device} (Triton "
+                         f"{'present' if triton is not None else 'missing'})")
+
+
+class FusedDecode:
+    def __init__(self, arena):
+        _check_supported(arena.store, arena.device, "FusedDecode")
+        self._arena = arena
+        self._prog = _Program(arena.store, arena.device)
         self._slot32 = [None] * arena.num_slots  # int32 views of the slots, made on first use
         self.nbytes = 0
         # Compile now, not inside the first miss: one launch from every staging buffer (their
         # alignments may differ, and Triton specialises on them) into slot 0, which holds
         # nothing yet.
-        for k in range(arena.num_staging if warm else 0):
+        for k in range(arena.num_staging):
             self.decode(k, 0)
-        if warm and arena.device.type == "cuda":
+        if arena.device.type == "cuda":
             torch.cuda.synchronize(arena.device)
 
     def decode(self, k: int, slot: int, lane: int = 0) -> None:
@@ -159,8 +169,9 @@ class FusedDecode:
         s32 = self._slot32[slot]
         if s32 is None:
             s32 = self._slot32[slot] = raw[: raw.numel() // 4 * 4].view(torch.int32)
-        _decode_expert[(self._programs,)](self._arena.staging(k), raw, s32, self._table, self._desc,
-                                          NSEG=self._nseg, GROUPS=GROUPS_PER_PROGRAM, **COMPILE_OPTIONS)
+        prog = self._prog
+        _decode_expert[(prog.programs,)](self._arena.staging(k), raw, s32, prog.table, prog.desc,
+                                         NSEG=prog.nseg, GROUPS=GROUPS_PER_PROGRAM, **COMPILE_OPTIONS)
 
 
 class BatchDecode:
@@ -171,26 +182,23 @@ class BatchDecode:
     launcher's Python, not on the GPU (py-spy of the replay on an H100: 3.0 ms per token for 96
     launches; 1.4 ms for the 24 batched ones that replaced them)."""
 
-    def __init__(self, fused: FusedDecode, slots: torch.Tensor, slot_bytes: int, views: torch.Tensor,
-                 view_bytes: int):
+    def __init__(self, store, slots: torch.Tensor, slot_bytes: int, views: torch.Tensor, view_bytes: int):
+        _check_supported(store, slots.device, "BatchDecode")
         if slot_bytes % 16 or view_bytes % 256 or views.numel() % view_bytes:
             raise ValueError(f"BatchDecode needs 16-byte aligned slots and 256-byte aligned views, got "
                              f"{slot_bytes} and {view_bytes} bytes")
-        self._f = fused
+        self._prog = _Program(store, slots.device)
         self._slots, self._views8 = slots, views
         self._views32 = views.view(torch.int32)
-        self._consts = dict(SLOT_BYTES=slot_bytes, VIEW_BYTES=view_bytes, NSEG=fused._nseg,
+        self._consts = dict(SLOT_BYTES=slot_bytes, VIEW_BYTES=view_bytes, NSEG=self._prog.nseg,
                             GROUPS=GROUPS_PER_PROGRAM, **COMPILE_OPTIONS)
-        self.num_views = views.numel() // view_bytes
 
     def __call__(self, slots, first: int = 0) -> None:
-        """Enqueue slot slots[e] -> view first + e for each e, on the current stream."""
-        n = len(slots)
-        if not 0 < n <= BATCH or first < 0 or first + n > self.num_views:
-            raise ValueError(f"BatchDecode: {n} experts into views {first}.. of {self.num_views} (at most {BATCH})")
-        idx = list(slots) + [0] * (BATCH - n)
-        _decode_batch[(self._f._programs, n)](self._slots, self._views8, self._views32, self._f._table,
-                                              self._f._desc, first, *idx, **self._consts)
+        """Enqueue slot slots[e] -> view first + e for each e (1..BATCH of them, views in range:
+        the caller's to check), on the current stream."""
+        prog = self._prog
+        _decode_batch[(prog.programs, len(slots))](self._slots, self._views8, self._views32, prog.table, prog.desc,
+                                                   first, *slots, *[0] * (BATCH - len(slots)), **self._consts)
 
 
 __all__ = ["BATCH", "BatchDecode", "FusedDecode", "available", "supports"]

@@ -119,10 +119,17 @@ def test_decode_at_use_is_bit_identical_on_the_gpu(stores):
 BATCHED_ON_CPU = """
 import sys
 from adapters.store import StoreCheckpoint
+from pipeline.fused_decode import BatchDecode
 from pipeline.vram_arena import VramArena
 from tests.test_decode_at_use import _check_batches, _check_every_slot_and_view
 store = StoreCheckpoint(sys.argv[1])
-assert VramArena(store, 2, "cpu", form="stored").views._batch is not None
+arena = VramArena(store, 2, "cpu", form="stored")
+assert arena.views._batch is not None
+try:  # slots or views off the kernel's alignment are refused at construction
+    BatchDecode(store, arena.buffer, arena.slot_bytes + 8, arena.views._buf, arena.views.view_bytes)
+    raise SystemExit("misaligned slots accepted")
+except ValueError as e:
+    assert "16-byte aligned slots" in str(e), e
 print(_check_every_slot_and_view(store, "cpu") + _check_batches(store, "cpu"))
 """
 
@@ -200,14 +207,10 @@ def test_more_views_serve_a_larger_fetch_and_come_out_of_the_budget(stores, no_l
     k, E = st.spec.top_k, st.spec.num_experts
     budget = stored_budget(st, E + 1, 3 * E)  # a fetch of E experts needs E slots too
     assert plan_slots(PipelineConfig(store=str(stores["mxfp4"]), **budget), st)[0] == E + 1
-    # E views instead of k take their bytes from the slots
-    fewer = max(0, budget["vram"] - view_bytes_for(st, E)) // VramArena.slot_bytes_for(st, "stored")
-    assert 0 <= fewer < E + 1
-    if fewer >= k:
-        assert plan_slots(PipelineConfig(store=str(stores["mxfp4"]), vram_views=E, **budget), st)[0] == fewer
-    else:
-        with pytest.raises(ValueError, match=rf"after {view_bytes_for(st, E)} bytes of dense views"):
-            plan_slots(PipelineConfig(store=str(stores["mxfp4"]), vram_views=E, **budget), st)
+    # E views instead of k take their bytes from the slots: here all but fewer than top_k of them
+    assert (budget["vram"] - view_bytes_for(st, E)) // VramArena.slot_bytes_for(st, "stored") < k
+    with pytest.raises(ValueError, match=rf"after {view_bytes_for(st, E)} bytes of dense views"):
+        plan_slots(PipelineConfig(store=str(stores["mxfp4"]), vram_views=E, **budget), st)
     budget["vram"] += view_bytes_for(st, E) - view_bytes_for(st, k)  # the same slots next to E views
     with ExpertPipeline.open(stores["mxfp4"], vram_views=E, device="cpu", readers=1, **budget) as pipe:
         assert pipe.stats().vram_slots == E + 1
