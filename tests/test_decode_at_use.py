@@ -52,6 +52,15 @@ def test_stored_slots_are_the_read_length_and_refuse_dense_access(stores):
         VramArena(st, 3, "cpu", form="packed")
 
 
+def test_decode_at_use_refuses_what_it_cannot_serve(stores):
+    from pipeline.decode_at_use import DecodeAtUse
+
+    with pytest.raises(ValueError, match="at least one dense view, got 0"):
+        VramArena(StoreCheckpoint(stores["mxfp4"]), 3, "cpu", form="stored", num_views=0)
+    with pytest.raises(ValueError, match="needs an mxfp4 store; this one is bfloat16"):
+        DecodeAtUse(VramArena(StoreCheckpoint(stores["bfloat16"]), 3, "cpu"), 2)
+
+
 def test_a_bf16_store_is_the_same_in_both_forms(stores):
     st = StoreCheckpoint(stores["bfloat16"])
     arena = VramArena(st, 3, "cpu", form="stored")
