@@ -110,7 +110,24 @@ def test_one_graph_per_slot(setup):
 
     with model.graphs():
         run_loop(model, passes, fetch)
-        assert model.graph_captures == 1 + len(cache)  # the stand-in + one per weight set
+        assert model.graph_captures == 1 + len(cache) + 1  # the stand-in, one per weight set, the weighted sum
+
+
+@pytest.mark.gpu
+def test_stored_form_runs_a_layer_as_one_graph(setup):
+    """Stored-form fetches land in the same dense views, so each decode layer is one graph
+    (the stand-in, one layer graph per view tuple); dense slots need one graph per slot."""
+    store_dir, trace = setup
+    store = StoreCheckpoint(store_dir)
+    passes = build_passes(load_trace(trace), include_prefill=False)
+    model = Model(store.spec, torch.device("cuda"), seed=3)
+    vslot = VramArena.slot_bytes_for(store)
+    rslot = max(x.read_length for x in store.index.experts)
+    (m,) = select(baseline_methods(), ["lru-lookahead"])
+    runs = {form: run_method(store_dir, store, m, 4 * vslot, 24 * rslot, passes, model, None, device="cuda",
+                             readers=1, vram_form=form) for form in ("stored", "dense")}
+    assert runs["stored"].graphs == 2  # the stand-in + the layer over views (0, 1)
+    assert runs["dense"].graphs == 1 + runs["dense"].vram_slots + 1
 
 
 def _every_bf16() -> torch.Tensor:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pipeline.bench.expert_mlp import expert_forward, moe_forward
+from pipeline.bench.expert_mlp import expert_forward, moe_forward, router_weights, weighted_sum
 
 H, I, N = 12, 10, 3
 
@@ -109,3 +109,31 @@ def test_moe_compute_order_changes_nothing_and_waits_before_each_expert():
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
     with pytest.raises(ValueError, match="each of the 4 experts once"):
         moe_forward("qwen-moe", experts, x, w, order=(0, 1, 1, 3))
+
+
+def test_weighted_sum_is_float32_and_independent_of_how_weights_arrive():
+    """bf16 expert outputs are weighted and summed in float32 (a bf16 sum would round at each
+    add); floats and a device tensor of the same weights give the same bits."""
+    g = torch.Generator().manual_seed(4)
+    ys = _rand(3, 2, H, g=g).to(torch.bfloat16)
+    w = [0.5, 0.3125, 0.1875]
+    got = weighted_sum(ys, router_weights(w, ys))
+    assert got.dtype == torch.float32
+    want = sum(wi * ys[i].double() for i, wi in enumerate(w))
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    experts = [{k: v.to(torch.bfloat16) for k, v in _tensors("mixtral", g).items()} for _ in range(3)]
+    x = _rand(1, H, g=g).to(torch.bfloat16)
+    a = moe_forward("mixtral", experts, x, w)
+    b = moe_forward("mixtral", experts, x, torch.tensor(w))
+    assert a.dtype == torch.float32 and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def test_weighted_sum_with_row_routing_is_float32_for_bf16():
+    g = torch.Generator().manual_seed(5)
+    experts = [{k: v.to(torch.bfloat16) for k, v in _tensors("mixtral", g).items()} for _ in range(2)]
+    x = _rand(N, H, g=g).to(torch.bfloat16)
+    got = moe_forward("mixtral", experts, x, [0.25, 0.75], [torch.tensor([0, 2]), None])
+    assert got.dtype == torch.float32
+    want = 0.75 * expert_forward("mixtral", experts[1], x).float()
+    want[[0, 2]] += 0.25 * expert_forward("mixtral", experts[0], x[[0, 2]]).float()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

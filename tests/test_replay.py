@@ -12,7 +12,8 @@ from adapters.store import StoreCheckpoint
 from pipeline.bench.cli import main as bench
 from pipeline.bench.methods import baseline_methods, select
 from pipeline.assembly import vram_slots_for
-from pipeline.bench.replay import (Model, build_passes, direct_fetch, emulate_hints, run_loop, run_method)
+from pipeline.bench.replay import (Model, build_passes, device_weights, direct_fetch, emulate_hints, run_loop,
+                                   run_method)
 from pipeline.vram_arena import VramArena
 from policies.cache.registry import make_policy
 from policies.events import Activation, Tier
@@ -93,6 +94,21 @@ def test_pipeline_outputs_bit_identical_to_resident_reference(setup, per_expert_
     assert run.vram_slots == vram_slots_for(store, 4 * vslot, vram_form)[0]
     for a, b in zip(ref, run.loop.outputs, strict=True):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def test_router_weights_uploaded_once_per_run_padded_per_pass(setup):
+    """The decode loop slices every pass's weights from one device tensor: each layer's
+    weights in router order, zeros past a pass's own width (prefill unions are wider)."""
+    _, trace, _ = setup
+    passes = build_passes(load_trace(trace), include_prefill=True)
+    w = device_weights(passes, torch.device("cpu"))
+    width = max(len(x) for p in passes for x in p.weights)
+    assert w.shape == (len(passes), len(passes[0].ids), width) and w.dtype == torch.float32
+    assert any(len(x) < width for p in passes for x in p.weights)  # padding exercised
+    for i, p in enumerate(passes):
+        for layer, x in enumerate(p.weights):
+            assert w[i, layer, :len(x)].tolist() == torch.tensor(x, dtype=torch.float32).tolist()
+            assert not w[i, layer, len(x):].any()
 
 
 def test_emulated_hints_recall(setup):
@@ -233,18 +249,19 @@ def test_policy_process_flag_runs_the_policy_in_a_child(setup, tmp_path, capsys,
     assert res["settings"]["policy_process"] is True and row["skipped"] is None and row["tokens_per_s"] > 0
 
 
-def test_per_expert_waits_flag_reaches_every_method(setup, tmp_path, capsys, monkeypatch):
+def test_per_expert_waits_and_layer_graphs_flags_reach_every_method(setup, tmp_path, capsys, monkeypatch):
     import pipeline.bench.replay as replay
 
     store, trace, _ = setup
     real, seen = replay.run_method, []
 
     def recording(*a, **kw):
-        seen.append(kw["per_expert_waits"])
+        seen.append((kw["per_expert_waits"], kw["layer_graphs"]))
         return real(*a, **kw)
 
     monkeypatch.setattr(replay, "run_method", recording)
-    for flag, want in (([], False), (["--per-expert-waits"], True)):
+    for flag, want in (([], (False, True)), (["--per-expert-waits"], (True, True)),
+                       (["--no-layer-graphs"], (False, False))):
         seen.clear()
         rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--vram", "0.5", "--methods",
                     "on-demand,ours", "--tokens", "3", "--device", "cpu", "--no-progress", "--readers", "1", *flag])

@@ -6,6 +6,8 @@
         expert i sees (a prefill pass routes each row to its own experts); `run_expert(t, x)`
         (optional) replaces expert_forward, e.g. by a captured graph of it; `order` and
         `ready(i)` (optional) compute the experts in another order, each once it is ready
+    router_weights(weights, like) -> w        the weights as a float32 tensor beside `like`
+    weighted_sum(ys, w) -> y                  sum_i w[i] * ys[i] of a stack ys [k, n, H]
 
 Families and roles (adapters/base.py):
   gpt-oss : mlp1_weight [2I, H] (+ bias) -> interleaved gate x[..., ::2] / linear x[..., 1::2];
@@ -77,12 +79,34 @@ def moe_forward(family: str, experts: list[dict[str, torch.Tensor]], x: torch.Te
         sel = None if rows is None else rows[i]
         xi = x if sel is None else x.index_select(0, sel)
         y = expert_forward(family, experts[i], xi) if run_expert is None else run_expert(experts[i], xi)
-        ys[i] = y * weights[i]  # now: a graph's output buffer is overwritten by its next replay
-    out = torch.zeros(x.shape[0], ys[0].shape[-1], dtype=ys[0].dtype, device=ys[0].device)
+        ys[i] = y if run_expert is None else y.clone()  # a graph's output is overwritten by its next replay
+    w = router_weights(weights, ys[0])
+    if rows is None:
+        return weighted_sum(torch.stack(ys), w)
+    out = torch.zeros(x.shape[0], ys[0].shape[-1], dtype=torch.promote_types(ys[0].dtype, w.dtype),
+                      device=ys[0].device)
     for i, y in enumerate(ys):
-        sel = None if rows is None else rows[i]
-        if sel is None:
-            out += y
+        wy = y * w[i:i + 1]  # a 1-d weight: a 0-d one would not promote bf16 to float32
+        if rows[i] is None:
+            out += wy
         else:
-            out.index_add_(0, sel, y)
+            out.index_add_(0, rows[i], wy)
     return out
+
+
+def router_weights(weights, like: torch.Tensor) -> torch.Tensor:
+    """`weights` (floats or a tensor) as a float32 tensor on `like`'s device (float64 when `like`
+    is): what weighted_sum multiplies by. A tensor already there is returned as it is; floats
+    cost a host-to-device copy, so a decode loop passes tensors it uploaded once."""
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    if isinstance(weights, torch.Tensor):
+        return weights.to(like.device, dtype)
+    return torch.tensor(list(weights), dtype=dtype, device=like.device)
+
+
+def weighted_sum(ys: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_i w[i] * ys[i] of a stack ys [k, n, H] in router order: one product and one
+    reduction, in float32 (float64 for float64 maths), whatever ys's dtype. Every path of the
+    replay (eager, one graph per expert, one graph per layer) sums with this one op on the same
+    stack, so they agree bit for bit; and it is two kernels where a sum expert by expert was 2k+1."""
+    return (ys * w.view(-1, 1, 1)).sum(0)

@@ -32,8 +32,9 @@ import torch
 
 from policies.traces import PREFILL, Trace, decode_steps
 
+from ..vram_arena import effective_form
 from .cuda_graphs import GraphCache, kernel_copy
-from .expert_mlp import expert_forward, moe_forward
+from .expert_mlp import expert_forward, moe_forward, weighted_sum
 
 
 def check_fit(spec, trace: Trace) -> None:
@@ -136,8 +137,11 @@ class Model:
         self._graphs: GraphCache | None = None
 
     @contextlib.contextmanager
-    def graphs(self, enabled: bool = True):
-        """Run single-row passes as CUDA graphs inside this scope (when on CUDA and `enabled`)."""
+    def graphs(self, enabled: bool = True, *, whole_layers: bool = False):
+        """Run single-row passes as CUDA graphs inside this scope (when on CUDA and `enabled`).
+        `whole_layers`: a layer's experts and their weighted sum as one graph per distinct
+        tuple of expert addresses, for a fetch whose tensors sit at a few fixed addresses
+        (vram_form='stored': the dense views); elsewhere one graph per expert weight set."""
         if not enabled or self.device.type != "cuda" or self._graphs is not None:
             yield
             return
@@ -148,6 +152,9 @@ class Model:
         # layer's result is written where the next stand-in reads it (_ne_in): no copy
         # between graphs (see kernel_copy).
         self._y_out: torch.Tensor | None = None
+        self._ys: torch.Tensor | None = None  # [top_k, 1, H]: expert i's output, router order
+        self._w_in: dict[int, torch.Tensor] = {}  # k -> [k] float32: the router weights the graphs read
+        self._whole_layers = whole_layers
         self._graphs = GraphCache(self.device)
         try:
             yield
@@ -187,33 +194,70 @@ class Model:
                                       (self._ne_h, self._ne_logits))
         return h2, logits
 
-    def _graphed_expert(self, t: dict[str, torch.Tensor], _x) -> torch.Tensor:
+    @staticmethod
+    def _address(t: dict[str, torch.Tensor]) -> int:
+        # The first tensor's address names an expert's weight set: its tensors live and die
+        # together (a slot's views, or one loaded expert), so two live sets never share it.
+        return next(iter(t.values())).data_ptr()
+
+    def _graphed_expert(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         # The graph reads the weights where they are now: one graph per set of addresses (one
-        # per VRAM slot), valid for whichever expert the slot holds when it replays. The first
-        # tensor's address names the set: an expert's tensors live and die together (a slot's
-        # views, or one loaded expert), so two live sets never share it.
-        key = next(iter(t.values())).data_ptr()
+        # per VRAM slot), valid for whichever expert the slot holds when it replays.
         if self._y_out is None:
             self._y_out = torch.zeros_like(self._ne_h, dtype=next(iter(t.values())).dtype)
-        (y,) = self._graphs.run(key, lambda: (expert_forward(self.family, t, self._norm(self._ne_h)),),
+        (y,) = self._graphs.run(self._address(t), lambda: (expert_forward(self.family, t, self._norm(self._ne_h)),),
                                 (self._y_out,))
         return y
+
+    def _load_weights(self, weights) -> torch.Tensor:
+        """The router weights into the fixed buffer the graphs read: one kernel from a device
+        tensor (the decode loop's), a blocking upload from floats (warm-up only)."""
+        k = len(weights)
+        w = self._w_in.get(k)
+        if w is None:
+            w = self._w_in[k] = torch.zeros(k, device=self.device, dtype=torch.float32)
+        if isinstance(weights, torch.Tensor):
+            kernel_copy(w, weights)
+        else:
+            w.copy_(torch.tensor(list(weights), dtype=torch.float32))
+        return w
+
+    def _layer_math(self, tensors, w: torch.Tensor) -> torch.Tensor:
+        x = self._norm(self._ne_h)
+        ys = torch.stack([expert_forward(self.family, t, x) for t in tensors])
+        return self._ne_h + weighted_sum(ys, w).to(self.dtype)
 
     def experts(self, h: torch.Tensor, tensors, weights, rows) -> torch.Tensor:
         # From fetch(..., wait=False): each expert computed once its own copy is waited for,
         # experts already in VRAM first (pipeline.api.StagedExperts)
-        staged = {"ready": tensors.ready, "order": tensors.order} if hasattr(tensors, "ready") else {}
+        staged = hasattr(tensors, "ready")
         if self._graphs is None or h.shape[0] != 1 or rows is not None:
-            y = moe_forward(self.family, tensors, self._norm(h), weights, rows, **staged)
-        else:
-            # The norm runs inside each expert's graph: the same kernels on the same input, so
-            # the same values, and one launch fewer per layer than an eager norm.
-            if h is not self._ne_h:
-                kernel_copy(self._ne_h, h)
-            y = moe_forward(self.family, tensors, self._ne_h, weights, None, run_expert=self._graphed_expert,
-                            **staged)
-            return torch.add(h, y.to(h.dtype), out=self._ne_in)  # the next layer's stand-in input
-        return h + y.to(h.dtype)
+            extra = {"ready": tensors.ready, "order": tensors.order} if staged else {}
+            return h + moe_forward(self.family, tensors, self._norm(h), weights, rows, **extra).to(h.dtype)
+        # Graphs: the same kernels on the same inputs as the eager branch above (the norm runs
+        # inside the graphs), so the same values bit for bit; the result is written where the
+        # next layer's stand-in reads it.
+        if h is not self._ne_h:
+            kernel_copy(self._ne_h, h)
+        k = len(tensors)
+        w = self._load_weights(weights)
+        if self._whole_layers and not staged:
+            # One launch for the layer: the graph reads the experts where they sit now, so one
+            # graph per tuple of addresses (one in all when every fetch lands in the same views).
+            key = ("layer",) + tuple(self._address(t) for t in tensors)
+            (out,) = self._graphs.run(key, lambda: (self._layer_math(tensors, w),), (self._ne_in,))
+            return out
+        if self._ys is None:
+            self._ys = torch.zeros(self.top_k, 1, h.shape[1], device=self.device,
+                                   dtype=next(iter(tensors[0].values())).dtype)
+        for i in (tensors.order if staged else range(k)):
+            if staged:
+                tensors.ready(i)
+            kernel_copy(self._ys[i], self._graphed_expert(tensors[i]))  # the next replay overwrites _y_out
+        ys = self._ys[:k]
+        (out,) = self._graphs.run(("sum", k), lambda: (self._ne_h + weighted_sum(ys, w).to(self.dtype),),
+                                  (self._ne_in,))
+        return out
 
 
 class LoopResult(msgspec.Struct):
@@ -228,15 +272,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def device_weights(passes: list[Pass], device: torch.device) -> torch.Tensor:
+    """Every pass's router weights as one float32 tensor [passes, layers, widest] on `device`
+    (zero-padded), uploaded once before timing: a decode step then slices it on the device
+    instead of uploading floats per layer, which would block the host on each upload."""
+    width = max((len(w) for p in passes for w in p.weights), default=1)
+    layers = max((len(p.weights) for p in passes), default=1)
+    out = np.zeros((len(passes), layers, width), dtype=np.float32)
+    for i, p in enumerate(passes):
+        for layer, w in enumerate(p.weights):
+            out[i, layer, :len(w)] = w
+    return torch.from_numpy(out).to(device)
+
+
 def run_loop(model: Model, passes: list[Pass], fetch, *, hints=None, hint_sink=None, progress=None,
              keep_outputs: bool = False) -> LoopResult:
     """Run `passes` with `fetch(layer, ids) -> [tensors]`; hints go to `hint_sink({layer: scores})`."""
     K, dev = model.top_k, model.device
     times, outs, fetch_s, tokens = [], [], 0.0, 0
+    router_w = device_weights(passes, dev)
     _sync(dev)
     for i, p in enumerate(passes):
         t0 = time.perf_counter()
         h = model.embed_rows(p.token_ids)
+        pass_w = router_w[i]
         for layer, ids in enumerate(p.ids):
             h, _logits = model.non_expert(h)
             if hint_sink is not None and hints is not None and hints[i][layer] is not None:
@@ -249,7 +308,7 @@ def run_loop(model: Model, passes: list[Pass], fetch, *, hints=None, hint_sink=N
                 rows = None
                 if p.rows is not None:
                     rows = [torch.tensor(r, device=dev, dtype=torch.long) for r in p.rows[layer][c:c + K]]
-                h = model.experts(h, tensors, p.weights[layer][c:c + K], rows)
+                h = model.experts(h, tensors, pass_w[layer, c:c + len(chunk)], rows)
         _sync(dev)
         times.append(time.perf_counter() - t0)
         tokens += p.n
@@ -268,6 +327,7 @@ class MethodRun(msgspec.Struct):
     pinned: bool
     vram_slots: int  # the pipeline's VRAM slots (more than the budget's dense count when stored)
     profile: dict | None = None  # pipeline/bench/gpu_profile.py summary of extra profiled passes
+    graphs: int = 0  # CUDA graphs captured (0 without graphs)
 
 
 def open_pipeline(store_dir, method, vram_bytes: int, ram_bytes: int, device: str, readers: int | None,
@@ -299,13 +359,16 @@ def warm_up(pipe, spec, model: Model) -> None:
 def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes: list[Pass], model: Model,
                hints, *, device: str, readers: int | None = None, progress=None, policy_process: bool = False,
                keep_outputs: bool = False, cuda_graphs: bool = True, per_expert_waits: bool = False,
-               profile_passes: int = 0, prefetch_copies: int | None = None, vram_form: str = "dense") -> MethodRun:
+               profile_passes: int = 0, prefetch_copies: int | None = None, vram_form: str = "dense",
+               layer_graphs: bool = True) -> MethodRun:
     extra = {} if prefetch_copies is None else {"prefetch_copies": prefetch_copies}
     if vram_form != "dense":
         extra["vram_form"] = vram_form
     with (open_pipeline(store_dir, method, vram_bytes, ram_bytes, device, readers,
                         policy_process=policy_process, **extra) as pipe,
-          model.graphs(cuda_graphs)):  # closes first: its graphs read the pipeline's slots
+          # stored form: every fetch lands in the same few dense views, so a layer is one graph
+          model.graphs(cuda_graphs, whole_layers=layer_graphs and effective_form(store, vram_form) == "stored")):
+        # (the graphs scope closes first: its graphs read the pipeline's slots)
         if method.warm:
             warm_up(pipe, store.spec, model)
         before = pipe.stats().scheduler
@@ -323,7 +386,7 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
             prof = profile(lambda: run_loop(model, tail, fetch, hints=hints[-len(tail):] if hints else None,
                                             hint_sink=sink),
                            sum(p.n for p in tail))
-        return MethodRun(loop, before, st.scheduler, st.device, st.pinned, st.vram_slots, prof)
+        return MethodRun(loop, before, st.scheduler, st.device, st.pinned, st.vram_slots, prof, model.graph_captures)
 
 
 def direct_fetch(store, device: torch.device):
