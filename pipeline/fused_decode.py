@@ -29,6 +29,8 @@ import torch
 
 from adapters.mxfp4 import _table
 
+from .triton_launch import FixedLaunch
+
 try:  # Triton ships with CUDA builds of torch; CPU builds run the torch decode
     import triton
     import triton.language as tl
@@ -190,15 +192,26 @@ class BatchDecode:
         self._prog = _Program(store, slots.device)
         self._slots, self._views8 = slots, views
         self._views32 = views.view(torch.int32)
-        self._consts = dict(SLOT_BYTES=slot_bytes, VIEW_BYTES=view_bytes, NSEG=self._prog.nseg,
-                            GROUPS=GROUPS_PER_PROGRAM, **COMPILE_OPTIONS)
+        # Every call passes these same buffers and unspecialised slot ints: the kernel Triton
+        # picks on the first call is the one for all, so later calls skip its per-call Python.
+        self._launch = FixedLaunch(_decode_batch, dict(SLOT_BYTES=slot_bytes, VIEW_BYTES=view_bytes,
+                                                       NSEG=self._prog.nseg, GROUPS=GROUPS_PER_PROGRAM),
+                                   COMPILE_OPTIONS, slots.device)
 
     def __call__(self, slots, first: int = 0) -> None:
         """Enqueue slot slots[e] -> view first + e for each e (1..BATCH of them, views in range:
         the caller's to check), on the current stream."""
         prog = self._prog
-        _decode_batch[(prog.programs, len(slots))](self._slots, self._views8, self._views32, prog.table, prog.desc,
-                                                   first, *slots, *[0] * (BATCH - len(slots)), **self._consts)
+        self._launch.launch((prog.programs, len(slots)), self._slots, self._views8, self._views32, prog.table,
+                            prog.desc, first, *slots, *_PAD[len(slots):])
+
+    @property
+    def fast(self) -> bool:
+        """Whether launches now skip Triton's per-call Python (pipeline/triton_launch.py)."""
+        return self._launch.fast
+
+
+_PAD = (0,) * BATCH  # the slot arguments of the experts a launch does not decode
 
 
 __all__ = ["BATCH", "BatchDecode", "FusedDecode", "available", "supports"]
