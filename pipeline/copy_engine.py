@@ -44,6 +44,7 @@ from typing import Callable
 import msgspec
 import torch
 
+from .cuda_memcpy import direct_h2d
 from .vram_arena import VramArena
 
 # asyncio polling of a CUDA event: start fine (a copy of a small expert takes tens of
@@ -265,6 +266,10 @@ class CopyEngine:
                                    False: torch.cuda.Stream(self.device, priority=prefetch_priority)}
             self._staging_turn = {True: 0, False: 0}
             self._staging_free: dict[tuple[int, int], object] = {}
+            # Pinned sources go straight to cudaMemcpyAsync (pipeline/cuda_memcpy.py), on this
+            # device only: the runtime call runs in the calling thread's current device.
+            self._direct = direct_h2d()
+            self._index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         else:
             self._cv = threading.Condition(self._lock)
             self._heap: list = []
@@ -310,13 +315,23 @@ class CopyEngine:
         return Transfer(demand=demand, nbytes=nbytes, slot=dst_slot, future=fut)
 
     def _land(self, src: torch.Tensor, slot: int, arena: VramArena, nbytes: int, lane: int,
-              non_blocking: bool) -> None:
-        """The copy and the decode, enqueued on the current stream (CUDA) or done now (CPU).
-        Lane k lands in staging buffer k and decodes with scratch k."""
+              non_blocking: bool, stream=None, pinned: bool = False) -> None:
+        """The copy and the decode, enqueued on `stream`, the current one (CUDA), or done now
+        (CPU). Lane k lands in staging buffer k and decodes with scratch k."""
         _check_copy(src, arena, nbytes)
         dst = arena.staging(lane) if arena.decodes else arena.raw_view(slot)
-        dst[:nbytes].copy_(src[:nbytes], non_blocking=non_blocking)
+        if stream is None:
+            dst[:nbytes].copy_(src[:nbytes], non_blocking=non_blocking)
+        else:
+            self._h2d(dst, src, nbytes, stream, pinned)
         self._decode_slot(arena, lane, slot, lane=lane)
+
+    def _h2d(self, dst: torch.Tensor, src: torch.Tensor, nbytes: int, stream, pinned: bool) -> None:
+        """dst[:nbytes] <- src[:nbytes] on `stream` (the current one), without waiting."""
+        if pinned and self._direct is not None and torch.cuda.current_device() == self._index:
+            self._direct(dst.data_ptr(), src.data_ptr(), nbytes, stream.cuda_stream)
+        else:
+            dst[:nbytes].copy_(src[:nbytes], non_blocking=True)
 
     def _decode_slot(self, arena: VramArena, staging: int, slot: int, lane: int) -> None:
         """Staging buffer -> slot on the current stream: the arena's prepared decoder, or the
@@ -335,14 +350,14 @@ class CopyEngine:
                 with self._lock:
                     self._n["pageable"] += 1
             if arena.decodes:
-                event = self._copy_and_decode_cuda(src, slot, arena, nbytes, demand, after, stream, prior)
+                event = self._copy_and_decode_cuda(src, slot, arena, nbytes, demand, after, stream, prior, pinned)
             else:
                 with _on_stream(stream):
                     if after is not None:
                         after.make_stream_wait(stream)
                     if prior is not None and prior._event is not None:
                         stream.wait_event(prior._event)
-                    self._land(src, slot, arena, nbytes, 0, non_blocking=True)
+                    self._land(src, slot, arena, nbytes, 0, non_blocking=True, stream=stream, pinned=pinned)
                     event = self._pool.get()
                     event.record(stream)
         except Exception as e:  # noqa: BLE001 - carried to wait(), as on the CPU path
@@ -355,7 +370,7 @@ class CopyEngine:
             self._pending.popleft()
         return t
 
-    def _copy_and_decode_cuda(self, src, slot, arena, nbytes, demand, after, stream, prior=None):
+    def _copy_and_decode_cuda(self, src, slot, arena, nbytes, demand, after, stream, prior=None, pinned=False):
         """MXFP4: the compressed bytes land in a staging buffer on the copy stream; the decode
         into the slot runs on a companion decode stream. Each copy stream rotates over its own
         staging buffers, so the next copy overlaps this decode (the copy engine and the SMs
@@ -373,7 +388,7 @@ class CopyEngine:
             free = self._staging_free[(id(arena), k)] = torch.cuda.Event()
         with _on_stream(stream):
             stream.wait_event(free)  # the previous decode from this buffer has read it
-            staging[:nbytes].copy_(src[:nbytes], non_blocking=True)
+            self._h2d(staging, src, nbytes, stream, pinned)
             landed = self._pool.get()
             landed.record(stream)
         with _on_stream(decode_stream):

@@ -321,6 +321,60 @@ def test_cuda_pageable_sources_are_counted_whether_asked_or_told(tiny_store, cud
     assert_slot_holds(arena, 1, st, 0, 0)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("direct", [True, False])
+def test_cuda_pinned_copies_go_straight_to_the_runtime_bit_exact(tiny_store, direct, monkeypatch):
+    """Pinned sources go to cudaMemcpyAsync through ctypes (pipeline/cuda_memcpy.py), pageable
+    ones through torch; MOE_CACHE_DIRECT_MEMCPY=0 switches the first off. Same bytes either way,
+    into dense slots (the staging buffer, for mxfp4) and into stored-form slots."""
+    if not direct:
+        monkeypatch.setenv("MOE_CACHE_DIRECT_MEMCPY", "0")
+    eng = CopyEngine("cuda")
+    assert (eng._direct is not None) == direct  # the GPU image's torch loads libcudart
+    calls = []
+    if direct:
+        real = eng._direct
+        eng._direct = lambda *a: (calls.append(a[2]), real(*a))[1]
+    st = tiny_store
+    forms = ("dense", "stored") if st.dtype == "mxfp4" else ("dense",)
+    try:
+        for form in forms:
+            arena = VramArena(st, 2, "cuda", form=form)
+            for i, (layer, e, pin) in enumerate(((0, 1, True), (2, 5, True), (1, 3, False))):
+                src = ram_slot(st, layer, e, pin=pin)
+                n = st.expert_range(layer, e).length
+                eng.copy_in(src, i % 2, arena, n, demand=i % 2 == 0, src_pinned=pin).make_stream_wait()
+                if form == "dense":
+                    assert_slot_holds(arena, i % 2, st, layer, e)
+                else:
+                    assert torch.equal(arena.raw_view(i % 2)[:n].cpu(), src[:n])
+            arena.close()
+        assert calls == ([st.expert_range(0, 1).length, st.expert_range(2, 5).length] * len(forms) if direct else [])
+        if direct:
+            with pytest.raises(RuntimeError, match="cudaMemcpyAsync of 16 bytes host -> device failed: .*error"):
+                real(0, 0, 16, eng.demand_stream.cuda_stream)
+    finally:
+        eng.close(timeout=5)
+
+
+def test_the_runtime_library_is_found_in_the_process_maps(tmp_path, monkeypatch):
+    from pipeline import cuda_memcpy
+
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 00000000 08:01 12 /usr/lib/libc.so.6\n"
+                    "7f02-7f03 r-xp 00000000 08:01 13 /opt/nvidia/cu13/lib/libcudart.so.13\n"
+                    "7f04-7f05 rw-p 00000000 00:00 0 \n")
+    assert cuda_memcpy.loaded_cudart(str(maps)) == "/opt/nvidia/cu13/lib/libcudart.so.13"
+    maps.write_text("7f00-7f01 r-xp 00000000 08:01 12 /usr/lib/libc.so.6\n")
+    assert cuda_memcpy.loaded_cudart(str(maps)) is None
+    assert cuda_memcpy.loaded_cudart(str(tmp_path / "missing")) is None
+    monkeypatch.setattr(cuda_memcpy, "loaded_cudart", lambda: "/nowhere/libcudart.so.13")
+    assert cuda_memcpy.direct_h2d() is None  # a path that cannot be loaded: torch's copy_ instead
+    monkeypatch.setenv("MOE_CACHE_DIRECT_MEMCPY", "0")
+    monkeypatch.setattr(cuda_memcpy, "loaded_cudart", lambda: (_ for _ in ()).throw(AssertionError("looked")))
+    assert cuda_memcpy.direct_h2d() is None  # switched off: not even looked for
+
+
 def _copy_behind_slow_fence(st, engine, slot: int, layer: int, expert: int):
     """(arena, transfer): a demand copy of (layer, expert) into `slot` of a fresh 2-slot arena,
     after a fence on a side stream held busy (~25 ms of GPU sleep), so the copy must queue."""
