@@ -33,11 +33,16 @@ class DirectH2D:
         fn.restype = ctypes.c_int
         err = lib.cudaGetErrorString
         err.argtypes, err.restype = [ctypes.c_int], ctypes.c_char_p
-        self._memcpy, self._error = fn, err
+        last = lib.cudaGetLastError
+        last.argtypes, last.restype = [], ctypes.c_int
+        self._memcpy, self._error, self._last = fn, err, last
 
     def __call__(self, dst_ptr: int, src_ptr: int, nbytes: int, stream_handle: int) -> None:
         rc = self._memcpy(dst_ptr, src_ptr, nbytes, H2D, stream_handle)
         if rc:
+            # The runtime also keeps a refused call as the thread's last error, which torch's
+            # next kernel-launch check would report as its own: this error is raised here instead.
+            self._last()
             raise RuntimeError(f"cudaMemcpyAsync of {nbytes} bytes host -> device failed: "
                                f"{self._error(rc).decode(errors='replace')} (error {rc})")
 

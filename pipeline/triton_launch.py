@@ -78,12 +78,19 @@ class FixedLaunch:
         self.launch(grid, *args)
 
 
-def _launch_hook():
-    """A launch hook someone installed (a profiler's), or True where this Triton cannot say."""
+def _launch_hook(runtime=None):
+    """A launch hook someone installed (a profiler's), None if there is none, or True where
+    this Triton cannot say. Recent Triton keeps its hooks as chains that are empty, not None,
+    when nobody installed one."""
     try:
-        return triton.knobs.runtime.launch_enter_hook
+        runtime = runtime or triton.knobs.runtime
+        hooks = (runtime.launch_enter_hook, runtime.launch_exit_hook)
     except AttributeError:  # no Triton, or one without knobs: take its own path
         return True
+    for hook in hooks:
+        if hook is not None and getattr(hook, "calls", True):
+            return hook
+    return None
 
 
 __all__ = ["FixedLaunch"]

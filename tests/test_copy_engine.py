@@ -353,6 +353,8 @@ def test_cuda_pinned_copies_go_straight_to_the_runtime_bit_exact(tiny_store, dir
         if direct:
             with pytest.raises(RuntimeError, match="cudaMemcpyAsync of 16 bytes host -> device failed: .*error"):
                 real(0, 0, 16, eng.demand_stream.cuda_stream)
+            torch.cuda._sleep(1000)  # a kernel launch: torch finds no error left behind by the refused copy
+            torch.cuda.synchronize()
     finally:
         eng.close(timeout=5)
 
@@ -522,3 +524,18 @@ def test_known_done_never_asks_and_follows_the_copy_thread(tiny_store):
         gate.release.set()
         t.synchronize()
         assert t.known_done and t.error is None
+
+
+@pytest.mark.parametrize("env, blocking", [(None, True), ("1", False), ("0", True)])
+def test_copy_events_let_a_waiting_thread_sleep_unless_told_to_spin(monkeypatch, env, blocking):
+    from pipeline import copy_engine
+
+    if env is not None:
+        monkeypatch.setenv("MOE_CACHE_SPIN_WAIT", env)
+    made = []
+    monkeypatch.setattr(copy_engine.torch.cuda, "Event", lambda **kw: made.append(kw) or object())
+    pool = copy_engine._EventPool()
+    first = pool.get()
+    pool.put(first)
+    assert pool.get() is first and len(made) == 1  # reused, not made again
+    assert made == [{"enable_timing": False, "blocking": blocking}]

@@ -9,6 +9,8 @@ import pytest
 from pipeline import triton_launch
 from pipeline.triton_launch import FixedLaunch
 
+REAL_LAUNCH_HOOK = triton_launch._launch_hook  # the autouse fixture below replaces the module's
+
 
 class _Compiled:
     function, packed_metadata = "fn", "meta"
@@ -80,3 +82,18 @@ def test_switched_off_by_the_environment(monkeypatch):
     for i in range(3):
         fl.launch((1,), "x", i)
     assert len(k.calls) == 3 and not k.compiled.launches and not fl.fast
+
+
+def test_an_empty_hook_chain_is_no_hook():
+    from types import SimpleNamespace
+
+    class Chain:
+        def __init__(self, calls):
+            self.calls = calls
+
+    hook = REAL_LAUNCH_HOOK
+    assert hook(SimpleNamespace(launch_enter_hook=Chain([]), launch_exit_hook=Chain([]))) is None
+    assert hook(SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None)) is None
+    assert hook(SimpleNamespace(launch_enter_hook=Chain([]), launch_exit_hook=Chain([print]))) is not None
+    assert hook(SimpleNamespace(launch_enter_hook=print, launch_exit_hook=None)) is print
+    assert hook(SimpleNamespace()) is True  # a Triton whose knobs lack them: its own path
