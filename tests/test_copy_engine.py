@@ -525,17 +525,3 @@ def test_known_done_never_asks_and_follows_the_copy_thread(tiny_store):
         t.synchronize()
         assert t.known_done and t.error is None
 
-
-@pytest.mark.parametrize("env, blocking", [(None, True), ("1", False), ("0", True)])
-def test_copy_events_let_a_waiting_thread_sleep_unless_told_to_spin(monkeypatch, env, blocking):
-    from pipeline import copy_engine
-
-    if env is not None:
-        monkeypatch.setenv("MOE_CACHE_SPIN_WAIT", env)
-    made = []
-    monkeypatch.setattr(copy_engine.torch.cuda, "Event", lambda **kw: made.append(kw) or object())
-    pool = copy_engine._EventPool()
-    first = pool.get()
-    pool.put(first)
-    assert pool.get() is first and len(made) == 1  # reused, not made again
-    assert made == [{"enable_timing": False, "blocking": blocking}]
