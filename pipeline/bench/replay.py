@@ -119,9 +119,11 @@ class Model:
 
     Inside `with model.graphs():` (CUDA only; a no-op elsewhere) single-row passes run the
     stand-in and each expert as captured CUDA graphs (pipeline/bench/cuda_graphs.py), one per
-    distinct set of expert weight addresses, so one per VRAM slot. The math and its kernels are
-    the eager ones, so the values are the same bit for bit (a GPU test compares them). The scope
-    must close before the tensors the graphs read are freed, e.g. before a pipeline closes.
+    distinct set of expert weight addresses, so one per VRAM slot, and the weighted sum as one
+    more; with `whole_layers`, a layer's experts and sum as one graph per tuple of addresses.
+    The math and its kernels are the eager ones, so the values are the same bit for bit (a GPU
+    test compares them). The scope must close before the tensors the graphs read are freed,
+    e.g. before a pipeline closes.
     """
 
     def __init__(self, spec, device: torch.device, *, seed: int = 0, attn_matmuls: int = 4,

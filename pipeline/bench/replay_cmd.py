@@ -53,8 +53,8 @@ def add_arguments(p) -> None:
     p.add_argument("--policy-process", action="store_true",
                    help="run each method's policy actor in its own process (PipelineConfig.policy_process)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
-                   help="run each decode step's stand-in and expert MLPs as captured CUDA graphs, one per "
-                   "VRAM slot, in every method alike (default on; no effect on the CPU)")
+                   help="run each decode step's stand-in, expert MLPs (one graph per VRAM slot) and weighted "
+                   "sum as captured CUDA graphs, in every method alike (default on; no effect on the CPU)")
     p.add_argument("--layer-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="with --vram-form stored, run each decode layer's experts and weighted sum as one "
                    "graph (their fetches land in the same few views); --no-layer-graphs: one graph per "
