@@ -43,6 +43,7 @@ class PipelineClosed(RuntimeError):
 
 class PipelineStats(msgspec.Struct, frozen=True):
     device: str
+    vram_form: str  # what the VRAM slots hold: "dense" or "stored" (PipelineConfig.vram_form resolved)
     vram_slots: int
     vram_free: int
     ram_slots: int
@@ -197,7 +198,7 @@ class ExpertPipeline:
 
     def stats(self) -> PipelineStats:
         p = self._p
-        return PipelineStats(device=str(p.device), vram_slots=len(p.scheduler.vram),
+        return PipelineStats(device=str(p.device), vram_form=p.vram_arena.form, vram_slots=len(p.scheduler.vram),
                              vram_free=p.scheduler.vram.free_count(), ram_slots=len(p.scheduler.ram),
                              ram_free=p.scheduler.ram.free_count(), pinned=p.ram_arena.pinned,
                              scheduler=p.scheduler.stats(), readers=p.readers.stats(),

@@ -30,6 +30,7 @@ from .decode_at_use import view_bytes_for
 from .ram_arena import RamArena
 from .readers import ReaderPool
 from .scheduler import Scheduler
+from . import fused_decode
 from .vram_arena import VramArena, effective_form
 
 
@@ -81,11 +82,30 @@ def vram_slots_for(store: StoreCheckpoint, vram_bytes: int, form: str = "dense",
     return min(max(0, vram_bytes - view_bytes) // slot, total), slot, view_bytes
 
 
-def plan_slots(cfg: PipelineConfig, store: StoreCheckpoint) -> tuple[int, int, int, int]:
-    """(vram slots, vram slot bytes, ram slots, ram slot bytes) for the budgets (vram_slots_for);
-    ValueError with the numbers when a budget cannot hold one layer's top-k working set."""
+def resolve_vram_form(store: StoreCheckpoint, form: str, device: torch.device | str, vram_bytes: int,
+                      views: int | None = None) -> str:
+    """The form `form` means for this store, device and VRAM budget: "dense" or "stored".
+    "auto" is "stored" where decoding at use is cheap (an mxfp4 store on a CUDA device with
+    the batched Triton decode) and pays (the budget's dense slots hold fewer than every
+    expert, and the stored form holds more of them next to its dense views); else "dense"."""
+    if form != "auto":
+        return effective_form(store, form)
+    if store.dtype != "mxfp4" or torch.device(device).type != "cuda" or not fused_decode.supports(store, device):
+        return "dense"
+    total = store.spec.num_layers * store.spec.num_experts
+    dense = vram_bytes // VramArena.slot_bytes_for(store, "dense")
+    stored = vram_slots_for(store, vram_bytes, "stored", views)[0]
+    return "stored" if dense < total and stored > dense else "dense"
+
+
+def plan_slots(cfg: PipelineConfig, store: StoreCheckpoint, form: str | None = None) -> tuple[int, int, int, int]:
+    """(vram slots, vram slot bytes, ram slots, ram slot bytes) for the budgets (vram_slots_for),
+    in `form` (default: cfg.vram_form resolved for the config's device); ValueError with the
+    numbers when a budget cannot hold one layer's top-k working set."""
     top_k = store.spec.top_k
-    n_vram, vram_slot, views = vram_slots_for(store, cfg.vram_bytes, cfg.vram_form, cfg.vram_views)
+    if form is None:
+        form = resolve_vram_form(store, cfg.vram_form, _device(cfg), cfg.vram_bytes, cfg.vram_views)
+    n_vram, vram_slot, views = vram_slots_for(store, cfg.vram_bytes, form, cfg.vram_views)
     ram_slot = max(x.read_length for x in store.index.experts)
     n_ram = min(cfg.ram_bytes // ram_slot, store.spec.num_layers * store.spec.num_experts)
     for tier, n, size, budget, extra in (("vram", n_vram, vram_slot, cfg.vram_bytes, views),
@@ -100,7 +120,9 @@ def plan_slots(cfg: PipelineConfig, store: StoreCheckpoint) -> tuple[int, int, i
 async def assemble(cfg: PipelineConfig, *, reader_hooks: dict | None = None) -> Parts:
     store = StoreCheckpoint(cfg.store)
     spec = store.spec
-    n_vram, vram_slot, n_ram, ram_slot = plan_slots(cfg, store)
+    device = _device(cfg)
+    form = resolve_vram_form(store, cfg.vram_form, device, cfg.vram_bytes, cfg.vram_views)
+    n_vram, vram_slot, n_ram, ram_slot = plan_slots(cfg, store, form)
     cls = policy_class(cfg.policy)  # unknown names fail here, before anything is allocated
     predictor, predictor_name = None, None
     if cls.uses_predictor:
@@ -117,11 +139,10 @@ async def assemble(cfg: PipelineConfig, *, reader_hooks: dict | None = None) -> 
                          f"remove them from policy_options")
     policy_config = {**policy_config, **cfg.policy_options}
     policy = make_policy(cfg.policy, predictor, **policy_config)
-    device = _device(cfg)
     with contextlib.ExitStack() as stack:
         ram_arena = RamArena.create(n_ram, ram_slot)
         stack.callback(ram_arena.close)
-        vram_arena = VramArena(store, n_vram, device, form=cfg.vram_form, num_views=cfg.vram_views)
+        vram_arena = VramArena(store, n_vram, device, form=form, num_views=cfg.vram_views)
         stack.callback(vram_arena.close)
         engine = CopyEngine(device)
         stack.callback(engine.close)

@@ -16,7 +16,8 @@ import msgspec
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 DEVICES = ("auto", "cuda", "cpu")
-VRAM_FORMS = ("dense", "stored")  # pipeline.vram_arena.FORMS (not imported: this module needs no torch)
+# "auto" and the forms a slot can hold (pipeline.vram_arena.FORMS; not imported: this module needs no torch)
+VRAM_FORMS = ("auto", "dense", "stored")
 
 
 def parse_size(value: int | str, what: str = "size") -> int:
@@ -48,8 +49,11 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # What a VRAM slot holds for an mxfp4 store (pipeline/vram_arena.py): "dense", the decoded
     # bf16 tensors (decoded once per copy), or "stored", the MXFP4 bytes as stored, 3.8x more
     # experts in the same budget, each decoded at use into one of top_k dense views (whose
-    # bytes come out of the budget). No difference for bf16/fp16 stores.
-    vram_form: str = "dense"
+    # bytes come out of the budget). No difference for bf16/fp16 stores. "auto" (default):
+    # stored on a CUDA device with Triton when it holds more experts than dense and dense
+    # cannot hold them all, else dense (pipeline.assembly.resolve_vram_form; the H100 replay
+    # measured stored 1.4x dense at 10% and 25% budgets). stats().vram_form says which.
+    vram_form: str = "auto"
     # vram_form="stored": how many dense views, i.e. the most experts one fetch may ask for
     # (a prefill fetching the union of its rows' experts needs more than top_k); None = top_k.
     vram_views: int | None = None

@@ -53,12 +53,16 @@ def _normalise(device: torch.device | str) -> torch.device:
     return device
 
 
-FORMS = VRAM_FORMS
+FORMS = tuple(f for f in VRAM_FORMS if f != "auto")  # what a slot can hold
 
 
 def effective_form(store: StoreCheckpoint, form: str) -> str:
     """The form a slot really holds: only mxfp4 stores differ between the two (a bf16/fp16
-    store's stored bytes are its dense tensors)."""
+    store's stored bytes are its dense tensors). "auto" must be resolved first, with the
+    device and the budget (pipeline.assembly.resolve_vram_form)."""
+    if form == "auto":
+        raise ValueError("VRAM form 'auto' depends on the device and the budget: resolve it with "
+                         "pipeline.assembly.resolve_vram_form first")
     if form not in FORMS:
         raise ValueError(f"VRAM form {form!r} unknown; valid: {', '.join(FORMS)}")
     return form if store.dtype == "mxfp4" else "dense"

@@ -190,8 +190,34 @@ def test_the_same_bytes_buy_more_experts_stored_and_the_views_count(stores):
     short = view_bytes_for(st, k) + (k - 1) * VramArena.slot_bytes_for(st, "stored")
     with pytest.raises(ValueError, match=r"holds 1 experts .* after \d+ bytes of dense views.*at least \d+ bytes"):
         plan_slots(PipelineConfig(store=str(stores["mxfp4"]), vram=short, ram="1MiB", vram_form="stored"), st)
-    with pytest.raises(ValueError, match="vram_form 'packed' unknown; valid: dense, stored"):
+    with pytest.raises(ValueError, match="vram_form 'packed' unknown; valid: auto, dense, stored"):
         PipelineConfig(store=str(stores["mxfp4"]), vram=vram, ram="1MiB", vram_form="packed")
+
+
+def test_auto_form_is_stored_only_where_decoding_at_use_is_cheap_and_pays(stores, monkeypatch):
+    """PipelineConfig's default: stored for an mxfp4 store on CUDA with the batched decode,
+    when dense slots cannot hold every expert and stored ones hold more; else dense."""
+    from pipeline import assembly
+
+    st, bf16 = StoreCheckpoint(stores["mxfp4"]), StoreCheckpoint(stores["bfloat16"])
+    dense_slot = VramArena.slot_bytes_for(st, "dense")
+    total = st.spec.num_layers * st.spec.num_experts
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(assembly.fused_decode, "supports", lambda store, device: store.dtype == "mxfp4")
+    assert assembly.resolve_vram_form(st, "auto", cuda, 6 * dense_slot) == "stored"
+    assert assembly.resolve_vram_form(st, "auto", cuda, total * dense_slot) == "dense"  # dense holds them all
+    tight = st.spec.top_k * dense_slot  # the views alone would take it all
+    assert assembly.resolve_vram_form(st, "auto", cuda, tight) == "dense"
+    assert assembly.resolve_vram_form(st, "auto", "cpu", 6 * dense_slot) == "dense"
+    assert assembly.resolve_vram_form(bf16, "auto", cuda, 6 * dense_slot) == "dense"
+    assert assembly.resolve_vram_form(st, "dense", cuda, 6 * dense_slot) == "dense"
+    assert assembly.resolve_vram_form(st, "stored", "cpu", 6 * dense_slot) == "stored"
+    monkeypatch.setattr(assembly.fused_decode, "supports", lambda store, device: False)  # no Triton
+    assert assembly.resolve_vram_form(st, "auto", cuda, 6 * dense_slot) == "dense"
+    with pytest.raises(ValueError, match="'auto' depends on the device and the budget"):
+        VramArena(st, 2, "cpu", form="auto")
+    cfg = PipelineConfig(store=str(stores["mxfp4"]), vram=6 * dense_slot, ram="1MiB", device="cpu")
+    assert cfg.vram_form == "auto" and plan_slots(cfg, st)[0] == 6  # the CPU: dense
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
@@ -200,6 +226,7 @@ def test_fetch_is_bit_exact_under_constant_eviction_stored(stores, device, no_le
     k = st.spec.top_k
     checked = 0
     with ExpertPipeline.open(stores["mxfp4"], **stored_budget(st, k + 1, k + 2), device=device, readers=2) as pipe:
+        assert pipe.stats().vram_form == "stored"
         for layer, ids, token in trace_visits(stores["mxfp4"]):
             got = pipe.fetch(layer, ids, token_id=token)
             for e, tensors in zip(ids, got):

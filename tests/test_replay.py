@@ -56,6 +56,9 @@ def test_baselines_cpu(setup, tmp_path, capsys, no_leaks):  # noqa: F811
     (b,) = res["budgets"]
     rows = {r["method"]: r for r in b["methods"]}
     assert list(rows) == [m.name for m in baseline_methods()]
+    # --vram-form auto (the default) is dense on the CPU, for the budget and every row
+    assert res["settings"]["vram_form"] == "auto" and b["vram_form"] == "dense" and "stored" not in b
+    assert {r["vram_form"] for r in rows.values()} == {"dense"}
     read_bytes = res["store"]["expert_read_bytes"]
     for r in rows.values():
         assert r["skipped"] is None, r

@@ -149,7 +149,8 @@ def _scheduler_promotions(store_dir: str, store, batch: int, credits: int, round
     seq = iter(range(10**9, 2 * 10**9))
     best = 0.0
     with ExpertPipeline.open(store_dir, vram=VramArena.slot_bytes_for(store) * vram_slots,
-                             ram=ram_slot * len(keys), prefetch_copies=credits, policy="lru") as pipe:
+                             ram=ram_slot * len(keys), prefetch_copies=credits, policy="lru",
+                             vram_form="dense") as pipe:  # measures the copy-and-decode path
         for layer, e in keys:  # every expert passes through RAM (and VRAM) once
             pipe.fetch(layer, [e])
         sched = pipe._p.scheduler
@@ -191,7 +192,8 @@ def _fetch_overhead(store_dir: str, store, fetches: int) -> tuple[float, str]:
     spec = store.spec
     n = spec.num_layers * spec.num_experts
     ram_slot = max(x.read_length for x in store.index.experts)
-    with ExpertPipeline.open(store_dir, vram=VramArena.slot_bytes_for(store) * n, ram=ram_slot * n) as pipe:
+    with ExpertPipeline.open(store_dir, vram=VramArena.slot_bytes_for(store) * n, ram=ram_slot * n,
+                             vram_form="dense") as pipe:
         calls = [(l, list(range(e, e + spec.top_k))) for l in range(spec.num_layers)
                  for e in range(0, spec.num_experts - spec.top_k + 1, spec.top_k)]
         for layer, ids in calls:

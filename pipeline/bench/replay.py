@@ -32,7 +32,6 @@ import torch
 
 from policies.traces import PREFILL, Trace, decode_steps
 
-from ..vram_arena import effective_form
 from .cuda_graphs import GraphCache, kernel_copy
 from .expert_mlp import expert_forward, moe_forward, weighted_sum
 
@@ -330,6 +329,7 @@ class MethodRun(msgspec.Struct):
     vram_slots: int  # the pipeline's VRAM slots (more than the budget's dense count when stored)
     profile: dict | None = None  # pipeline/bench/gpu_profile.py summary of extra profiled passes
     graphs: int = 0  # CUDA graphs captured (0 without graphs)
+    vram_form: str = "dense"  # what the pipeline's VRAM slots held ("auto" resolved)
 
 
 def open_pipeline(store_dir, method, vram_bytes: int, ram_bytes: int, device: str, readers: int | None,
@@ -364,13 +364,13 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
                profile_passes: int = 0, prefetch_copies: int | None = None, vram_form: str = "dense",
                layer_graphs: bool = True) -> MethodRun:
     extra = {} if prefetch_copies is None else {"prefetch_copies": prefetch_copies}
-    if vram_form != "dense":
-        extra["vram_form"] = vram_form
-    with (open_pipeline(store_dir, method, vram_bytes, ram_bytes, device, readers,
-                        policy_process=policy_process, **extra) as pipe,
-          # stored form: every fetch lands in the same few dense views, so a layer is one graph
-          model.graphs(cuda_graphs, whole_layers=layer_graphs and effective_form(store, vram_form) == "stored")):
-        # (the graphs scope closes first: its graphs read the pipeline's slots)
+    with contextlib.ExitStack() as stack:
+        pipe = stack.enter_context(open_pipeline(store_dir, method, vram_bytes, ram_bytes, device, readers,
+                                                 policy_process=policy_process, vram_form=vram_form, **extra))
+        form = pipe.stats().vram_form
+        # Stored form: every fetch lands in the same few dense views, so a layer is one graph.
+        # The graphs scope closes first: its graphs read the pipeline's slots.
+        stack.enter_context(model.graphs(cuda_graphs, whole_layers=layer_graphs and form == "stored"))
         if method.warm:
             warm_up(pipe, store.spec, model)
         before = pipe.stats().scheduler
@@ -388,7 +388,8 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
             prof = profile(lambda: run_loop(model, tail, fetch, hints=hints[-len(tail):] if hints else None,
                                             hint_sink=sink),
                            sum(p.n for p in tail))
-        return MethodRun(loop, before, st.scheduler, st.device, st.pinned, st.vram_slots, prof, model.graph_captures)
+        return MethodRun(loop, before, st.scheduler, st.device, st.pinned, st.vram_slots, prof, model.graph_captures,
+                         form)
 
 
 def direct_fetch(store, device: torch.device):

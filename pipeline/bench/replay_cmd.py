@@ -56,7 +56,7 @@ def add_arguments(p) -> None:
                    help="run each decode step's stand-in, expert MLPs (one graph per VRAM slot) and weighted "
                    "sum as captured CUDA graphs, in every method alike (default on; no effect on the CPU)")
     p.add_argument("--layer-graphs", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --vram-form stored, run each decode layer's experts and weighted sum as one "
+                   help="where VRAM holds the stored form, run each decode layer's experts and weighted sum as one "
                    "graph (their fetches land in the same few views); --no-layer-graphs: one graph per "
                    "expert as elsewhere, for A/B runs (default on)")
     p.add_argument("--per-expert-waits", action="store_true",
@@ -68,10 +68,11 @@ def add_arguments(p) -> None:
     p.add_argument("--prefetch-copies", type=int,
                    help="prefetch H2D copies in flight at once, every method (PipelineConfig.prefetch_copies; "
                         "default: the pipeline's)")
-    p.add_argument("--vram-form", default="dense",
+    p.add_argument("--vram-form", default="auto",
                    help="what a VRAM slot holds for an mxfp4 store, in every method whose VRAM is the --vram "
-                        "budget: dense bf16 (decoded per copy) or the stored MXFP4 bytes, ~3.8x more experts "
-                        "in the same bytes, decoded at each use (PipelineConfig.vram_form; default dense)")
+                        "budget: dense bf16 (decoded per copy), stored (the MXFP4 bytes, ~3.8x more experts "
+                        "in the same bytes, decoded at each use) or auto (stored on CUDA with Triton where it "
+                        "holds more; PipelineConfig.vram_form; default auto)")
     p.add_argument("--attn-matmuls", type=int, default=4, help="[n,H]x[H,H] matmuls of the attention stand-in")
     p.add_argument("--disk-probe-bytes", default="1GiB", help="cap on bytes read by the raw disk probe")
     p.add_argument("--json", help="write every figure and setting here (atomically)")
@@ -166,7 +167,7 @@ def _validate(args):
     from policies.traces import load_trace
 
     from ..assembly import vram_slots_for
-    from ..vram_arena import FORMS as VRAM_FORMS
+    from ..config import VRAM_FORMS
     from ..vram_arena import VramArena, effective_form
     from . import methods as M
     from .replay import check_fit
@@ -194,7 +195,7 @@ def _validate(args):
     ram = parse_budget(args.ram, "ram", total, rslot, spec.top_k)
     if args.vram_form not in VRAM_FORMS:
         raise ValueError(f"--vram-form {args.vram_form!r} unknown; valid: {', '.join(VRAM_FORMS)}")
-    if effective_form(store, args.vram_form) == "stored":
+    if args.vram_form == "stored" and effective_form(store, "stored") == "stored":  # auto falls back to dense
         for text, slots in vrams:
             n = vram_slots_for(store, slots * vslot, "stored")[0]
             if n < spec.top_k:
@@ -230,8 +231,7 @@ def run(args) -> int:
 
     from policies.cache.belady import belady_min
 
-    from ..assembly import vram_slots_for
-    from ..vram_arena import effective_form
+    from ..assembly import resolve_vram_form, vram_slots_for
     from . import report as R
     from .gpu_profile import describe
     from .methods import slots_for
@@ -265,7 +265,8 @@ def run(args) -> int:
     graphs = args.cuda_graphs and device.type == "cuda"
     if args.profile_passes and device.type != "cuda":
         print("  --profile-passes: GPU time needs a CUDA device; no profile on the CPU", file=sys.stderr)
-    stored = effective_form(store, args.vram_form) == "stored" and args.layer_graphs
+    forms = {text: resolve_vram_form(store, args.vram_form, device, slots * vslot) for text, slots in vrams}
+    stored = "stored" in forms.values() and args.layer_graphs
     print(f"  compute: {_graphs_text(stored) if graphs else 'eager'}"
           f"{', each expert after its own copy (--per-expert-waits)' if args.per_expert_waits else ''}, "
           f"the same math for every method")
@@ -280,7 +281,7 @@ def run(args) -> int:
             return R.skipped_row(m.name, m, f"does not fit: {why}")
         bar = R.progress_bar(len(passes), f"{m.name} @ {vram_text}", show)
         # The fixed-size baselines (top_k, all) keep dense slots: their size is a slot count.
-        form = args.vram_form if m.vram == "budget" else "dense"
+        form = forms[vram_text] if m.vram == "budget" else "dense"
         try:
             mr = run_method(args.store, store, m, v * vslot, r * rslot, passes, model, hints,
                             device=str(device), readers=args.readers, progress=bar,
@@ -290,7 +291,7 @@ def run(args) -> int:
         finally:
             bar.close()
         row = R.method_row(m.name, m, mr, compute_s_tok, mr.vram_slots, r)
-        row["vram_form"] = effective_form(store, form)
+        row["vram_form"] = mr.vram_form
         row["gpu_profile"] = mr.profile
         if mr.profile is not None:
             print(f"  profile {m.name} @ {vram_text}: {describe(mr.profile)}")
@@ -369,7 +370,8 @@ def run(args) -> int:
         budget = {"vram": vram_text, "vram_slots": vram_slots, "vram_bytes": vram_slots * vslot,
                   "ram_slots": ram_slots, "belady_loads": loads, "belady_hit_rate": hits / max(1, len(keys)),
                   "oracle_tokens_per_s": 1.0 / oracle_s_tok, "methods": []}
-        if effective_form(store, args.vram_form) == "stored":
+        budget["vram_form"] = forms[vram_text]
+        if forms[vram_text] == "stored":
             # The same bytes hold more experts stored: the bound for what those caches can do
             # (same formula; it leaves out the decode each use then costs).
             n = vram_slots_for(store, vram_slots * vslot, "stored")[0]

@@ -104,7 +104,7 @@ def print_table(budget: dict, rows: list[dict], file=None) -> None:
           file=file)
     if "stored" in budget:
         st = budget["stored"]
-        print(f"  stored MXFP4 in VRAM (--vram-form stored): the same bytes hold {st['vram_slots']} experts; "
+        print(f"  stored MXFP4 in VRAM (vram_form stored): the same bytes hold {st['vram_slots']} experts; "
               f"oracle bound there {st['oracle_tokens_per_s']:.1f} tokens/s (Belady {st['belady_loads']} loads); "
               f"/oracle below is to the dense-slot bound", file=file)
     head = (f"{'method':22s} {'tok/s':>8s} {'ms/tok':>7s} {'stall':>7s} {'VRAMhit':>7s} {'RAMhit':>7s} "
