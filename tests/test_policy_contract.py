@@ -189,6 +189,29 @@ def test_without_containment_ram_may_drop_vram_experts(name):
     drive(policy, random_visits(rng, 3, 8, 2, 30), random.Random(4))
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_without_containment_vram_fills_its_own_budget(name):
+    """Only containment ties a VRAM copy to its RAM copy: with a RAM smaller than VRAM (the
+    stored form holds 3.8x the experts in the same VRAM bytes), dropping a RAM copy leaves
+    VRAM alone, so VRAM fills its own budget instead of shrinking to RAM's."""
+    rng = np.random.default_rng(5)
+    policy = build(name, L=3, E=8, K=2, vram=9, ram=6, containment=False)
+    drive(policy, random_visits(rng, 3, 8, 2, 60), random.Random(5), lag=100)  # every transfer lands at once
+    assert policy.used_bytes(Tier.VRAM) == 9 and policy.used_bytes(Tier.RAM) <= 6
+
+
+def test_without_containment_ram_drops_copies_of_vram_experts_first():
+    """Exclusive caching where RAM cannot contain VRAM: RAM gives up the copy of an expert
+    VRAM holds before one VRAM does not hold, whatever their keep values, so a VRAM miss
+    can find its expert in RAM (ranked alike, RAM would just mirror VRAM's best)."""
+    policy = build("lfu", L=1, E=8, K=1, vram=3, ram=2, containment=False)
+    for e in (0, 0, 0, 1, 1, 2, 3):  # 0 and 1 used most; VRAM evicts 2 for 3, RAM kept 2's copy
+        drive(policy, [(0, [e])], random.Random(0), lag=100)
+    vram = {e for e in range(8) if policy.where(0, e, Tier.VRAM) == RESIDENT}
+    ram = {e for e in range(8) if policy.where(0, e, Tier.RAM) == RESIDENT}
+    assert vram == {0, 1, 3} and ram - vram, (vram, ram)
+
+
 def test_watermark_never_exceeds_capacity_on_shared_traces(shared_traces):
     from policies.traces import load_trace
 

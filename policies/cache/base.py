@@ -242,18 +242,31 @@ class CachePolicy(abc.ABC):
         if free >= nbytes:
             return True
         value = self._keep_value(tier, call.layer) if keep is None else keep
-        victims = self._victims(tier, nbytes - free, self._evictable(tier, call), value, below)
+        ok = self._evictable(tier, call)
+        victims = None
+        if tier == Tier.RAM and not self.config.containment:
+            # Exclusive caching where RAM does not contain VRAM: RAM copies of experts VRAM holds
+            # go first. Ranked like VRAM, RAM would otherwise keep the same best experts VRAM
+            # already has, and a VRAM miss would almost never find its expert in RAM (the
+            # replay measured a RAM hit rate of 0.000 with stored-form VRAM larger than RAM).
+            redundant = ok & (self.state[Tier.VRAM] == RESIDENT)
+            if redundant.any():
+                victims = self._victims(tier, nbytes - free, redundant, value, below)
+        if victims is None:
+            victims = self._victims(tier, nbytes - free, ok, value, below)
         if victims is None and tier == Tier.RAM and below is None:
             victims = self._victims(tier, nbytes - free, self._evictable(tier, call, cascade=True),
                                     value, below)
         return self._evict_all(tier, victims, call)
 
     def _evict_all(self, tier: Tier, victims: list[tuple[int, int]] | None, call: _Call) -> bool:
-        """Evict `victims` from `tier` (a RAM victim takes its VRAM copy along); False if None."""
+        """Evict `victims` from `tier`; False if None. A RAM victim takes its VRAM copy along
+        where VRAM must stay inside RAM (containment) or is still being copied from it."""
         if victims is None:
             return False
+        vram = self.state[Tier.VRAM]
         for l, e in victims:
-            if tier == Tier.RAM and self.state[Tier.VRAM][l, e] != ABSENT:
+            if tier == Tier.RAM and vram[l, e] != ABSENT and (self.config.containment or vram[l, e] == LOADING):
                 self._evict(Tier.VRAM, l, e, call)
             self._evict(tier, l, e, call)
         return True
