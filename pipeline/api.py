@@ -276,7 +276,7 @@ class ExpertPipeline:
         if views is not None and len(ids) > views.num_views:
             raise ValueError(f"{len(ids)} experts at once but vram_form='stored' decodes into {views.num_views} "
                              f"dense views; fetch at most {views.num_views} at a time or open with "
-                             f"vram_views={len(ids)}")
+                             f"vram_views={len(ids)} (or vram_form='dense')")
         self._seq += 1
         fence = self._p.engine.fence()  # on the caller's current stream, before this fetch's uses
         weights = None if router_weights is None else tuple(float(w) for w in
