@@ -275,6 +275,8 @@ class CopyEngine:
             # device only: the runtime call runs in the calling thread's current device.
             self._direct = direct_h2d()
             self._index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            # With one device every thread's current device is this one: no per-copy check.
+            self._one_device = torch.cuda.device_count() == 1
         else:
             self._cv = threading.Condition(self._lock)
             self._heap: list = []
@@ -320,20 +322,20 @@ class CopyEngine:
         return Transfer(demand=demand, nbytes=nbytes, slot=dst_slot, future=fut)
 
     def _land(self, src: torch.Tensor, slot: int, arena: VramArena, nbytes: int, lane: int,
-              non_blocking: bool, stream=None, pinned: bool = False) -> None:
-        """The copy and the decode, enqueued on `stream`, the current one (CUDA), or done now
-        (CPU). Lane k lands in staging buffer k and decodes with scratch k."""
+              stream=None, pinned: bool = False) -> None:
+        """The copy and the decode: enqueued on `stream`, the current one (CUDA), or done now
+        without one (CPU). Lane k lands in staging buffer k and decodes with scratch k."""
         _check_copy(src, arena, nbytes)
         dst = arena.staging(lane) if arena.decodes else arena.raw_view(slot)
         if stream is None:
-            dst[:nbytes].copy_(src[:nbytes], non_blocking=non_blocking)
+            dst[:nbytes].copy_(src[:nbytes])
         else:
             self._h2d(dst, src, nbytes, stream, pinned)
         self._decode_slot(arena, lane, slot, lane=lane)
 
     def _h2d(self, dst: torch.Tensor, src: torch.Tensor, nbytes: int, stream, pinned: bool) -> None:
         """dst[:nbytes] <- src[:nbytes] on `stream` (the current one), without waiting."""
-        if pinned and self._direct is not None and torch.cuda.current_device() == self._index:
+        if pinned and self._direct is not None and (self._one_device or torch.cuda.current_device() == self._index):
             self._direct(dst.data_ptr(), src.data_ptr(), nbytes, stream.cuda_stream)
         else:
             dst[:nbytes].copy_(src[:nbytes], non_blocking=True)
@@ -362,7 +364,7 @@ class CopyEngine:
                         after.make_stream_wait(stream)
                     if prior is not None and prior._event is not None:
                         stream.wait_event(prior._event)
-                    self._land(src, slot, arena, nbytes, 0, non_blocking=True, stream=stream, pinned=pinned)
+                    self._land(src, slot, arena, nbytes, 0, stream=stream, pinned=pinned)
                     event = self._pool.get()
                     event.record(stream)
         except Exception as e:  # noqa: BLE001 - carried to wait(), as on the CPU path
@@ -433,7 +435,7 @@ class CopyEngine:
         try:
             if after is not None:
                 after.make_stream_wait()  # CPU fences are complete; a CUDA one would block here
-            self._land(src, slot, arena, nbytes, lane, non_blocking=False)
+            self._land(src, slot, arena, nbytes, lane)
         except Exception as e:  # noqa: BLE001 - carried to wait()
             err = e
         with self._cv:
