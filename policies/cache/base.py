@@ -242,18 +242,7 @@ class CachePolicy(abc.ABC):
         if free >= nbytes:
             return True
         value = self._keep_value(tier, call.layer) if keep is None else keep
-        ok = self._evictable(tier, call)
-        victims = None
-        if tier == Tier.RAM and not self.config.containment:
-            # Exclusive caching where RAM does not contain VRAM: RAM copies of experts VRAM holds
-            # go first. Ranked like VRAM, RAM would otherwise keep the same best experts VRAM
-            # already has, and a VRAM miss would almost never find its expert in RAM (the
-            # replay measured a RAM hit rate of 0.000 with stored-form VRAM larger than RAM).
-            redundant = ok & (self.state[Tier.VRAM] == RESIDENT)
-            if redundant.any():
-                victims = self._victims(tier, nbytes - free, redundant, value, below)
-        if victims is None:
-            victims = self._victims(tier, nbytes - free, ok, value, below)
+        victims = self._victims(tier, nbytes - free, self._evictable(tier, call), value, below)
         if victims is None and tier == Tier.RAM and below is None:
             victims = self._victims(tier, nbytes - free, self._evictable(tier, call, cascade=True),
                                     value, below)
@@ -273,6 +262,22 @@ class CachePolicy(abc.ABC):
 
     def _victims(self, tier: Tier, need: int, ok: np.ndarray, value: np.ndarray,
                  below: float | None) -> list[tuple[int, int]] | None:
+        """The lowest-`value` experts `ok` allows, enough to free `need` bytes (None if `ok`,
+        or `below`, cannot). Where RAM does not contain VRAM (no containment) it caches
+        exclusively: RAM copies of experts VRAM holds go first. Ranked like VRAM, RAM would
+        otherwise keep the same best experts VRAM already has, and a VRAM miss would almost
+        never find its expert in RAM (the replay measured a RAM hit rate of 0.000 with
+        stored-form VRAM larger than RAM)."""
+        if tier == Tier.RAM and not self.config.containment:
+            redundant = ok & (self.state[Tier.VRAM] == RESIDENT)
+            if redundant.any():
+                found = self._lowest(need, redundant, value, below)
+                if found is not None:
+                    return found
+        return self._lowest(need, ok, value, below)
+
+    def _lowest(self, need: int, ok: np.ndarray, value: np.ndarray,
+                below: float | None) -> list[tuple[int, int]] | None:
         masked = np.where(ok, value, np.inf)
         victims = []
         freed = 0
