@@ -91,20 +91,23 @@ def test_unknown_family_is_named():
         expert_forward("dense", {}, torch.zeros(1, H))
 
 
-def test_moe_compute_order_changes_nothing_and_waits_before_each_expert():
+def test_moe_compute_order_changes_nothing_and_waits_before_each_expert(monkeypatch):
     """`order` + `ready`: each expert computed after its own ready(i), in that order; the sum
     stays in router order, so bf16 results equal the router-order run bit for bit."""
+    from pipeline.bench import expert_mlp
+
     g = torch.Generator().manual_seed(3)
     experts = [{k: v.to(torch.bfloat16) for k, v in _tensors("qwen-moe", g).items()} for _ in range(4)]
     x, w = _rand(1, H, g=g).to(torch.bfloat16), [0.4, 0.3, 0.2, 0.1]
     want = moe_forward("qwen-moe", experts, x, w)
     seen = []
 
-    def run_expert(t, xi):
+    def watched(family, t, xi):
         assert seen and experts[seen[-1]] is t  # ready(i) came right before expert i's math
-        return expert_forward("qwen-moe", t, xi)
+        return expert_forward(family, t, xi)
 
-    got = moe_forward("qwen-moe", experts, x, w, run_expert=run_expert, ready=seen.append, order=(2, 0, 3, 1))
+    monkeypatch.setattr(expert_mlp, "expert_forward", watched)
+    got = moe_forward("qwen-moe", experts, x, w, ready=seen.append, order=(2, 0, 3, 1))
     assert seen == [2, 0, 3, 1]
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
     with pytest.raises(ValueError, match="each of the 4 experts once"):

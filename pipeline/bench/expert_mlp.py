@@ -1,10 +1,9 @@
 """The expert MLP of each store family, run on the dense tensors `ExpertPipeline.fetch` returns.
 
     expert_forward(family, tensors, x) -> y          x [n, H] -> y [n, H], in the weights' dtype
-    moe_forward(family, experts, x, weights, rows=None, run_expert=None, ready=None, order=None) -> y
+    moe_forward(family, experts, x, weights, rows=None, ready=None, order=None) -> y
         router-weighted sum of several experts; `rows[i]` (optional) selects which rows of x
-        expert i sees (a prefill pass routes each row to its own experts); `run_expert(t, x)`
-        (optional) replaces expert_forward, e.g. by a captured graph of it; `order` and
+        expert i sees (a prefill pass routes each row to its own experts); `order` and
         `ready(i)` (optional) compute the experts in another order, each once it is ready
     router_weights(weights, like) -> w        the weights as a float32 tensor beside `like`
     weighted_sum(ys, w) -> y                  sum_i w[i] * ys[i] of a stack ys [k, n, H]
@@ -60,8 +59,7 @@ def expert_forward(family: str, t: dict[str, torch.Tensor], x: torch.Tensor) -> 
 
 
 def moe_forward(family: str, experts: list[dict[str, torch.Tensor]], x: torch.Tensor, weights,
-                rows: list[torch.Tensor | None] | None = None, run_expert=None, ready=None,
-                order=None) -> torch.Tensor:
+                rows: list[torch.Tensor | None] | None = None, ready=None, order=None) -> torch.Tensor:
     """sum_i weights[i] * expert_i(x[rows[i]]) scattered back to [n, H] (all rows when rows[i] is None).
     `order` (optional): the order the experts are computed in, each after `ready(i)` when given;
     the sum is always taken in router order, so the result does not depend on `order`."""
@@ -78,8 +76,7 @@ def moe_forward(family: str, experts: list[dict[str, torch.Tensor]], x: torch.Te
             ready(i)
         sel = None if rows is None else rows[i]
         xi = x if sel is None else x.index_select(0, sel)
-        y = expert_forward(family, experts[i], xi) if run_expert is None else run_expert(experts[i], xi)
-        ys[i] = y if run_expert is None else y.clone()  # a graph's output is overwritten by its next replay
+        ys[i] = expert_forward(family, experts[i], xi)
     w = router_weights(weights, ys[0])
     if rows is None:
         return weighted_sum(torch.stack(ys), w)
