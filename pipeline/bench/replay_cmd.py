@@ -297,6 +297,20 @@ def run(args) -> int:
             print(f"  profile {m.name} @ {vram_text}: {describe(mr.profile)}")
         return row
 
+    def compute_only(label: str, whole_layers: bool = False) -> float:
+        """Seconds per token of the math on top_k preloaded experts, nothing to move."""
+        bar = R.progress_bar(len(passes), label, show)
+        with model.graphs(graphs, whole_layers=whole_layers):
+            fetch = compute_only_fetch(store, device)
+            run_loop(model, passes[:2], fetch)  # captures its graphs untimed
+            comp = run_loop(model, passes, fetch, progress=bar)
+        bar.close()
+        return sum(comp.pass_seconds) / tokens
+
+    def oracle_s_tok(loads: int) -> float:
+        """The bound's time per token: the math, or the loads moved at raw H2D, whichever is longer."""
+        return max(compute_s_tok, loads * rslot / tokens / (limits["h2d_raw_gbps"] * 1e9))
+
     # Compute per token with everything resident: the resident method when it runs and fits,
     # else the math on top_k preloaded experts with nothing to move.
     resident = next((m for m in methods if m.name == "resident"), None)
@@ -307,23 +321,11 @@ def run(args) -> int:
     else:
         if row is not None:
             fixed["resident"] = row
-        bar = R.progress_bar(len(passes), "compute only", show)
-        with model.graphs(graphs):
-            fetch = compute_only_fetch(store, device)
-            run_loop(model, passes[:2], fetch)  # captures its graphs untimed
-            comp = run_loop(model, passes, fetch, progress=bar)
-        bar.close()
-        compute_s_tok, source = sum(comp.pass_seconds) / tokens, f"top-{spec.top_k} preloaded experts"
+        compute_s_tok, source = compute_only("compute only"), f"top-{spec.top_k} preloaded experts"
     if graphs and stored:
         # Stored-form methods run a layer as one graph, which launches less than the resident
         # method's graph per expert: the bound takes the faster compute, so it stays a bound.
-        bar = R.progress_bar(len(passes), "compute only, whole-layer graphs", show)
-        with model.graphs(graphs, whole_layers=True):
-            fetch = compute_only_fetch(store, device)
-            run_loop(model, passes[:2], fetch)  # captures its graphs untimed
-            comp = run_loop(model, passes, fetch, progress=bar)
-        bar.close()
-        layers_s_tok = sum(comp.pass_seconds) / tokens
+        layers_s_tok = compute_only("compute only, whole-layer graphs", whole_layers=True)
         limits["compute_whole_layers_ms_per_token"] = layers_s_tok * 1e3
         if layers_s_tok < compute_s_tok:
             compute_s_tok, source = layers_s_tok, f"top-{spec.top_k} preloaded experts, one graph per layer"
@@ -366,10 +368,9 @@ def run(args) -> int:
     budgets = []
     for vram_text, vram_slots in vrams:
         hits, loads = belady_min(keys, vram_slots)
-        oracle_s_tok = max(compute_s_tok, loads * rslot / tokens / (limits["h2d_raw_gbps"] * 1e9))
         budget = {"vram": vram_text, "vram_slots": vram_slots, "vram_bytes": vram_slots * vslot,
                   "ram_slots": ram_slots, "belady_loads": loads, "belady_hit_rate": hits / max(1, len(keys)),
-                  "oracle_tokens_per_s": 1.0 / oracle_s_tok, "methods": []}
+                  "oracle_tokens_per_s": 1.0 / oracle_s_tok(loads), "methods": []}
         budget["vram_form"] = forms[vram_text]
         if forms[vram_text] == "stored":
             # The same bytes hold more experts stored: the bound for what those caches can do
@@ -377,8 +378,7 @@ def run(args) -> int:
             n = vram_slots_for(store, vram_slots * vslot, "stored")[0]
             s_hits, s_loads = belady_min(keys, n)
             budget["stored"] = {"vram_slots": n, "belady_loads": s_loads, "belady_hit_rate": s_hits / max(1, len(keys)),
-                                "oracle_tokens_per_s": 1.0 / max(compute_s_tok, s_loads * rslot / tokens
-                                                                 / (limits["h2d_raw_gbps"] * 1e9))}
+                                "oracle_tokens_per_s": 1.0 / oracle_s_tok(s_loads)}
         for m in methods:
             if m.name in fixed:  # a copy: its ratios are this budget's, not the last one's
                 budget["methods"].append(dict(fixed[m.name]))
