@@ -92,10 +92,10 @@ def resolve_vram_form(store: StoreCheckpoint, form: str, device: torch.device | 
         return effective_form(store, form)
     if store.dtype != "mxfp4" or torch.device(device).type != "cuda" or not fused_decode.supports(store, device):
         return "dense"
-    total = store.spec.num_layers * store.spec.num_experts
-    dense = vram_bytes // VramArena.slot_bytes_for(store, "dense")
+    dense = vram_slots_for(store, vram_bytes, "dense")[0]
     stored = vram_slots_for(store, vram_bytes, "stored", views)[0]
-    return "stored" if dense < total and stored > dense else "dense"
+    # Both counts stop at every expert: stored holds more only while dense cannot hold them all.
+    return "stored" if stored > dense else "dense"
 
 
 def plan_slots(cfg: PipelineConfig, store: StoreCheckpoint, form: str | None = None) -> tuple[int, int, int, int]:
