@@ -48,6 +48,10 @@ def test_stored_slots_are_the_read_length_and_refuse_dense_access(stores):
     assert arena.nbytes == 3 * stored + arena.views.nbytes and arena.views.num_views == st.spec.top_k
     with pytest.raises(ValueError, match=r"slot 1 holds the stored mxfp4 bytes.*views\.decode"):
         arena.tensors(1)
+    assert arena.buffer.numel() == 3 * stored
+    arena.close()
+    with pytest.raises(RuntimeError, match="VramArena is closed"):
+        arena.buffer  # noqa: B018 - the property is what raises
     with pytest.raises(ValueError, match="VRAM form 'packed' unknown; valid: dense, stored"):
         VramArena(st, 3, "cpu", form="packed")
 

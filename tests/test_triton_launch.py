@@ -97,3 +97,15 @@ def test_an_empty_hook_chain_is_no_hook():
     assert hook(SimpleNamespace(launch_enter_hook=Chain([]), launch_exit_hook=Chain([print]))) is not None
     assert hook(SimpleNamespace(launch_enter_hook=print, launch_exit_hook=None)) is print
     assert hook(SimpleNamespace()) is True  # a Triton whose knobs lack them: its own path
+
+
+def test_once_direct_a_refused_launch_is_the_callers_error(monkeypatch):
+    """After the launcher accepted a form, a TypeError is a bad call, not a form to retry."""
+    monkeypatch.setattr(triton_launch.torch.cuda, "current_device", lambda: 0)
+    k, fl = _launcher(True)
+    fl.launch((1,), "x", 0)
+    fl.launch((1,), "x", 1)
+    assert fl.fast
+    with pytest.raises(TypeError, match="exactly"):
+        fl.launch((1,), "x", 2, "one too many")
+    assert len(k.calls) == 1 and fl.fast  # still direct: nothing fell back to Triton's path
