@@ -12,8 +12,8 @@ from adapters.store import StoreCheckpoint
 from pipeline.bench.cli import main as bench
 from pipeline.bench.methods import baseline_methods, select
 from pipeline.assembly import vram_slots_for
-from pipeline.bench.replay import (Model, build_passes, device_weights, direct_fetch, emulate_hints, run_loop,
-                                   run_method)
+from pipeline.bench.replay import (Model, build_passes, device_rows, device_weights, direct_fetch, emulate_hints,
+                                   run_loop, run_method)
 from pipeline.vram_arena import VramArena
 from policies.cache.registry import make_policy
 from policies.events import Activation, Tier
@@ -69,6 +69,10 @@ def test_baselines_cpu(setup, tmp_path, capsys, no_leaks):  # noqa: F811
             assert r[k] is not None and r[k] >= 0, (r["method"], k)
         if r["vram_slots"] == b["vram_slots"]:  # no loading scheme beats Belady's MIN at that capacity
             assert round(r["gb_h2d"] * 1e9) // read_bytes >= b["belady_loads"], r["method"]
+        # the phases apart: the prefill pass's seconds plus the decode passes' mean per token
+        decode_tokens = r["tokens"] - res["prefill_tokens"]
+        assert r["prefill_s"] > 0 and r["decode_ms_per_token"] > 0 and 0 < res["prefill_tokens"] < r["tokens"]
+        assert r["prefill_s"] + r["decode_ms_per_token"] * decode_tokens / 1e3 == pytest.approx(r["seconds"])
     assert rows["resident"]["vram_hit_rate"] == 1.0 and rows["resident"]["gb_h2d"] == 0
     assert rows["on-demand"]["vram_hit_rate"] <= 0.05 and rows["on-demand"]["gb_nvme"] == 0
     assert rows["on-demand-disk"]["ram_hit_rate"] <= 0.05 and rows["on-demand-disk"]["gb_nvme"] > 0
@@ -112,6 +116,25 @@ def test_router_weights_uploaded_once_per_run_padded_per_pass(setup):
         for layer, x in enumerate(p.weights):
             assert w[i, layer, :len(x)].tolist() == torch.tensor(x, dtype=torch.float32).tolist()
             assert not w[i, layer, len(x):].any()
+
+
+def test_prefill_rows_uploaded_once_per_run(setup):
+    """A prefill pass's rows per expert are views of one upload made before timing (a per-chunk
+    upload from pageable memory would block the host on the stream each time); decode passes
+    have none."""
+    _, trace, _ = setup
+    passes = build_passes(load_trace(trace), include_prefill=True)
+    rows = device_rows(passes, torch.device("cpu"))
+    assert len(rows) == len(passes) and any(p.rows for p in passes) and any(p.rows is None for p in passes)
+    bases = set()
+    for p, r in zip(passes, rows, strict=True):
+        if p.rows is None:
+            assert r is None
+            continue
+        assert [[t.tolist() for t in layer] for layer in r] == [[list(x) for x in layer] for layer in p.rows]
+        bases |= {t.untyped_storage().data_ptr() for layer in r for t in layer if t.numel()}
+        assert all(t.dtype == torch.long for layer in r for t in layer)
+    assert len(bases) == 1
 
 
 def test_emulated_hints_recall(setup):

@@ -117,6 +117,7 @@ class LoopResult(msgspec.Struct):
     fetch_seconds: float
     tokens: int
     outputs: list | None = None  # final hidden state per pass (CPU), when asked
+    pass_phases: list[int] = []  # PREFILL or DECODE per pass, beside pass_seconds
 
 
 def _sync(device: torch.device) -> None:
@@ -137,12 +138,41 @@ def device_weights(passes: list[Pass], device: torch.device) -> torch.Tensor:
     return torch.from_numpy(out).to(device)
 
 
+def device_rows(passes: list[Pass], device: torch.device) -> list[tuple[tuple[torch.Tensor, ...], ...] | None]:
+    """Per prefill pass, per layer, per expert of the union: the rows routed to it, as int64
+    tensors on `device` (views of one upload before timing); None for a decode pass. Built
+    in the loop instead, each `torch.tensor(rows, device=cuda)` is a blocking upload from
+    pageable memory, which waits for everything queued on the stream: the host could not run
+    ahead of the GPU, so a prefill pass's copies never overlapped its math."""
+    flat: list[int] = []
+    for p in passes:
+        for layer_rows in p.rows or ():
+            for r in layer_rows:
+                flat.extend(r)
+    every = torch.tensor(flat, dtype=torch.long).to(device)
+    out, at = [], 0
+    for p in passes:
+        if p.rows is None:
+            out.append(None)
+            continue
+        layers = []
+        for layer_rows in p.rows:
+            views = []
+            for r in layer_rows:
+                views.append(every[at:at + len(r)])
+                at += len(r)
+            layers.append(tuple(views))
+        out.append(tuple(layers))
+    return out
+
+
 def run_loop(model: Model, passes: list[Pass], fetch, *, hints=None, hint_sink=None, progress=None,
              keep_outputs: bool = False) -> LoopResult:
     """Run `passes` with `fetch(layer, ids) -> [tensors]`; hints go to `hint_sink({layer: scores})`."""
     K, dev = model.top_k, model.device
     times, outs, fetch_s, tokens = [], [], 0.0, 0
     router_w = device_weights(passes, dev)
+    routed_rows = device_rows(passes, dev)
     _sync(dev)
     for i, p in enumerate(passes):
         t0 = time.perf_counter()
@@ -157,9 +187,7 @@ def run_loop(model: Model, passes: list[Pass], fetch, *, hints=None, hint_sink=N
                 f0 = time.perf_counter()
                 tensors = fetch(layer, chunk)
                 fetch_s += time.perf_counter() - f0
-                rows = None
-                if p.rows is not None:
-                    rows = [torch.tensor(r, device=dev, dtype=torch.long) for r in p.rows[layer][c:c + K]]
+                rows = None if routed_rows[i] is None else routed_rows[i][layer][c:c + K]
                 h = model.experts(h, tensors, pass_w[layer, c:c + len(chunk)], rows)
         _sync(dev)
         times.append(time.perf_counter() - t0)
@@ -168,7 +196,7 @@ def run_loop(model: Model, passes: list[Pass], fetch, *, hints=None, hint_sink=N
             outs.append(h.detach().to("cpu", copy=True))
         if progress is not None:
             progress(1)
-    return LoopResult(times, fetch_s, tokens, outs if keep_outputs else None)
+    return LoopResult(times, fetch_s, tokens, outs if keep_outputs else None, [p.phase for p in passes])
 
 
 class MethodRun(msgspec.Struct):

@@ -230,6 +230,7 @@ def run(args) -> int:
     import torch
 
     from policies.cache.belady import belady_min
+    from policies.traces import PREFILL
 
     from ..assembly import resolve_vram_form, vram_slots_for
     from . import report as R
@@ -355,6 +356,7 @@ def run(args) -> int:
                 "trace": {"path": args.trace, "model": trace.meta.model, "layers": trace.num_layers,
                           "experts": trace.num_experts, "top_k": trace.top_k, "rows": trace.tokens},
                 "passes": len(passes), "tokens": tokens, "device": str(device),
+                "prefill_tokens": sum(p.n for p in passes if p.phase == PREFILL),
                 "stand_in": f"{args.attn_matmuls} bf16 [n,H]x[H,H] matmuls + router [n,H]x[H,E] (not a real attention)",
                 "compute": _graphs_text(stored) if graphs else "eager PyTorch",
                 "lookahead": f"emulated: recall {args.lookahead_recall}, seed {args.seed}",

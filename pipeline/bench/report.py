@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from policies.traces import DECODE
+
 
 class _NoBar:
     def __call__(self, n: int = 1) -> None:
@@ -57,6 +59,9 @@ def method_row(name: str, method, run, compute_s_per_token: float, vram_slots: i
     tokens = run.loop.tokens
     uses = d["vram_hits"] + d["vram_misses"]
     ms_tok = seconds / max(1, tokens) * 1e3
+    # A prefill pass runs many rows at once, so its time per token says little about decoding:
+    # the two phases are also reported apart (a decode pass is one token).
+    decode_s = [t for t, ph in zip(run.loop.pass_seconds, run.loop.pass_phases) if ph == DECODE]
     return {
         "method": name, "policy": method.policy, "predictor": method.predictor,
         "predictor_options": dict(method.predictor_options), "policy_options": dict(method.policy_options),
@@ -64,6 +69,8 @@ def method_row(name: str, method, run, compute_s_per_token: float, vram_slots: i
         "vram_slots": vram_slots, "ram_slots": ram_slots, "device": run.device, "pinned": run.pinned,
         "tokens": tokens, "passes": len(run.loop.pass_seconds), "seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "ms_per_token": ms_tok,
+        "prefill_s": seconds - sum(decode_s),
+        "decode_ms_per_token": sum(decode_s) / len(decode_s) * 1e3 if decode_s else None,
         # Time beyond the math with everything resident, per token.
         "stall_ms_per_token": max(0.0, ms_tok - compute_s_per_token * 1e3),
         "fetch_ms_per_token": run.loop.fetch_seconds / max(1, tokens) * 1e3,
@@ -108,7 +115,8 @@ def print_table(budget: dict, rows: list[dict], file=None) -> None:
               f"oracle bound there {st['oracle_tokens_per_s']:.1f} tokens/s (Belady {st['belady_loads']} loads); "
               f"/oracle below is to the dense-slot bound", file=file)
     head = (f"{'method':22s} {'tok/s':>8s} {'ms/tok':>7s} {'stall':>7s} {'VRAMhit':>7s} {'RAMhit':>7s} "
-            f"{'GB h2d':>7s} {'GB nvme':>7s} {'h2d GB/s':>8s} {'nvme GB/s':>9s} {'/oracle':>7s} {'/on-dem':>7s}")
+            f"{'GB h2d':>7s} {'GB nvme':>7s} {'h2d GB/s':>8s} {'nvme GB/s':>9s} {'/oracle':>7s} {'/on-dem':>7s} "
+            f"{'prefill s':>9s} {'dec ms/tok':>10s}")
     print(head, file=file)
     for r in rows:
         if r["skipped"]:
@@ -117,7 +125,8 @@ def print_table(budget: dict, rows: list[dict], file=None) -> None:
         print(f"{r['method']:22s} {r['tokens_per_s']:8.1f} {r['ms_per_token']:7.2f} {r['stall_ms_per_token']:7.2f} "
               f"{r['vram_hit_rate']:7.3f} {_f(r['ram_hit_rate'], '7.3f')} {r['gb_h2d']:7.3f} {r['gb_nvme']:7.3f} "
               f"{r['h2d_gbps']:8.2f} {r['nvme_gbps']:9.2f} {_f(r.get('ratio_oracle'), '7.2f')} "
-              f"{_f(r.get('ratio_on_demand'), '7.2f')}", file=file)
+              f"{_f(r.get('ratio_on_demand'), '7.2f')} {_f(r.get('prefill_s'), '9.3f')} "
+              f"{_f(r.get('decode_ms_per_token'), '10.2f')}", file=file)
 
 
 def environment() -> dict:
