@@ -57,6 +57,9 @@ class SchedulerStats(msgspec.Struct, frozen=True):
     evictions_vram: int
     evictions_ram: int
     queued_prefetches: int
+    # Of evictions_vram: demand misses that found no free slot and took the scheduler's own
+    # LRU victim, not one the policy chose (it keeps slots free ahead: vram_headroom).
+    evictions_vram_fallback: int = 0
 
 
 class Scheduler(PlanExecution):
@@ -198,6 +201,7 @@ class Scheduler(PlanExecution):
         victim = self.vram.lru_victim(lambda s: s.handed_seq < seq, in_flight=self.engine.is_cuda)
         if victim is None:
             return None
+        self._c["evictions_vram_fallback"] += 1
         self._evict(self.vram, victim, tell_policy=True)
         return self.vram.take_free(key)
 

@@ -258,7 +258,43 @@ def test_forget_follows_the_executors_own_evictions(name):
 def test_options_may_not_override_shape_or_budgets_but_may_change_containment():
     from policies.cache.registry import fixed_options
 
-    base = dict(num_layers=2, num_experts=4, top_k=1, vram_bytes=2, ram_bytes=4, expert_bytes=1, containment=True)
+    base = dict(num_layers=2, num_experts=4, top_k=1, vram_bytes=2, ram_bytes=4, expert_bytes=1, containment=True,
+                vram_headroom=1)
     assert fixed_options(base, {"top_k": 2, "vram_bytes": 9, "containment": False, "lookahead": 2}) == \
         ["top_k", "vram_bytes"]
-    assert fixed_options(base, {"containment": False, "lookahead": 2}) == []
+    assert fixed_options(base, {"containment": False, "vram_headroom": 0, "lookahead": 2}) == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vram_headroom_is_kept_free_by_the_policys_own_evictions(name):
+    """With vram_headroom the book ends every access with that many bytes of VRAM free (the
+    pipeline's demand misses take them before the actor hears of the visit), emptied by
+    the policy's own evictions, and every other invariant holds."""
+    L, E, K = 4, 16, 2
+    rng = np.random.default_rng(5)
+    policy = build(name, L=L, E=E, K=K, vram=8, ram=16, vram_headroom=2)
+    visits = random_visits(rng, L, E, K, 40)
+    evicted = 0
+    for i, (layer, experts) in enumerate(visits):
+        plan = policy.on_activation(Activation(layer=layer, experts=tuple(experts)))
+        policy.check()
+        evicted += sum(mv.tier == Tier.VRAM for mv in plan.evictions)
+        assert policy.capacity[Tier.VRAM] - policy.used_bytes(Tier.VRAM) >= 2, (name, i)
+        for mv in plan.promotions + plan.stagings:
+            policy.complete(mv.layer, mv.expert, mv.tier, True)
+    assert evicted > 0  # the budget (8 of 64 experts) forced the policy to choose victims
+    # Without headroom the same visits fill VRAM to the brim at some point.
+    full = build(name, L=L, E=E, K=K, vram=8, ram=16)
+    peak = 0
+    for layer, experts in visits:
+        plan = full.on_activation(Activation(layer=layer, experts=tuple(experts)))
+        for mv in plan.promotions + plan.stagings:
+            full.complete(mv.layer, mv.expert, mv.tier, True)
+        peak = max(peak, full.used_bytes(Tier.VRAM))
+    assert peak == full.capacity[Tier.VRAM]
+
+
+@pytest.mark.parametrize("headroom", [-1, 7])
+def test_vram_headroom_beyond_the_budget_is_refused(headroom):
+    with pytest.raises(ValueError, match="vram_headroom=.*lower it or raise VRAM"):
+        build("lru", L=3, E=8, K=2, vram=8, ram=12, vram_headroom=headroom)  # 8 - one layer's 2 = 6 at most

@@ -54,7 +54,8 @@ def method_row(name: str, method, run, compute_s_per_token: float, vram_slots: i
     a, b = run.after, run.before
     d = {k: getattr(a, k) - getattr(b, k) for k in ("vram_hits", "vram_misses", "ram_hits", "ram_misses",
                                                     "bytes_h2d", "bytes_nvme", "prefetch_copies",
-                                                    "prefetch_reads", "prefetch_dropped", "stall_seconds")}
+                                                    "prefetch_reads", "prefetch_dropped", "stall_seconds",
+                                                    "evictions_vram", "evictions_vram_fallback")}
     seconds = sum(run.loop.pass_seconds)
     tokens = run.loop.tokens
     uses = d["vram_hits"] + d["vram_misses"]
@@ -82,6 +83,9 @@ def method_row(name: str, method, run, compute_s_per_token: float, vram_slots: i
         "nvme_gbps": d["bytes_nvme"] / seconds / 1e9 if seconds > 0 else 0.0,
         "loop_stall_s": d["stall_seconds"], "prefetch_copies": d["prefetch_copies"],
         "prefetch_reads": d["prefetch_reads"], "prefetch_dropped": d["prefetch_dropped"],
+        # VRAM evictions, and of them those the scheduler picked itself (LRU) because the
+        # policy had not emptied a slot yet: the policy chose the rest.
+        "evictions_vram": d["evictions_vram"], "evictions_vram_fallback": d["evictions_vram_fallback"],
         "skipped": None,
     }
 

@@ -57,6 +57,12 @@ class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     h2d_bytes_per_s: float = 50e9
     disk_bytes_per_s: float = 1.6e9
     seed: int = 0
+    # VRAM bytes kept free after each access by evicting this policy's own lowest-value
+    # experts. An executor that serves a demand miss before the policy hears of it (the
+    # pipeline: the decode loop never waits for the actor) takes a free slot, so the victim
+    # was this policy's choice, made one visit earlier, instead of the executor's own
+    # fallback. 0 where the policy plans each demand itself (the simulator).
+    vram_headroom: int = 0
 
 
 class _Call:
@@ -105,6 +111,10 @@ class CachePolicy(abc.ABC):
         if c.ram_bytes < need:
             raise ValueError(f"{self.name}: ram_bytes={c.ram_bytes} is smaller than one layer's "
                              f"top-{c.top_k} working set ({need} bytes); give RAM at least {need} bytes")
+        if not 0 <= c.vram_headroom <= c.vram_bytes - need:
+            raise ValueError(f"{self.name}: vram_headroom={c.vram_headroom} must be in 0..{c.vram_bytes - need} "
+                             f"(VRAM {c.vram_bytes} bytes less one layer's top-{c.top_k} working set, {need}); "
+                             f"lower it or raise VRAM")
         if c.containment and c.ram_bytes < c.vram_bytes:
             raise ValueError(f"{self.name}: with containment RAM must hold all of VRAM; ram_bytes="
                              f"{c.ram_bytes} < vram_bytes={c.vram_bytes} (raise RAM or set containment=False)")
@@ -162,6 +172,10 @@ class CachePolicy(abc.ABC):
                 self._load(Tier.RAM, layer, e, 0.0, call)
             self._load(Tier.VRAM, layer, e, 0.0, call)
         self._speculate(layer, now, call)
+        if headroom := self.config.vram_headroom:
+            # After the prefetches, which may use free space: the next visit's misses find it.
+            # `for_layer` is that next visit's layer (per-layer policies evict inside it).
+            self._make_room(Tier.VRAM, headroom, call, for_layer=(layer + 1) % self.L)
         return call.plan()
 
     def complete(self, layer: int, expert: int, tier: Tier, ok: bool) -> bool:

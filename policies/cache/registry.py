@@ -61,8 +61,9 @@ def parse_policy_spec(spec: str) -> tuple[str, dict]:
 def fixed_options(base: dict, options: dict) -> list[str]:
     """The names in `options` that `base` already sets and a caller may not override: the
     model's shape, the budgets and the timing come from the store or trace and the flags.
-    `containment` is a default derived from the budgets, which a policy option may change."""
-    return sorted(set(options) & (set(base) - {"containment"}))
+    `containment` and `vram_headroom` are defaults derived from the budgets, which a policy
+    option may change."""
+    return sorted(set(options) & (set(base) - {"containment", "vram_headroom"}))
 
 
 def _parse_spec(spec: str, kind: str, example: str) -> tuple[str, dict]:
