@@ -141,13 +141,15 @@ class ExpertPipeline:
 
     # ---- the decode loop's calls ---------------------------------------------------------------
     def fetch(self, layer: int, expert_ids, *, router_weights=None, token_id: int | None = None,
-              wait: bool = True):
+              wait: bool = True, rows: int = 1):
         """The experts' dense tensors (one dict per id, in order), ready on the current stream.
-        wait=False: a StagedExperts instead, whose expert i is ready only after `ready(i)`."""
+        wait=False: a StagedExperts instead, whose expert i is ready only after `ready(i)`.
+        rows: token rows in this forward pass (a prefill's prompt length; 1 when decoding):
+        the policy then expects a prefill's later layers to need most of their experts."""
         if self._thread is None:
             raise RuntimeError("this pipeline was opened with aopen(): use `await pipe.afetch(...)`")
         with self._lock:
-            seq, fence, ids, event = self._begin(layer, expert_ids, router_weights, token_id)
+            seq, fence, ids, event = self._begin(layer, expert_ids, router_weights, token_id, rows)
             pairs = self._p.scheduler.try_serve(layer, ids, seq, fence)
             if pairs is not None:  # served on this thread (VRAM hits, copies from RAM): no hop to the loop
                 self._p.actor.publish_threadsafe(event)
@@ -159,8 +161,8 @@ class ExpertPipeline:
             return self._finish(fut.result(timeout=self._demand_timeout()), wait)
 
     async def afetch(self, layer: int, expert_ids, *, router_weights=None, token_id: int | None = None,
-                     wait: bool = True):
-        seq, fence, ids, event = self._begin(layer, expert_ids, router_weights, token_id, thread_check=False)
+                     wait: bool = True, rows: int = 1):
+        seq, fence, ids, event = self._begin(layer, expert_ids, router_weights, token_id, rows, thread_check=False)
         coro = self._p.scheduler.demand(layer, ids, seq, fence)
         if self._thread is not None:  # the pipeline's loop runs elsewhere: bridge to it
             fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -251,7 +253,7 @@ class ExpertPipeline:
         await self.aclose()
 
     # ---- internals -----------------------------------------------------------------------------
-    def _begin(self, layer, expert_ids, router_weights, token_id, thread_check=True):
+    def _begin(self, layer, expert_ids, router_weights, token_id, rows=1, thread_check=True):
         if self._closed:
             raise PipelineClosed("the ExpertPipeline is closed; open a new one")
         if thread_check:
@@ -270,6 +272,8 @@ class ExpertPipeline:
             raise IndexError(f"expert ids {bad} out of range: the store has {s.num_experts} experts per layer")
         if len(set(ids)) != len(ids):
             raise ValueError(f"expert ids {ids} repeat an expert")
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"rows={rows!r}: the token rows of this forward pass, an int >= 1 (1 when decoding)")
         if len(ids) > len(self._p.scheduler.vram):
             raise ValueError(f"{len(ids)} experts at once but the VRAM budget holds {len(self._p.scheduler.vram)}")
         views = self._p.vram_arena.views
@@ -283,7 +287,7 @@ class ExpertPipeline:
                                                            (router_weights.tolist() if hasattr(router_weights, "tolist")
                                                             else router_weights))
         event = Activation(layer=int(layer), experts=tuple(ids), weights=weights, token_id=token_id,
-                           hint=self._hint, time=self._loop.time())
+                           hint=self._hint, time=self._loop.time(), rows=rows)
         self._hint = None
         return self._seq, fence, ids, event
 

@@ -47,7 +47,7 @@ def merge_events(old: Activation, new: Activation) -> Activation:
     if old.hint is not None:
         hint = {**old.hint, **(new.hint or {})}
     return Activation(layer=new.layer, experts=experts, weights=weights,
-                      token_id=new.token_id, hint=hint, time=new.time)
+                      token_id=new.token_id, hint=hint, time=new.time, rows=new.rows)
 
 
 class CoalescingQueue:

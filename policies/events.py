@@ -27,6 +27,9 @@ class Activation(msgspec.Struct, frozen=True, tag=True):
     # loop could compute them from the hidden state (pipe.hint); None otherwise.
     hint: dict[int, tuple[float, ...]] | None = None
     time: float = 0.0  # the producer's clock, seconds
+    # Token rows in this forward pass: 1 when decoding, the prompt's length in a prefill,
+    # whose later layers will need the union of all its rows' experts.
+    rows: int = 1
 
 
 class Move(msgspec.Struct, frozen=True):

@@ -199,6 +199,8 @@ async def test_coalescing_keeps_the_newest_information():
 def test_merge_never_widens_a_visit_and_drops_weights_it_cannot_pair():
     old = Activation(layer=3, experts=(1, 2), weights=(0.5, 0.5), token_id=4)
     new = Activation(layer=3, experts=(2, 6), token_id=4)
+    merged = merge_events(old, Activation(layer=3, experts=(2, 6), token_id=4, rows=7))
+    assert merged.rows == 7  # a prefill's visit stays one
     merged = merge_events(old, new)
     assert merged.experts == (2, 6)  # as wide as a router's top-k, newest choice kept
     assert merged.weights is None  # new carried no weights: old ones would not line up

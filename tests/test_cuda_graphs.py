@@ -102,7 +102,7 @@ def test_one_graph_per_slot(setup):
     model = Model(store.spec, dev, seed=3)
     cache: dict = {}
 
-    def fetch(layer, ids):  # 8 distinct weight sets, reused across layers
+    def fetch(layer, ids, rows=1):  # 8 distinct weight sets, reused across layers
         for e in ids:
             if e not in cache:
                 cache[e] = store.load_expert(0, e, dev)

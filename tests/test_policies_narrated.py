@@ -168,3 +168,37 @@ def test_watermark_admits_above_price_and_evicts_only_below_it():
     assert promoted(plan) == [] and evicted(plan) == []
     lam = pol.lam[Tier.VRAM]
     assert 0.01 * pol.factor[Tier.VRAM][0, 0] < lam * (1 - pol.config.hysteresis) < 0.9 * pol.factor[Tier.VRAM][0, 0]
+
+
+def prefill(policy, rows, chunk=2):
+    """One forward pass of `rows` token rows that needs every expert of every layer, fetched
+    `chunk` at a time in id order (as a decode loop fetches a prefill's union). Returns the
+    accesses that found their expert resident in VRAM."""
+    hits = 0
+    for layer in range(policy.L):
+        for c in range(0, policy.E, chunk):
+            ids = tuple(range(c, c + chunk))
+            hits += sum(policy.where(layer, e, Tier.VRAM) == 2 for e in ids)  # RESIDENT
+            plan = policy.on_activation(Activation(layer=layer, experts=ids, rows=rows))
+            for mv in plan.stagings + plan.promotions:
+                policy.complete(mv.layer, mv.expert, mv.tier, True)
+            policy.check()
+    return hits
+
+
+def test_nextuse_prefill_keeps_what_the_pass_needs_next():
+    """A prefill scans every expert while VRAM holds a third of them. Told the pass's rows,
+    nextuse evicts what this pass has used already (needed again only next pass) and keeps
+    what its later layers and the current layer's later fetches will use: nearly every
+    resident expert is a hit before it leaves. As a decode (rows=1), the current layer's
+    experts that its later fetches need look a whole pass away, and go just before their turn."""
+    L, E = 4, 12
+    results = {}
+    for rows in (1, 32):
+        pol = nextuse(np.full((L, E), 2 / E), vram=16, lookahead=0, stage_lookahead=0)
+        for layer in range(L):  # warm VRAM with a few experts of every layer
+            touch(pol, layer, 8, 9)
+            touch(pol, layer, 10, 11)
+        results[rows] = prefill(pol, rows)
+    assert results[32] >= 14, results  # of the 16 resident at the start
+    assert results[1] <= 8, results  # the warm experts of layers ahead only

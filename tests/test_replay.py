@@ -73,6 +73,7 @@ def test_baselines_cpu(setup, tmp_path, capsys, no_leaks):  # noqa: F811
         decode_tokens = r["tokens"] - res["prefill_tokens"]
         assert r["prefill_s"] > 0 and r["decode_ms_per_token"] > 0 and 0 < res["prefill_tokens"] < r["tokens"]
         assert r["prefill_s"] + r["decode_ms_per_token"] * decode_tokens / 1e3 == pytest.approx(r["seconds"])
+        assert 0 <= r["evictions_vram_fallback"] <= r["evictions_vram"]
     assert rows["resident"]["vram_hit_rate"] == 1.0 and rows["resident"]["gb_h2d"] == 0
     assert rows["on-demand"]["vram_hit_rate"] <= 0.05 and rows["on-demand"]["gb_nvme"] == 0
     assert rows["on-demand-disk"]["ram_hit_rate"] <= 0.05 and rows["on-demand-disk"]["gb_nvme"] > 0

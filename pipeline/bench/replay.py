@@ -168,7 +168,8 @@ def device_rows(passes: list[Pass], device: torch.device) -> list[tuple[tuple[to
 
 def run_loop(model: Model, passes: list[Pass], fetch, *, hints=None, hint_sink=None, progress=None,
              keep_outputs: bool = False) -> LoopResult:
-    """Run `passes` with `fetch(layer, ids) -> [tensors]`; hints go to `hint_sink({layer: scores})`."""
+    """Run `passes` with `fetch(layer, ids, rows=n) -> [tensors]` (n: the pass's token rows);
+    hints go to `hint_sink({layer: scores})`."""
     K, dev = model.top_k, model.device
     times, outs, fetch_s, tokens = [], [], 0.0, 0
     router_w = device_weights(passes, dev)
@@ -185,7 +186,7 @@ def run_loop(model: Model, passes: list[Pass], fetch, *, hints=None, hint_sink=N
             for c in range(0, len(ids), K):
                 chunk = ids[c:c + K]
                 f0 = time.perf_counter()
-                tensors = fetch(layer, chunk)
+                tensors = fetch(layer, chunk, rows=p.n)
                 fetch_s += time.perf_counter() - f0
                 rows = None if routed_rows[i] is None else routed_rows[i][layer][c:c + K]
                 h = model.experts(h, tensors, pass_w[layer, c:c + len(chunk)], rows)
@@ -275,7 +276,7 @@ def direct_fetch(store, device: torch.device):
     """A `fetch` that loads experts straight from the store (the resident reference), cached."""
     cache: dict[tuple[int, int], dict] = {}
 
-    def fetch(layer, ids):
+    def fetch(layer, ids, rows=1):
         for e in ids:
             if (layer, e) not in cache:
                 cache[(layer, e)] = store.load_expert(layer, e, device)
@@ -287,7 +288,7 @@ def direct_fetch(store, device: torch.device):
 def compute_only_fetch(store, device: torch.device):
     """A `fetch` returning top_k experts loaded once: times the math with nothing to move."""
     pool = [store.load_expert(0, e, device) for e in range(store.spec.top_k)]
-    return lambda layer, ids: pool[: len(ids)]
+    return lambda layer, ids, rows=1: pool[: len(ids)]
 
 
 def access_keys(passes: list[Pass], num_experts: int, top_k: int) -> np.ndarray:
