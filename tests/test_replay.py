@@ -390,3 +390,29 @@ def test_profile_passes_measure_copies_and_compute_on_the_gpu(setup):
     assert p["compute_ms_per_token"] > 0 and p["kernels_per_token"] > 0
     assert p["busy_ms_per_token"] <= p["copy_ms_per_token"] + p["compute_ms_per_token"] + 1e-9
     assert p["busy_ms_per_token"] <= p["window_ms_per_token"] + 1e-9
+
+
+def test_a_prefill_layers_groups_share_one_input_and_add_once(setup):
+    """Every group of a prefill layer's union reads the layer's normalised input (as in a real
+    MoE layer), so the pass equals h + the sum over groups, each computed from the same x."""
+    from pipeline.bench.expert_mlp import moe_forward
+    from pipeline.bench.replay import Pass
+
+    store_dir, _, _ = setup
+    store = StoreCheckpoint(store_dir)
+    spec = store.spec  # top_k 2: the 3-expert union below is two groups
+    model = Model(spec, torch.device("cpu"), seed=5, attn_matmuls=1)
+    L = spec.num_layers
+    ids, ws, rows = (0, 3, 5), (0.5, 0.3, 0.2), ((0, 2), (1,), (0, 1, 2))
+    p = Pass(0, 3, (1, 2, 3), (ids,) * L, (ws,) * L, (rows,) * L)
+    fetch = direct_fetch(store, torch.device("cpu"))
+    (got,) = run_loop(model, [p], fetch, keep_outputs=True).outputs
+    h = model.embed_rows(p.token_ids)
+    for layer in range(L):
+        h, _ = model.non_expert(h)
+        x = model.norm(h)
+        groups = [(ids[:2], ws[:2], rows[:2]), (ids[2:], ws[2:], rows[2:])]
+        moe = sum(moe_forward(spec.family, fetch(layer, g), x, torch.tensor(w), [torch.tensor(r) for r in rr])
+                  for g, w, rr in groups)
+        h = h + moe.to(h.dtype)
+    assert torch.equal(got, h)

@@ -7,6 +7,9 @@ non-expert work, the experts' MLPs and their router-weighted sum, eager or as CU
       non_expert(h) -> (h, router logits)        the stand-in: `attn_matmuls` bf16 [n,H]x[H,H]
                                                  matmuls and the router [n,H]x[H,E]
       experts(h, tensors, weights, rows) -> h    h + the weighted sum of the fetched experts
+      norm(h) -> x                               a layer's normalised input
+      expert_sum(x, tensors, weights, rows) -> y the weighted sum of one group of a prefill
+                                                 layer's experts, float32 [n, H], eager
       graph_captures                             graphs captured in the current scope
 """
 from __future__ import annotations
@@ -78,6 +81,15 @@ class Model:
     def _norm(h: torch.Tensor) -> torch.Tensor:
         hf = h.float()
         return (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype)
+
+    def norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self._norm(h)
+
+    def expert_sum(self, x: torch.Tensor, tensors, weights, rows) -> torch.Tensor:
+        """One group of a prefill layer's experts on its normalised input x (every group of the
+        layer reads the same x, as in a real MoE layer); the caller adds the groups' sums."""
+        extra = {"ready": tensors.ready, "order": tensors.order} if hasattr(tensors, "ready") else {}
+        return moe_forward(self.family, tensors, x, weights, rows, **extra)
 
     def embed_rows(self, token_ids) -> torch.Tensor:
         idx = torch.tensor([t % 64 for t in token_ids], device=self.device)

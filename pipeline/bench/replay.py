@@ -10,9 +10,11 @@
 Per pass and per layer, in order: the stand-in of the layer's non-expert work on the hidden
 state (`attn_matmuls` bf16 [n,H]x[H,H] matmuls and the router [n,H]x[H,E]: a *measured
 stand-in*, not a real attention), then the emulated lookahead hint for layer l+1 (methods
-that use lookahead), then `fetch(layer, ids)` of the trace's experts (in groups of top_k for
-a prefill pass, whose layers need the union of its rows' experts) and the family's expert
-MLP on the returned tensors, router-weighted, added to the hidden state. The trace's expert
+that use lookahead), then `fetch(layer, ids, rows=n)` of the trace's experts and the family's
+expert MLP on the returned tensors, router-weighted, added to the hidden state. A prefill
+pass's layer needs the union of its rows' experts: it fetches them in groups of top_k, each
+group's experts run on their rows of the layer's one normalised input, and the groups' sums
+are added to the hidden state once. The trace's expert
 ids drive routing, so locality is the trace's; the values carried are irrelevant to it.
 
 Timing: everything runs on the current stream; each pass ends with a device synchronise
@@ -183,13 +185,25 @@ def run_loop(model: Model, passes: list[Pass], fetch, *, hints=None, hint_sink=N
             h, _logits = model.non_expert(h)
             if hint_sink is not None and hints is not None and hints[i][layer] is not None:
                 hint_sink({layer + 1: hints[i][layer]})
+            if routed_rows[i] is None:  # a decode pass: one fetch of top_k experts per layer
+                for c in range(0, len(ids), K):
+                    chunk = ids[c:c + K]
+                    f0 = time.perf_counter()
+                    tensors = fetch(layer, chunk, rows=p.n)
+                    fetch_s += time.perf_counter() - f0
+                    h = model.experts(h, tensors, pass_w[layer, c:c + len(chunk)], None)
+                continue
+            # A prefill pass: the layer's union in groups of top_k, each on the same
+            # normalised input, their sums added to the hidden state once.
+            x, moe = model.norm(h), None
             for c in range(0, len(ids), K):
                 chunk = ids[c:c + K]
                 f0 = time.perf_counter()
                 tensors = fetch(layer, chunk, rows=p.n)
                 fetch_s += time.perf_counter() - f0
-                rows = None if routed_rows[i] is None else routed_rows[i][layer][c:c + K]
-                h = model.experts(h, tensors, pass_w[layer, c:c + len(chunk)], rows)
+                y = model.expert_sum(x, tensors, pass_w[layer, c:c + len(chunk)], routed_rows[i][layer][c:c + K])
+                moe = y if moe is None else moe + y
+            h = h + moe.to(h.dtype)
         _sync(dev)
         times.append(time.perf_counter() - t0)
         tokens += p.n
