@@ -23,11 +23,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import glu_kernel
+
 GPT_OSS_ALPHA, GPT_OSS_LIMIT = 1.702, 7.0
 FAMILIES = ("gpt-oss", "fused", "mixtral", "qwen-moe")
 
 
 def _gpt_oss_glu(h: torch.Tensor) -> torch.Tensor:
+    if glu_kernel.supported(h):  # CUDA: one kernel (pipeline/bench/glu_kernel.py)
+        return glu_kernel.gpt_oss_glu(h, GPT_OSS_ALPHA, GPT_OSS_LIMIT)
     gate, linear = h[..., ::2], h[..., 1::2]
     gate = gate.clamp(max=GPT_OSS_LIMIT)
     linear = linear.clamp(min=-GPT_OSS_LIMIT, max=GPT_OSS_LIMIT)
