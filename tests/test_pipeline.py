@@ -610,10 +610,13 @@ def test_a_refill_of_a_slot_freed_fetches_ago_does_not_wait_for_compute_enqueued
     # Then the compute stream is held busy and fetch 3 evicts fetch 1's slots. Their refills
     # follow fetch 2's fence (passed long ago), not the latest one (behind the sleep): they
     # land while the compute stream is still asleep, so copies overlap compute.
+    # No VRAM headroom: with 2 * top_k slots the policy's own evictions would free fetch 2's
+    # slots (all it may evict after fetch 3's visit), whose refills must wait for fetch 2's
+    # uses; this test is about a slot whose last use was fetches ago.
     store = stores["mxfp4"]
     k = StoreCheckpoint(store).spec.top_k
     with ExpertPipeline.open(store, **budgets(store, 2 * k, 6 * k), device="cuda", readers=1,
-                             policy="lru") as pipe:
+                             policy="lru", policy_options={"vram_headroom": 0}) as pipe:
         pipe.fetch(0, list(range(k)))
         pipe.fetch(1, list(range(k)))
         torch.cuda.synchronize()
