@@ -108,3 +108,34 @@ def test_lru_reproduces_reference_figures(shared_traces, name):
 def test_lru_reproduces_llama4_reference(shared_traces):
     trace = load_trace(shared_traces / "llama4-maverick-mmlu.npz")
     assert abs(_lru_hit_rate(trace, 0.10) - REFERENCE["llama4-maverick-mmlu"][0.10][0]) <= 0.0015
+
+
+def _min_loads_from(initial: frozenset, seq: list[int], cap: int) -> int:
+    """MIN (evict the furthest next use) starting with `initial` already cached."""
+    cache, loads = set(initial), 0
+    for i, k in enumerate(seq):
+        if k in cache:
+            continue
+        loads += 1
+        if len(cache) >= cap:
+            def nxt(x):
+                return next((j for j in range(i + 1, len(seq)) if seq[j] == x), len(seq))
+            cache.remove(max(cache, key=nxt))
+        cache.add(k)
+    return loads
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_best_warm_start_saves_exactly_the_first_capacity_distinct_loads(seed):
+    """The replay's oracle lets Belady start warm, as every method does: over every possible
+    initial cache content, the fewest loads are the cold MIN's less min(capacity, distinct)."""
+    import itertools
+
+    rng = np.random.default_rng(seed)
+    seq = rng.integers(0, 6, size=14).tolist()
+    distinct = sorted(set(seq))
+    for cap in (1, 2, 3):
+        _, cold = belady_min(seq, cap)
+        best = min(_min_loads_from(frozenset(s), seq, cap)
+                   for n in range(cap + 1) for s in itertools.combinations(range(6), n))
+        assert best == cold - min(cap, len(distinct)), (seq, cap)

@@ -111,12 +111,14 @@ def _f(x, spec: str) -> str:
 def print_table(budget: dict, rows: list[dict], file=None) -> None:
     file = file or sys.stdout  # looked up per call: sys.stdout may have been replaced since import
     print(f"\nVRAM {budget['vram']} = {budget['vram_slots']} expert slots, RAM {budget['ram_slots']} slots; "
-          f"oracle bound {budget['oracle_tokens_per_s']:.1f} tokens/s (Belady {budget['belady_loads']} loads)",
+          f"oracle bound {budget['oracle_tokens_per_s']:.1f} tokens/s (Belady {budget['belady_loads_warm']} loads "
+          f"from a warm start, {budget['belady_loads']} cold)",
           file=file)
     if "stored" in budget:
         st = budget["stored"]
         print(f"  stored MXFP4 in VRAM (vram_form stored): the same bytes hold {st['vram_slots']} experts; "
-              f"oracle bound there {st['oracle_tokens_per_s']:.1f} tokens/s (Belady {st['belady_loads']} loads); "
+              f"oracle bound there {st['oracle_tokens_per_s']:.1f} tokens/s (Belady {st['belady_loads_warm']} loads "
+              f"warm, {st['belady_loads']} cold); "
               f"/oracle below is to the dense-slot bound", file=file)
     head = (f"{'method':22s} {'tok/s':>8s} {'ms/tok':>7s} {'stall':>7s} {'VRAMhit':>7s} {'RAMhit':>7s} "
             f"{'GB h2d':>7s} {'GB nvme':>7s} {'h2d GB/s':>8s} {'nvme GB/s':>9s} {'/oracle':>7s} {'/on-dem':>7s} "
