@@ -134,12 +134,11 @@ async def assemble(cfg: PipelineConfig, *, reader_hooks: dict | None = None) -> 
     # far as the budget has them beyond one fetch's own): a demand miss is served before the
     # actor hears of it, so it takes a free slot the policy emptied, and the scheduler's own
     # LRU pick is only the fallback.
-    every = spec.num_layers * spec.num_experts
+    holds_all = n_vram >= spec.num_layers * spec.num_experts
+    headroom_slots = 0 if holds_all else max(0, min(spec.top_k, n_vram - spec.top_k))
     policy_config = dict(num_layers=spec.num_layers, num_experts=spec.num_experts, top_k=spec.top_k,
                          vram_bytes=n_vram * ram_slot, ram_bytes=n_ram * ram_slot, expert_bytes=ram_slot,
-                         containment=n_ram >= n_vram,
-                         vram_headroom=(max(0, min(spec.top_k, n_vram - spec.top_k)) if n_vram < every else 0)
-                         * ram_slot)
+                         containment=n_ram >= n_vram, vram_headroom=headroom_slots * ram_slot)
     fixed = fixed_options(policy_config, cfg.policy_options)
     if fixed:
         raise ValueError(f"policy_options {', '.join(fixed)}: set by the store and the vram/ram budgets; "

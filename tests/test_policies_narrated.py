@@ -202,3 +202,22 @@ def test_nextuse_prefill_keeps_what_the_pass_needs_next():
         results[rows] = prefill(pol, rows)
     assert results[32] >= 14, results  # of the 16 resident at the start
     assert results[1] <= 8, results  # the warm experts of layers ahead only
+
+
+def test_nextuse_a_prefill_visit_starts_fresh_after_decoding_the_same_layer():
+    """With one layer every visit is layer 0: what decode tokens fetched before a prefill does
+    not count as fetched by the prefill's visit, so the rest of its union stays near."""
+    pol = nextuse(np.full((1, 6), 0.2), vram=3, lookahead=0, stage_lookahead=0)
+    touch(pol, 0, 0)  # decode tokens
+    touch(pol, 0, 1)
+
+    def group(e):
+        plan = pol.on_activation(Activation(layer=0, experts=(e,), rows=16))
+        for mv in plan.stagings + plan.promotions:
+            pol.complete(mv.layer, mv.expert, mv.tier, True)
+        return plan
+
+    group(2)  # the prefill's first group: VRAM holds 0, 1, 2
+    # (0, 0) and (0, 1) are not fetched yet in this pass: both likely soon, so the next
+    # group (expert 3) evicts the one this pass has used already, (0, 2)
+    assert evicted(group(3)) == [(0, 2)]

@@ -61,7 +61,8 @@ class NextUsePolicy(PredictedPolicy):
         self._far = np.full((self.L, self.E), self.L * (self.E / self.K - 1.0))
         self._layer = 0
         self._rows = 1  # token rows of the current forward pass (event.rows)
-        self._fetched_now = np.zeros(self.E, dtype=bool)  # experts of `_layer` this visit fetched so far
+        self._fetched_now = np.zeros(self.E, dtype=bool)  # experts of `_layer` this (prefill) visit fetched so far
+        self._visit = (-1, 0)  # (layer, rows) of the visit _fetched_now belongs to
         self._keep_cache: np.ndarray | None = None
 
     def on_activation(self, event: Activation) -> Plan:
@@ -99,8 +100,10 @@ class NextUsePolicy(PredictedPolicy):
         self.count[layer, experts] += 1.0
         self.visits[layer] += 1.0
         self._refresh(layer)
-        if layer != self._layer:
+        # A new visit: another layer or pass size; a decode visit is always one event.
+        if (layer, self._rows) != self._visit or self._rows == 1:
             self._fetched_now[:] = False
+            self._visit = (layer, self._rows)
         self._fetched_now[experts] = True
         self._layer = layer
         self._keep_cache = None
