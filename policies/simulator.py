@@ -155,8 +155,9 @@ class Simulator:
                 self._start(link, self.now)
 
     # ---- one layer visit ------------------------------------------------------------------
-    def visit(self, layer: int, experts: tuple[int, ...], weights=None) -> None:
-        """Layer `layer` runs now and needs `experts` (distinct ids, at most what VRAM holds)."""
+    def visit(self, layer: int, experts: tuple[int, ...], weights=None, rows: int = 1) -> None:
+        """Layer `layer` runs now and needs `experts` (distinct ids, at most what VRAM holds),
+        for a forward pass of `rows` token rows (a prefill's length; 1 when decoding)."""
         self.advance(self.now)
         vram = self.policy.state[Tier.VRAM]
         ram = self.policy.state[Tier.RAM]
@@ -167,7 +168,7 @@ class Simulator:
             elif ram[layer, e] == RESIDENT:
                 self.ram_hits += 1
         plan = self.policy.on_activation(Activation(layer=layer, experts=experts, weights=weights,
-                                                     time=self.now))
+                                                     time=self.now, rows=rows))
         self._apply(plan)
         ready = self.now
         while any(vram[layer, e] != RESIDENT for e in experts):
@@ -206,9 +207,10 @@ def simulate(trace: Trace, policy: CachePolicy, *, policy_name: str, predictor_n
     tokens = 0
     pending = 0
     for step in decode_steps(trace, include_prefill=include_prefill):
-        tokens += step.rows[1] - step.rows[0]
+        rows = step.rows[1] - step.rows[0]
+        tokens += rows
         for layer, ids in layer_visits(step, trace.top_k):
-            sim.visit(layer, ids)
+            sim.visit(layer, ids, rows=rows)
         pending += 1
         if progress is not None and pending >= 256:
             progress(pending)

@@ -107,6 +107,13 @@ def test_prefill_passes_are_chunked_to_top_k():
     # The visits schedules are computed over: the same chunks, in the same order.
     assert visit_sequence(trace, include_prefill=True) == [(0, 1), (2, 3), (0, 2)]
     assert visit_sequence(trace) == [(0, 2)]
+    # Each visit tells the policy its pass's rows (prefill-aware policies use them)
+    policy = make_policy("lru", num_layers=1, num_experts=4, top_k=2, vram_bytes=2, ram_bytes=4)
+    seen = []
+    original = policy.on_activation
+    policy.on_activation = lambda ev: (seen.append((ev.experts, ev.rows)), original(ev))[1]
+    simulate(trace, policy, policy_name="lru", include_prefill=True)
+    assert seen == [((0, 1), 2), ((2, 3), 2), ((0, 2), 1)]
 
 
 @pytest.mark.parametrize("text,expected", [("0.1", 10), ("1.0", 100), ("5MB", 5), ("5000000", 5),
