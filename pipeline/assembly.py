@@ -130,12 +130,15 @@ async def assemble(cfg: PipelineConfig, *, reader_hooks: dict | None = None) -> 
         predictor = make_predictor(predictor_name, spec.num_layers, spec.num_experts, spec.top_k,
                                    **cfg.predictor_options)
     # The policy counts in RAM-slot units so its capacities are exactly the slot counts.
-    # Where VRAM cannot hold every expert, it keeps one fetch's worth of VRAM slots free (as
+    # Where VRAM cannot hold every expert, it keeps two fetches' worth of VRAM slots free (as
     # far as the budget has them beyond one fetch's own): a demand miss is served before the
     # actor hears of it, so it takes a free slot the policy emptied, and the scheduler's own
-    # LRU pick is only the fallback.
+    # LRU pick is only the fallback. Two, because in a prefill's burst of fetches the actor
+    # runs a fetch behind: in a CPU replay of qwen1.5 (523 slots, 0.3 ms between fetches) one
+    # fetch's worth left 29% of the prefill's victims to the fallback, two left none, and the
+    # run made 7% fewer loads.
     holds_all = n_vram >= spec.num_layers * spec.num_experts
-    headroom_slots = 0 if holds_all else max(0, min(spec.top_k, n_vram - spec.top_k))
+    headroom_slots = 0 if holds_all else max(0, min(2 * spec.top_k, n_vram - spec.top_k))
     policy_config = dict(num_layers=spec.num_layers, num_experts=spec.num_experts, top_k=spec.top_k,
                          vram_bytes=n_vram * ram_slot, ram_bytes=n_ram * ram_slot, expert_bytes=ram_slot,
                          containment=n_ram >= n_vram, vram_headroom=headroom_slots * ram_slot)
