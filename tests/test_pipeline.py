@@ -389,21 +389,21 @@ def test_bad_fetch_arguments_are_clear(stores, no_leaks):
 
 
 def test_rows_reach_the_policy_and_it_chooses_the_vram_victims(stores, no_leaks):
-    """A fetch's `rows` rides on its activation event. The policy keeps two fetches' worth of
-    VRAM slots free, so demand misses take slots it emptied and the scheduler's own LRU
-    pick stays a fallback; with no headroom the policy's book always has room for a demand
-    the scheduler served, and the fallback picks the victims of every demand miss."""
+    """A fetch's `rows` rides on its activation event. With VRAM headroom (two fetches' worth
+    here; the pipeline's own rule gives this small VRAM none, see the next test) demand misses
+    take slots the policy emptied and the scheduler's own LRU pick stays a fallback; with no
+    headroom the policy's book always has room for a demand the scheduler served, and the
+    fallback picks the victims of every demand miss."""
     store = stores["bfloat16"]
     k = StoreCheckpoint(store).spec.top_k
     seen = []
     counts = {}
-    for headroom in (None, 0):
-        options = {} if headroom is None else {"vram_headroom": 0}
+    rslot = max(x.read_length for x in StoreCheckpoint(store).index.experts)
+    for headroom in (2 * k, 0):
         with ExpertPipeline.open(store, **budgets(store, 6 * k, 40), device="cpu", readers=1, policy="nextuse",
-                                 policy_options=options) as pipe:
+                                 policy_options={"vram_headroom": headroom * rslot}) as pipe:
             policy = pipe._p.policy
-            if headroom is None:
-                assert policy.config.vram_headroom == 2 * k * policy.config.expert_bytes
+            if headroom:
                 original = policy.on_activation
                 policy.on_activation = lambda ev: (seen.append(ev.rows), original(ev))[1]
             visits = list(trace_visits(store, tokens=12))
@@ -418,7 +418,7 @@ def test_rows_reach_the_policy_and_it_chooses_the_vram_victims(stores, no_leaks)
     assert seen[0] == 5 and set(seen[1:]) == {1}
     evictions, fallback = counts[0]
     assert evictions > 0 and fallback >= evictions // 3, counts  # (prefetches evict by plan)
-    evictions, fallback = counts[None]
+    evictions, fallback = counts[2 * k]
     assert evictions > 0 and fallback <= evictions // 10, counts
 
 
@@ -669,3 +669,14 @@ def test_policy_options_reach_the_policy_and_bad_ones_fail_before_allocating(sto
         ExpertPipeline.open(store, vram="1GiB", ram="1GiB", device="cpu", policy_options={"prefetch_min_prb": 0.2})
     with pytest.raises(ValueError, match="policy_options vram_bytes: set by the store and the vram/ram budgets"):
         ExpertPipeline.open(store, vram="1GiB", ram="1GiB", device="cpu", policy_options={"vram_bytes": 5})
+
+
+@pytest.mark.parametrize("slots,top_k,experts,free", [
+    (523, 4, 1440, 8), (144, 4, 1440, 8),  # qwen1.5 at 10%: stored and dense slots
+    (16, 4, 64, 1),  # the built-in default: a sixteenth of a small VRAM
+    (4, 4, 1440, 0),  # on-demand: one fetch's own slots only
+    (1440, 4, 1440, 0), (2000, 4, 1440, 0)])  # every expert fits: nothing to evict for
+def test_vram_headroom_is_two_fetches_at_most_a_sixteenth_and_none_when_all_fit(slots, top_k, experts, free):
+    from pipeline.assembly import vram_headroom_slots
+
+    assert vram_headroom_slots(slots, top_k, experts) == free
