@@ -25,7 +25,9 @@ def spec(**over) -> PolicySpec:
 
 
 def events(n_tokens: int = 12):
-    return [Activation(layer=l, experts=((t + l) % E, (3 * t + 2 * l + 1) % E), token_id=t, time=float(t))
+    # The first token stands for a 4-row prefill pass (rows reach the policy, which uses them)
+    return [Activation(layer=l, experts=((t + l) % E, (3 * t + 2 * l + 1) % E), token_id=t, time=float(t),
+                       rows=4 if t == 0 else 1)
             for t in range(n_tokens) for l in range(L)]
 
 
@@ -63,6 +65,7 @@ async def test_the_process_emits_the_plans_the_in_process_actor_emits():
         stats = await there.stop()
     assert len(got_here) > 5
     assert [p.plan for p in got_there] == [p.plan for p in got_here]
+    assert [p.cause.rows for p in got_there] == [p.cause.rows for p in got_here] and got_there[0].cause.rows == 4
     assert [p.seq for p in got_there] == [p.seq for p in got_here]
     assert stats.state == "stopped" and stats.processed == len(events()) and _no_child(proc)
     layer = next(p.cause.layer for p in got_there if sum(q.cause.layer == p.cause.layer for q in got_there) > 1)
