@@ -6,10 +6,11 @@ non-expert work, the experts' MLPs and their router-weighted sum, eager or as CU
       embed_rows(token_ids) -> h                 [n, H]
       non_expert(h) -> (h, router logits)        the stand-in: `attn_matmuls` bf16 [n,H]x[H,H]
                                                  matmuls and the router [n,H]x[H,E]
-      experts(h, tensors, weights, rows) -> h    h + the weighted sum of the fetched experts
+      experts(h, tensors, weights) -> h          h + the weighted sum of a decode layer's experts
       norm(h) -> x                               a layer's normalised input
-      expert_sum(x, tensors, weights, rows) -> y the weighted sum of one group of a prefill
-                                                 layer's experts, float32 [n, H], eager
+      expert_sum(x, tensors, weights, rows=None) -> y
+                                                 the weighted sum of experts on x (rows[i]: the
+                                                 rows expert i sees), float32 [n, H], eager
       graph_captures                             graphs captured in the current scope
 """
 from __future__ import annotations
@@ -85,9 +86,12 @@ class Model:
     def norm(self, h: torch.Tensor) -> torch.Tensor:
         return self._norm(h)
 
-    def expert_sum(self, x: torch.Tensor, tensors, weights, rows) -> torch.Tensor:
-        """One group of a prefill layer's experts on its normalised input x (every group of the
-        layer reads the same x, as in a real MoE layer); the caller adds the groups' sums."""
+    def expert_sum(self, x: torch.Tensor, tensors, weights, rows=None) -> torch.Tensor:
+        """The router-weighted sum of `tensors`' experts on x (float32, eager): one group of a
+        prefill layer (every group reads the layer's one normalised input, as in a real MoE
+        layer, and the caller adds the groups' sums), or a whole layer off the graphs.
+        From fetch(..., wait=False) each expert is computed once its own copy is waited for,
+        experts already in VRAM first (pipeline.api.StagedExperts)."""
         extra = {"ready": tensors.ready, "order": tensors.order} if hasattr(tensors, "ready") else {}
         return moe_forward(self.family, tensors, x, weights, rows, **extra)
 
@@ -146,13 +150,10 @@ class Model:
         ys = torch.stack([expert_forward(self.family, t, x) for t in tensors])
         return self._ne_h + weighted_sum(ys, w).to(self.dtype)
 
-    def experts(self, h: torch.Tensor, tensors, weights, rows) -> torch.Tensor:
-        # From fetch(..., wait=False): each expert computed once its own copy is waited for,
-        # experts already in VRAM first (pipeline.api.StagedExperts)
-        staged = hasattr(tensors, "ready")
-        if self._graphs is None or h.shape[0] != 1 or rows is not None:
-            extra = {"ready": tensors.ready, "order": tensors.order} if staged else {}
-            return h + moe_forward(self.family, tensors, self._norm(h), weights, rows, **extra).to(h.dtype)
+    def experts(self, h: torch.Tensor, tensors, weights) -> torch.Tensor:
+        staged = hasattr(tensors, "ready")  # from fetch(..., wait=False): see expert_sum
+        if self._graphs is None or h.shape[0] != 1:
+            return h + self.expert_sum(self._norm(h), tensors, weights).to(h.dtype)
         # Graphs: the same kernels on the same inputs as the eager branch above (the norm runs
         # inside the graphs), so the same values bit for bit; the result is written where the
         # next layer's stand-in reads it.

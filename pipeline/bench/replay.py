@@ -176,6 +176,14 @@ def run_loop(model: Model, passes: list[Pass], fetch, *, hints=None, hint_sink=N
     times, outs, fetch_s, tokens = [], [], 0.0, 0
     router_w = device_weights(passes, dev)
     routed_rows = device_rows(passes, dev)
+
+    def timed_fetch(layer, ids, rows):
+        nonlocal fetch_s
+        f0 = time.perf_counter()
+        tensors = fetch(layer, ids, rows=rows)
+        fetch_s += time.perf_counter() - f0
+        return tensors
+
     _sync(dev)
     for i, p in enumerate(passes):
         t0 = time.perf_counter()
@@ -185,24 +193,20 @@ def run_loop(model: Model, passes: list[Pass], fetch, *, hints=None, hint_sink=N
             h, _logits = model.non_expert(h)
             if hint_sink is not None and hints is not None and hints[i][layer] is not None:
                 hint_sink({layer + 1: hints[i][layer]})
-            if routed_rows[i] is None:  # a decode pass: one fetch of top_k experts per layer
-                for c in range(0, len(ids), K):
-                    chunk = ids[c:c + K]
-                    f0 = time.perf_counter()
-                    tensors = fetch(layer, chunk, rows=p.n)
-                    fetch_s += time.perf_counter() - f0
-                    h = model.experts(h, tensors, pass_w[layer, c:c + len(chunk)], None)
+            if routed_rows[i] is None:  # a decode pass: its row's top_k experts, one fetch
+                h = model.experts(h, timed_fetch(layer, ids, p.n), pass_w[layer, :len(ids)])
                 continue
             # A prefill pass: the layer's union in groups of top_k, each on the same
             # normalised input, their sums added to the hidden state once.
             x, moe = model.norm(h), None
             for c in range(0, len(ids), K):
-                chunk = ids[c:c + K]
-                f0 = time.perf_counter()
-                tensors = fetch(layer, chunk, rows=p.n)
-                fetch_s += time.perf_counter() - f0
-                y = model.expert_sum(x, tensors, pass_w[layer, c:c + len(chunk)], routed_rows[i][layer][c:c + K])
-                moe = y if moe is None else moe + y
+                group = ids[c:c + K]
+                y = model.expert_sum(x, timed_fetch(layer, group, p.n), pass_w[layer, c:c + len(group)],
+                                     routed_rows[i][layer][c:c + K])
+                if moe is None:
+                    moe = y
+                else:
+                    moe += y  # y is this group's own new tensor: no allocation per group
             h = h + moe.to(h.dtype)
         _sync(dev)
         times.append(time.perf_counter() - t0)
@@ -248,7 +252,7 @@ def warm_up(pipe, spec, model: Model) -> None:
             model.non_expert(h)
             for e in range(0, spec.num_experts, K):
                 ids = list(range(e, min(e + K, spec.num_experts)))
-                model.experts(h, pipe.fetch(layer, ids), [1.0 / len(ids)] * len(ids), None)
+                model.experts(h, pipe.fetch(layer, ids), [1.0 / len(ids)] * len(ids))
     _sync(model.device)
 
 
