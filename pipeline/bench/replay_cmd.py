@@ -8,10 +8,9 @@ expert ranges; the math per token with nothing to move), and the oracle bound is
 tokens/s if VRAM loads were exactly Belady's minimum at that capacity, moved at the raw H2D
 bandwidth and overlapped perfectly with compute,
     time/token = max(compute/token, belady_loads_warm * expert_bytes / tokens / raw_h2d).
-Every method starts warm (its untimed warm-up fills the tiers), so Belady may too: a cold
-MIN's first C misses (C = the VRAM capacity) are the first C distinct experts, which fill the
-cache without evicting, and no warm start saves more than C loads, so the minimum from the
-best warm start is belady_loads - min(C, distinct experts). The JSON keeps both counts.
+Every method starts warm (its untimed warm-up fills the tiers), so Belady may too: from the
+best warm start it makes belady_loads - min(VRAM slots, distinct experts)
+(policies.cache.belady.warm_start_loads). The JSON keeps both counts.
 On CUDA each decode step's math runs as captured graphs (`--cuda-graphs`, default): eager
 PyTorch at batch 1 is launch-bound, and its host time would be charged to every method.
 Every input is checked before anything runs: a bad one is a one-line error (exit 2) and no
@@ -234,7 +233,7 @@ def run(args) -> int:
     import numpy as np
     import torch
 
-    from policies.cache.belady import belady_min
+    from policies.cache.belady import belady_min, warm_start_loads
     from policies.traces import PREFILL
 
     from ..assembly import resolve_vram_form, vram_slots_for
@@ -374,26 +373,22 @@ def run(args) -> int:
     keys = access_keys(passes, spec.num_experts, spec.top_k)
     distinct = len(np.unique(keys))
 
-    def warm_loads(cold: int, slots: int) -> int:
-        """Belady's loads from the best warm start (see the module doc)."""
-        return max(0, cold - min(slots, distinct))
+    def bound(slots: int) -> dict:
+        """Belady's loads with `slots` VRAM slots, cold and from the best warm start, and the
+        oracle bound those warm loads give."""
+        hits, cold = belady_min(keys, slots)
+        warm = warm_start_loads(cold, slots, distinct)
+        return {"vram_slots": slots, "belady_loads": cold, "belady_hit_rate": hits / max(1, len(keys)),
+                "belady_loads_warm": warm, "oracle_tokens_per_s": 1.0 / oracle_s_tok(warm)}
 
     budgets = []
     for vram_text, vram_slots in vrams:
-        hits, loads = belady_min(keys, vram_slots)
-        budget = {"vram": vram_text, "vram_slots": vram_slots, "vram_bytes": vram_slots * vslot,
-                  "ram_slots": ram_slots, "belady_loads": loads, "belady_hit_rate": hits / max(1, len(keys)),
-                  "belady_loads_warm": warm_loads(loads, vram_slots),
-                  "oracle_tokens_per_s": 1.0 / oracle_s_tok(warm_loads(loads, vram_slots)), "methods": []}
-        budget["vram_form"] = forms[vram_text]
+        budget = {"vram": vram_text, **bound(vram_slots), "vram_bytes": vram_slots * vslot, "ram_slots": ram_slots,
+                  "methods": [], "vram_form": forms[vram_text]}
         if forms[vram_text] == "stored":
             # The same bytes hold more experts stored: the bound for what those caches can do
             # (same formula; it leaves out the decode each use then costs).
-            n = vram_slots_for(store, vram_slots * vslot, "stored")[0]
-            s_hits, s_loads = belady_min(keys, n)
-            budget["stored"] = {"vram_slots": n, "belady_loads": s_loads, "belady_hit_rate": s_hits / max(1, len(keys)),
-                                "belady_loads_warm": warm_loads(s_loads, n),
-                                "oracle_tokens_per_s": 1.0 / oracle_s_tok(warm_loads(s_loads, n))}
+            budget["stored"] = bound(vram_slots_for(store, vram_slots * vslot, "stored")[0])
         for m in methods:
             if m.name in fixed:  # a copy: its ratios are this budget's, not the last one's
                 budget["methods"].append(dict(fixed[m.name]))

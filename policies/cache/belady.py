@@ -4,6 +4,9 @@
 `capacity_experts` slots, evicting on each miss the cached key whose next use is farthest
 in the future. Next-use indices are precomputed with numpy; the victim comes from a
 max-heap with lazy deletion, so the whole replay is O(n log n).
+
+`warm_start_loads` turns its (cold) loads into those of MIN starting from the best possible
+cache content, the bound for a cache that was warmed before timing.
 """
 from __future__ import annotations
 
@@ -46,3 +49,13 @@ def belady_min(accesses, capacity_experts: int) -> tuple[int, int]:
         cached[key] = nxt[i]
         heapq.heappush(heap, (-nxt[i], key))
     return hits, loads
+
+
+def warm_start_loads(cold_loads: int, capacity_experts: int, distinct_keys: int) -> int:
+    """MIN's loads when the cache may start with any content, from its loads from empty.
+
+    A cold MIN's first `capacity` misses are the first distinct keys, which fill the cache
+    without evicting: starting with them saves those loads. No start saves more: a cold run
+    can load a warm run's initial content lazily, at its first use, for at most `capacity`
+    extra loads. (Tested by brute force over every initial content.)"""
+    return max(0, cold_loads - min(capacity_experts, distinct_keys))
