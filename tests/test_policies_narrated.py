@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from policies.cache.base import RESIDENT
 from policies.cache.registry import make_policy
 from policies.events import Activation, Tier
 from policies.predictors.base import Predictor
@@ -178,7 +179,7 @@ def prefill(policy, rows, chunk=2):
     for layer in range(policy.L):
         for c in range(0, policy.E, chunk):
             ids = tuple(range(c, c + chunk))
-            hits += sum(policy.where(layer, e, Tier.VRAM) == 2 for e in ids)  # RESIDENT
+            hits += sum(policy.where(layer, e, Tier.VRAM) == RESIDENT for e in ids)
             plan = policy.on_activation(Activation(layer=layer, experts=ids, rows=rows))
             for mv in plan.stagings + plan.promotions:
                 policy.complete(mv.layer, mv.expert, mv.tier, True)
