@@ -235,6 +235,25 @@ class StoreCheckpoint(Checkpoint):
         parts = {t.role: buf[t.offset: t.offset + t.nbytes] for t in x.tensors}
         return self._assemble(parts, device, out)
 
+    def stored_views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One expert's tensors as stored (MXFP4: `.blocks` and `.scales` uint8, biases as they
+        are) as views of ONE contiguous uint8 buffer holding its bytes, e.g. a VRAM slot of the
+        stored form: no copy, no decode, on the buffer's device."""
+        if buf.dtype != torch.uint8 or buf.dim() != 1:
+            raise ValueError(f"expert buffer must be a 1-D uint8 tensor, got {buf.dtype} {list(buf.shape)}")
+        x = self.index.experts[0]
+        if buf.numel() < x.length:
+            raise ValueError(f"expert buffer holds {buf.numel()} bytes, an expert needs {x.length}")
+        out = {}
+        for t in x.tensors:
+            dtype = TORCH_DTYPES[t.dtype]
+            u8 = buf[t.offset: t.offset + t.nbytes]
+            if u8.data_ptr() % dtype.itemsize:
+                raise ValueError(f"expert buffer at {buf.data_ptr():#x} misaligns {t.role} ({t.dtype}); "
+                                 f"start the buffer on a {dtype.itemsize}-byte boundary")
+            out[t.role] = u8.view(t.shape) if dtype is torch.uint8 else u8.view(dtype).view(t.shape)
+        return out
+
     def _assemble(self, parts: dict[str, torch.Tensor], device: torch.device,
                   out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         specs = {t.role: t for t in self.index.expert_tensors}

@@ -293,10 +293,12 @@ class ExpertPipeline:
 
     def _finish(self, results, wait: bool = True) -> list[dict[str, torch.Tensor]]:
         transfers = [transfer for _, transfer in results]
-        views = self._p.vram_arena.views
-        if views is not None:
-            return self._finish_decoding(views, [slot.index for slot, _ in results], transfers, wait)
-        tensors = [self._p.vram_arena.tensors(slot.index) for slot, _ in results]
+        arena = self._p.vram_arena
+        if arena.views is not None:
+            return self._finish_decoding(arena.views, [slot.index for slot, _ in results], transfers, wait)
+        # vram_views=0 with the stored form: the stored tensors, as they sit in the slots
+        get = arena.stored_tensors if arena.form == "stored" else arena.tensors
+        tensors = [get(slot.index) for slot, _ in results]
         if not wait:
             return StagedExperts(tensors, transfers)
         for transfer in transfers:

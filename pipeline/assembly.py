@@ -77,7 +77,7 @@ def vram_slots_for(store: StoreCheckpoint, vram_bytes: int, form: str = "dense",
     more slots than the store has experts."""
     stored = effective_form(store, form) == "stored"
     slot = VramArena.slot_bytes_for(store, form)
-    view_bytes = view_bytes_for(store, views or store.spec.top_k) if stored else 0
+    view_bytes = view_bytes_for(store, store.spec.top_k if views is None else views) if stored else 0
     total = store.spec.num_layers * store.spec.num_experts  # a slot more than every expert is never used
     return min(max(0, vram_bytes - view_bytes) // slot, total), slot, view_bytes
 
@@ -119,6 +119,9 @@ def plan_slots(cfg: PipelineConfig, store: StoreCheckpoint, form: str | None = N
     top_k = store.spec.top_k
     if form is None:
         form = resolve_vram_form(store, cfg.vram_form, _device(cfg), cfg.vram_bytes, cfg.vram_views)
+    if cfg.vram_views == 0 and store.dtype == "mxfp4" and form != "stored":
+        raise ValueError(f"vram_views=0 hands out the stored MXFP4 tensors, but vram_form={cfg.vram_form!r} keeps "
+                         f"dense tensors in VRAM here; open with vram_form='stored'")
     n_vram, vram_slot, views = vram_slots_for(store, cfg.vram_bytes, form, cfg.vram_views)
     ram_slot = max(x.read_length for x in store.index.experts)
     n_ram = min(cfg.ram_bytes // ram_slot, store.spec.num_layers * store.spec.num_experts)

@@ -56,6 +56,9 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     vram_form: str = "auto"
     # vram_form="stored": how many dense views, i.e. the most experts one fetch may ask for
     # (a prefill fetching the union of its rows' experts needs more than top_k); None = top_k.
+    # 0: no dense views and no decode: fetch hands out each expert's stored tensors (MXFP4
+    # blocks and scales, biases: views of its VRAM slot), for math that reads MXFP4 itself
+    # (pipeline/bench/mxfp4_kernel.py); the whole budget is slots.
     vram_views: int | None = None
     readers: int | None = None  # reader processes; None = the pool's default for the disk
     read_timeout_s: float = 10.0  # a read taking longer kills and replaces its reader
@@ -91,8 +94,9 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         for name in ("read_attempts", "prefetch_reads", "prefetch_copies", "actor_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.vram_views is not None and self.vram_views < 1:
-            raise ValueError(f"vram_views must be >= 1 or None (top_k), got {self.vram_views}")
+        if self.vram_views is not None and self.vram_views < 0:
+            raise ValueError(f"vram_views must be >= 0 (0: hand out the stored tensors) or None (top_k), "
+                             f"got {self.vram_views}")
         if self.readers is not None and self.readers < 1:
             raise ValueError(f"readers must be >= 1, got {self.readers}")
 

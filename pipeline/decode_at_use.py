@@ -50,9 +50,11 @@ class _Targets:
 def view_bytes_for(store, num_views: int) -> int:
     """Device bytes of `num_views` dense views plus the torch decode's scratch (one lane).
     The scratch is counted even where the fused decode needs none: a budget must not depend
-    on whether Triton is installed."""
+    on whether Triton is installed. No views (0): nothing."""
     from .vram_arena import VramArena
 
+    if num_views == 0:
+        return 0
     return num_views * VramArena.slot_bytes_for(store, "dense") + scratch_bytes(store, 1)
 
 

@@ -8,13 +8,17 @@
                                      (form="dense" only)
       staging(k)    -> uint8 view    mxfp4, form="dense": compressed-bytes landing buffer k
       views                          form="stored": the DecodeAtUse that turns a slot into
-                                     dense tensors at use (pipeline/decode_at_use.py)
+                                     dense tensors at use (pipeline/decode_at_use.py); None
+                                     with num_views=0
+      stored_tensors(i) -> {role: view}  form="stored": the expert's stored tensors (MXFP4
+                                     blocks and scales, biases) as views of slot i, built once
       close()                        drop the allocations
 
 Forms, for mxfp4 stores (bf16/fp16 stores are the same in both: their stored bytes are the
 dense tensors): "dense" slots hold the decoded bf16 tensors, decoded once per copy; "stored"
 slots hold the MXFP4 bytes as stored, 3.8x more experts in the same bytes, decoded at each use
-into one of `num_views` dense views (default: top_k, one fetch's worth).
+into one of `num_views` dense views (default: top_k, one fetch's worth), or with num_views=0
+handed out as they are, to math that reads MXFP4 itself.
 
 Nothing is allocated after construction: every per-slot view is precomputed, so filling a
 slot is one copy (bf16/fp16: the stored bytes ARE the tensors) or one copy into a staging
@@ -117,6 +121,8 @@ class VramArena:
         staging_bytes = self.num_staging * self.read_length + (
             scratch_bytes(store, DECODE_LANES) if self.decodes and not self.fused_decode else 0)
         num_views = store.spec.top_k if num_views is None else int(num_views)
+        if num_views < 0:
+            raise ValueError(f"num_views={num_views}: dense views per fetch, >= 0 (0: hand out the stored tensors)")
         if self.form == "stored":  # the dense views count with the staging buffers
             staging_bytes += view_bytes_for(store, num_views)
         need = self.num_slots * self.slot_bytes + staging_bytes
@@ -136,13 +142,14 @@ class VramArena:
         self._staging = [self._staging_buf[k * self.read_length:(k + 1) * self.read_length]
                          for k in range(self.num_staging)] if self._staging_buf is not None else []
         self._tensors = [self._slot_tensors(raw) for raw in self._raw] if self.form == "dense" else []
+        self._stored = [store.stored_views(raw) for raw in self._raw] if self.form == "stored" else []
         # mxfp4: the decoder's views and index scratch (one lane per decoding stream) are made
         # now rather than inside the first copy on the hot path.
         self.decoder = None
         if self.decodes:
             self.decoder = (fused_decode.FusedDecode(self) if self.fused_decode
                             else SlotDecoder(self, lanes=DECODE_LANES))
-        self.views = DecodeAtUse(self, num_views) if self.form == "stored" else None
+        self.views = DecodeAtUse(self, num_views) if self.form == "stored" and num_views > 0 else None
         if self.device.type == "cuda":
             # The table and the slots were made on this stream; copy streams use them next.
             torch.cuda.current_stream(self.device).synchronize()
@@ -193,8 +200,16 @@ class VramArena:
         self._check_slot(i)
         if self.form == "stored":
             raise ValueError(f"VRAM slot {i} holds the stored {self.dtype} bytes (form='stored'); "
-                             f"decode it with arena.views.decode({i}, view)")
+                             f"decode it with arena.views.decode({i}, view) or use arena.stored_tensors({i})")
         return self._tensors[i]
+
+    def stored_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        """form="stored": the expert's tensors as stored (roles of `store.index.expert_tensors`)
+        as views of slot i. Valid only once a transfer into the slot has completed."""
+        self._check_slot(i)
+        if self.form != "stored":
+            raise ValueError(f"VRAM slot {i} holds dense tensors (form={self.form!r}); use arena.tensors({i})")
+        return self._stored[i]
 
     def staging(self, k: int) -> torch.Tensor:
         """mxfp4 stores: staging buffer k (`read_length` bytes) for compressed bytes."""
@@ -218,7 +233,7 @@ class VramArena:
         if cuda:
             torch.cuda.synchronize(self.device)
         self._buf = self._staging_buf = None
-        self._raw, self._staging, self._tensors = [], [], []
+        self._raw, self._staging, self._tensors, self._stored = [], [], [], []
         self.decoder = None
         if self.views is not None:
             self.views.close()

@@ -59,10 +59,32 @@ def test_stored_slots_are_the_read_length_and_refuse_dense_access(stores):
 def test_decode_at_use_refuses_what_it_cannot_serve(stores):
     from pipeline.decode_at_use import DecodeAtUse
 
+    st = StoreCheckpoint(stores["mxfp4"])
     with pytest.raises(ValueError, match="at least one dense view, got 0"):
-        VramArena(StoreCheckpoint(stores["mxfp4"]), 3, "cpu", form="stored", num_views=0)
+        DecodeAtUse(VramArena(st, 3, "cpu", form="stored"), 0)
+    with pytest.raises(ValueError, match="num_views=-1"):
+        VramArena(st, 3, "cpu", form="stored", num_views=-1)
     with pytest.raises(ValueError, match="needs an mxfp4 store; this one is bfloat16"):
         DecodeAtUse(VramArena(StoreCheckpoint(stores["bfloat16"]), 3, "cpu"), 2)
+
+
+def test_no_views_hands_out_the_stored_tensors_of_each_slot(stores):
+    """num_views=0: no dense views are made, and each slot's stored tensors are views of it."""
+    st = StoreCheckpoint(stores["mxfp4"])
+    arena = VramArena(st, 3, "cpu", form="stored", num_views=0)
+    assert arena.views is None and arena.nbytes == 3 * arena.slot_bytes
+    raw = _raw(st, 1, 2)
+    arena.raw_view(2)[: raw.numel()].copy_(raw)
+    got = arena.stored_tensors(2)
+    want = st.stored_views(raw)
+    assert list(got) == list(want)
+    for role, t in got.items():
+        assert t.dtype == want[role].dtype and t.shape == want[role].shape and torch.equal(t, want[role])
+        assert arena.raw_view(2).data_ptr() <= t.data_ptr() < arena.raw_view(2).data_ptr() + arena.slot_bytes
+    with pytest.raises(ValueError, match="stored_tensors"):
+        arena.tensors(2)
+    with pytest.raises(ValueError, match="holds dense tensors"):
+        VramArena(st, 3, "cpu").stored_tensors(0)
 
 
 def test_a_bf16_store_is_the_same_in_both_forms(stores):
@@ -259,8 +281,8 @@ def test_more_views_serve_a_larger_fetch_and_come_out_of_the_budget(stores, no_l
         for layer in range(st.spec.num_layers):  # a prefill-like fetch: every expert of the layer at once
             for e, tensors in enumerate(pipe.fetch(layer, list(range(E)))):
                 assert_same(tensors, st.load_expert(layer, e), (layer, e))
-    with pytest.raises(ValueError, match="vram_views must be >= 1"):
-        PipelineConfig(store=str(stores["mxfp4"]), vram_views=0, **budget)
+    with pytest.raises(ValueError, match="vram_views must be >= 0"):
+        PipelineConfig(store=str(stores["mxfp4"]), vram_views=-1, **budget)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
@@ -298,3 +320,22 @@ def test_a_stored_slot_and_its_view_outlive_reads_still_queued_on_the_compute_st
         pipe.fetch(1, list(range(k, 2 * k)))
         torch.cuda.current_stream().synchronize()
         assert_same({r: t.cpu() for r, t in seen.items()}, st.load_expert(0, 1), (0, 1))
+
+
+def test_no_views_a_pipeline_hands_out_stored_tensors_and_the_whole_budget_is_slots(stores, no_leaks):
+    """vram_views=0: no budget goes to dense views, a fetch may ask for as many experts as VRAM
+    holds, and each expert comes back as its stored tensors, equal to the store's bytes."""
+    st = StoreCheckpoint(stores["mxfp4"])
+    E = st.spec.num_experts
+    budget = stored_budget(st, E + 1, 3 * E)
+    slot = VramArena.slot_bytes_for(st, "stored")
+    with ExpertPipeline.open(stores["mxfp4"], vram_views=0, device="cpu", readers=1, **budget) as pipe:
+        assert pipe.stats().vram_slots == min(budget["vram"] // slot, st.spec.num_layers * E) > E + 1
+        for layer in range(st.spec.num_layers):
+            for e, tensors in enumerate(pipe.fetch(layer, list(range(E)))):
+                want = st.stored_views(st.read_expert_tensor(layer, e))
+                assert list(tensors) == list(want)
+                assert all(torch.equal(tensors[r], want[r]) for r in want), (layer, e)
+    with pytest.raises(ValueError, match="vram_views=0 hands out the stored MXFP4 tensors.*vram_form='stored'"):
+        ExpertPipeline.open(stores["mxfp4"], vram_views=0, device="cpu", readers=1,
+                            **{**budget, "vram_form": "dense"})
