@@ -110,6 +110,34 @@ def test_pipeline_outputs_bit_identical_to_resident_reference(setup, per_expert_
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
+@pytest.mark.parametrize("per_expert_waits", [False, True])
+def test_experts_handed_out_stored_compute_the_resident_values(setup, per_expert_waits):
+    """vram_views=0: fetch hands out each expert's stored MXFP4 tensors and the replay computes
+    from them (pipeline/bench/stored_math.py). On the CPU that is an exact decode and the dense
+    math, so the outputs equal both the stored resident reference and the dense one bit for bit."""
+    store_dir, trace_path, _ = setup
+    store = StoreCheckpoint(store_dir)
+    spec = store.spec
+    passes = build_passes(load_trace(trace_path), include_prefill=True, limit=8)
+    model = Model(spec, torch.device("cpu"), seed=3)
+    stored_fetch = direct_fetch(store, torch.device("cpu"), stored=True)
+    assert "mlp1_weight.blocks" in stored_fetch(0, [1])[0]
+    ref = run_loop(model, passes, stored_fetch, keep_outputs=True).outputs
+    dense = run_loop(model, passes, direct_fetch(store, torch.device("cpu")), keep_outputs=True).outputs
+    (m,) = select(baseline_methods(), ["ours"])
+    vslot = VramArena.slot_bytes_for(store)
+    rslot = max(x.read_length for x in store.index.experts)
+    run = run_method(store_dir, store, m, 2 * vslot, 6 * rslot, passes, model,
+                     emulate_hints(passes, spec.num_experts, 0.8, 0), device="cpu", readers=1, keep_outputs=True,
+                     per_expert_waits=per_expert_waits, vram_form="stored", vram_views=0)
+    assert run.after.vram_misses > 0
+    assert run.vram_slots == vram_slots_for(store, 2 * vslot, "stored", 0)[0] > vram_slots_for(store, 2 * vslot,
+                                                                                               "stored")[0]
+    for a, b, c in zip(ref, run.loop.outputs, dense, strict=True):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+        assert torch.equal(a.view(torch.int16), c.view(torch.int16))
+
+
 def test_router_weights_uploaded_once_per_run_padded_per_pass(setup):
     """The decode loop slices every pass's weights from one device tensor: each layer's
     weights in router order, zeros past a pass's own width (prefill unions are wider)."""
@@ -183,6 +211,7 @@ def test_trace_larger_than_store_refused(setup, tmp_path, capsys, dims, what):
     (["--prefetch-copies", "-1"], "--prefetch-copies"),
     (["--vram", "0.1", "--vram-form", "stored"], "--vram-form dense"),
     (["--vram-form", "packed"], "--vram-form"),
+    (["--expert-math", "mxfp4", "--vram-form", "dense"], "drop --vram-form dense"),
 ])
 def test_bad_input_one_line_exit_2(setup, tmp_path, capsys, extra, needle):
     store, trace, _ = setup
@@ -340,6 +369,36 @@ def test_vram_form_stored_gives_budget_methods_more_slots_and_states_its_bound(s
     assert rows["ours"]["vram_slots"] == b["stored"]["vram_slots"] > b["vram_slots"]
     assert b["stored"]["belady_loads"] <= b["belady_loads"]  # more room, never more loads
     assert b["stored"]["oracle_tokens_per_s"] >= b["oracle_tokens_per_s"]
+
+
+def test_expert_math_mxfp4_hands_every_method_the_stored_form(setup, tmp_path, capsys):
+    """--expert-math mxfp4: every method, the fixed-size ones too, keeps stored slots and no dense
+    views, so the budget's methods hold more experts than with decode-at-use views."""
+    store, trace, _ = setup
+    out = tmp_path / "r.json"
+    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--vram", "0.2", "--methods",
+                "resident,on-demand,ours", "--tokens", "4", "--device", "cpu", "--no-progress", "--readers", "1",
+                "--expert-math", "mxfp4", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert "computed from their stored MXFP4 bytes" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    (b,) = res["budgets"]
+    rows = {r["method"]: r for r in b["methods"]}
+    assert {r["vram_form"] for r in rows.values()} == {"stored"} and res["expert_math"] == "mxfp4"
+    assert rows["on-demand"]["vram_slots"] == 2  # top_k stored slots
+    assert rows["resident"]["vram_slots"] == 24 and rows["resident"]["vram_hit_rate"] == 1.0  # 3 x 8, all
+    assert rows["ours"]["vram_slots"] == b["stored"]["vram_slots"] == vram_slots_for(
+        StoreCheckpoint(store), b["vram_bytes"], "stored", 0)[0] > vram_slots_for(StoreCheckpoint(store),
+                                                                                 b["vram_bytes"], "stored")[0]
+
+
+def test_expert_math_mxfp4_refuses_a_bf16_store(tmp_path, capsys):
+    store = build_tiny_store(tmp_path, "bfloat16")
+    trace = _trace(tmp_path / "t.npz")
+    capsys.readouterr()  # what building the store printed
+    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--device", "cpu", "--expert-math", "mxfp4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--expert-math dense" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_a_run_cut_short_keeps_the_budgets_it_finished(setup, tmp_path, monkeypatch):

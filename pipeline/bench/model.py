@@ -12,6 +12,8 @@ non-expert work, the experts' MLPs and their router-weighted sum, eager or as CU
                                                  the weighted sum of experts on x (rows[i]: the
                                                  rows expert i sees), float32 [n, H], eager
       graph_captures                             graphs captured in the current scope
+Experts handed out in their stored MXFP4 form (pipeline/bench/stored_math.py) are computed
+from those bytes: on CUDA a decode layer is two kernels, outside the graphs.
 """
 from __future__ import annotations
 
@@ -19,8 +21,11 @@ import contextlib
 
 import torch
 
+from . import stored_math
 from .cuda_graphs import GraphCache, kernel_copy
 from .expert_mlp import expert_forward, moe_forward, weighted_sum
+
+NORM_EPS = 1e-6
 
 
 class Model:
@@ -81,7 +86,7 @@ class Model:
     @staticmethod
     def _norm(h: torch.Tensor) -> torch.Tensor:
         hf = h.float()
-        return (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype)
+        return (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + NORM_EPS)).to(h.dtype)
 
     def norm(self, h: torch.Tensor) -> torch.Tensor:
         return self._norm(h)
@@ -93,6 +98,8 @@ class Model:
         From fetch(..., wait=False) each expert is computed once its own copy is waited for,
         experts already in VRAM first (pipeline.api.StagedExperts)."""
         extra = {"ready": tensors.ready, "order": tensors.order} if hasattr(tensors, "ready") else {}
+        if stored_math.is_stored(tensors[0]):
+            return stored_math.group_sum(self.family, x, tensors, weights, rows, **extra)
         return moe_forward(self.family, tensors, x, weights, rows, **extra)
 
     def embed_rows(self, token_ids) -> torch.Tensor:
@@ -132,6 +139,15 @@ class Model:
                                 (self._y_out,))
         return y
 
+    def _stored_layer(self, h: torch.Tensor, tensors, weights, staged: bool) -> torch.Tensor:
+        # One launch reads every expert, so every copy is waited for first.
+        for i in (tensors.order if staged else ()):
+            tensors.ready(i)
+        out = None
+        if self._graphs is not None and h.shape[0] == 1 and h is not self._ne_in:
+            out = self._ne_in  # where the next stand-in graph reads its input: no copy
+        return stored_math.layer(self.family, h, tensors, weights, NORM_EPS, out)
+
     def _load_weights(self, weights) -> torch.Tensor:
         """The router weights into the fixed buffer the graphs read: one kernel from a device
         tensor (the decode loop's), a blocking upload from floats (warm-up only)."""
@@ -152,6 +168,8 @@ class Model:
 
     def experts(self, h: torch.Tensor, tensors, weights) -> torch.Tensor:
         staged = hasattr(tensors, "ready")  # from fetch(..., wait=False): see expert_sum
+        if stored_math.is_stored(tensors[0]):
+            return self._stored_layer(h, tensors, weights, staged)
         if self._graphs is None or h.shape[0] != 1:
             return h + self.expert_sum(self._norm(h), tensors, weights).to(h.dtype)
         # Graphs: the same kernels on the same inputs as the eager branch above (the norm runs

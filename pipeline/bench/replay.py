@@ -260,15 +260,20 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
                hints, *, device: str, readers: int | None = None, progress=None, policy_process: bool = False,
                keep_outputs: bool = False, cuda_graphs: bool = True, per_expert_waits: bool = False,
                profile_passes: int = 0, prefetch_copies: int | None = None, vram_form: str = "dense",
-               layer_graphs: bool = True) -> MethodRun:
+               layer_graphs: bool = True, vram_views: int | None = None) -> MethodRun:
+    """`vram_views=0` with vram_form="stored": the experts are handed out stored and computed
+    from their MXFP4 bytes (pipeline/bench/stored_math.py)."""
     extra = {} if prefetch_copies is None else {"prefetch_copies": prefetch_copies}
+    if vram_views is not None:
+        extra["vram_views"] = vram_views
     with contextlib.ExitStack() as stack:
         pipe = stack.enter_context(open_pipeline(store_dir, method, vram_bytes, ram_bytes, device, readers,
                                                  policy_process=policy_process, vram_form=vram_form, **extra))
         form = pipe.stats().vram_form
         # Stored form: every fetch lands in the same few dense views, so a layer is one graph.
         # The graphs scope closes first: its graphs read the pipeline's slots.
-        stack.enter_context(model.graphs(cuda_graphs, whole_layers=layer_graphs and form == "stored"))
+        stack.enter_context(model.graphs(cuda_graphs, whole_layers=layer_graphs and form == "stored"
+                                         and vram_views != 0))
         if method.warm:
             warm_up(pipe, store.spec, model)
         before = pipe.stats().scheduler
@@ -290,22 +295,46 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
                          form)
 
 
-def direct_fetch(store, device: torch.device):
-    """A `fetch` that loads experts straight from the store (the resident reference), cached."""
+def _stored_loader(store, device: torch.device, slots: int):
+    """load(slot, layer, expert) -> the expert's stored tensors in `slot` of one allocation laid
+    out as a stored-form VRAM arena (the MXFP4 kernels need their experts in one allocation)."""
+    from ..vram_arena import VramArena
+
+    size = VramArena.slot_bytes_for(store, "stored")
+    buf = torch.zeros(slots * size, dtype=torch.uint8, device=device)
+
+    def load(slot: int, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        raw = store.read_expert_tensor(layer, expert)
+        view = buf[slot * size:(slot + 1) * size]
+        view[: raw.numel()].copy_(raw)
+        return store.stored_views(view)
+
+    return load
+
+
+def direct_fetch(store, device: torch.device, stored: bool = False):
+    """A `fetch` that loads experts straight from the store (the resident reference), cached;
+    `stored`: their stored tensors, as a pipeline with vram_form="stored", vram_views=0 hands out."""
     cache: dict[tuple[int, int], dict] = {}
+    E = store.spec.num_experts
+    load = (_stored_loader(store, device, store.spec.num_layers * E) if stored
+            else lambda _slot, layer, e: store.load_expert(layer, e, device))
 
     def fetch(layer, ids, rows=1):
         for e in ids:
             if (layer, e) not in cache:
-                cache[(layer, e)] = store.load_expert(layer, e, device)
+                cache[(layer, e)] = load(layer * E + e, layer, e)
         return [cache[(layer, e)] for e in ids]
 
     return fetch
 
 
-def compute_only_fetch(store, device: torch.device):
+def compute_only_fetch(store, device: torch.device, stored: bool = False):
     """A `fetch` returning top_k experts loaded once: times the math with nothing to move."""
-    pool = [store.load_expert(0, e, device) for e in range(store.spec.top_k)]
+    K = store.spec.top_k
+    load = (_stored_loader(store, device, K) if stored
+            else lambda _slot, layer, e: store.load_expert(layer, e, device))
+    pool = [load(e, 0, e) for e in range(K)]
     return lambda layer, ids, rows=1: pool[: len(ids)]
 
 

@@ -26,7 +26,14 @@ import time
 DEFAULT_RECALL = 0.8
 
 
-def _graphs_text(stored: bool) -> str:
+MXFP4_MATH = ("every method's experts computed from their stored MXFP4 bytes (VRAM holds the stored form, "
+              "fetch hands it out: vram_views=0); on CUDA two Triton kernels per layer, elsewhere an exact "
+              "decode and the dense math")
+
+
+def _graphs_text(stored: bool, mxfp4_math: bool = False) -> str:
+    if mxfp4_math:
+        return f"decode rows: the stand-in as CUDA graphs, {MXFP4_MATH}; prefill rows eager"
     per = "each expert MLP as a graph, one per VRAM slot, and the weighted sum as one graph"
     if stored:
         per += ("; stored-form methods, whose fetches land in the same few dense views, the whole "
@@ -76,6 +83,10 @@ def add_arguments(p) -> None:
                         "budget: dense bf16 (decoded per copy), stored (the MXFP4 bytes, ~3.8x more experts "
                         "in the same bytes, decoded at each use) or auto (stored on CUDA with Triton where it "
                         "holds more; PipelineConfig.vram_form; default auto)")
+    p.add_argument("--expert-math", default="dense", choices=("dense", "mxfp4"),
+                   help="dense: the experts' bf16 tensors (decoded per copy, or at use with --vram-form stored); "
+                        "mxfp4: every method keeps the stored MXFP4 bytes in VRAM and computes from them, "
+                        "resident and on-demand included (mxfp4 stores; default dense)")
     p.add_argument("--attn-matmuls", type=int, default=4, help="[n,H]x[H,H] matmuls of the attention stand-in")
     p.add_argument("--disk-probe-bytes", default="1GiB", help="cap on bytes read by the raw disk probe")
     p.add_argument("--json", help="write every figure and setting here (atomically)")
@@ -198,9 +209,18 @@ def _validate(args):
     ram = parse_budget(args.ram, "ram", total, rslot, spec.top_k)
     if args.vram_form not in VRAM_FORMS:
         raise ValueError(f"--vram-form {args.vram_form!r} unknown; valid: {', '.join(VRAM_FORMS)}")
+    if args.expert_math == "mxfp4":
+        if store.dtype != "mxfp4":
+            raise ValueError(f"--expert-math mxfp4 computes from MXFP4 bytes but store {args.store} holds "
+                             f"{store.dtype}; make an mxfp4 store (bin/precompute --dtype mxfp4) or use "
+                             f"--expert-math dense")
+        if args.vram_form == "dense":
+            raise ValueError("--expert-math mxfp4 keeps the stored form in VRAM; drop --vram-form dense "
+                             "(or use --expert-math dense)")
+        args.vram_form = "stored"
     if args.vram_form == "stored" and effective_form(store, "stored") == "stored":  # auto falls back to dense
         for text, slots in vrams:
-            n = vram_slots_for(store, slots * vslot, "stored")[0]
+            n = vram_slots_for(store, slots * vslot, "stored", 0 if args.expert_math == "mxfp4" else None)[0]
             if n < spec.top_k:
                 raise ValueError(f"--vram {text} with --vram-form stored holds {n} experts next to one fetch's "
                                  f"dense views, fewer than top-k={spec.top_k}; give a larger --vram or use "
@@ -237,6 +257,7 @@ def run(args) -> int:
     from policies.traces import PREFILL
 
     from ..assembly import resolve_vram_form, vram_slots_for
+    from ..vram_arena import VramArena
     from . import report as R
     from .gpu_profile import describe
     from .methods import slots_for
@@ -270,29 +291,38 @@ def run(args) -> int:
     graphs = args.cuda_graphs and device.type == "cuda"
     if args.profile_passes and device.type != "cuda":
         print("  --profile-passes: GPU time needs a CUDA device; no profile on the CPU", file=sys.stderr)
-    forms = {text: resolve_vram_form(store, args.vram_form, device, slots * vslot) for text, slots in vrams}
-    stored = "stored" in forms.values() and args.layer_graphs
-    print(f"  compute: {_graphs_text(stored) if graphs else 'eager'}"
+    mxfp4_math = args.expert_math == "mxfp4"
+    views = 0 if mxfp4_math else None  # vram_views: 0 hands the stored tensors out
+    sslot = VramArena.slot_bytes_for(store, "stored")
+    forms = {text: resolve_vram_form(store, args.vram_form, device, slots * vslot, views) for text, slots in vrams}
+    stored = "stored" in forms.values() and args.layer_graphs and not mxfp4_math
+    compute_text = _graphs_text(stored, mxfp4_math) if graphs else (
+        f"eager{'; ' + MXFP4_MATH if mxfp4_math else ''}")
+    print(f"  compute: {compute_text}"
           f"{', each expert after its own copy (--per-expert-waits)' if args.per_expert_waits else ''}, "
           f"the same math for every method")
     with model.graphs(graphs):
-        run_loop(model, passes[:2], compute_only_fetch(store, device))  # warm-up: kernels, allocator
+        run_loop(model, passes[:2], compute_only_fetch(store, device, mxfp4_math))  # warm-up: kernels, allocator
     fixed: dict[str, dict] = {}  # methods whose budgets do not depend on --vram run once
 
     def run_one(m, vram_slots, vram_text, compute_s_tok):
         v, r = slots_for(m, vram_slots, ram_slots, spec.top_k, total)
-        why = _fits(v * vslot, r * rslot, device)
+        # The fixed-size baselines (top_k, all) keep dense slots: their size is a slot count; with
+        # --expert-math mxfp4 they hold that many stored slots, like everyone else.
+        fixed_size = m.vram != "budget"
+        vbytes = v * (sslot if fixed_size and mxfp4_math else vslot)
+        why = _fits(vbytes, r * rslot, device)
         if why:
             return R.skipped_row(m.name, m, f"does not fit: {why}")
         bar = R.progress_bar(len(passes), f"{m.name} @ {vram_text}", show)
-        # The fixed-size baselines (top_k, all) keep dense slots: their size is a slot count.
-        form = forms[vram_text] if m.vram == "budget" else "dense"
+        form = "stored" if mxfp4_math else forms[vram_text] if not fixed_size else "dense"
         try:
-            mr = run_method(args.store, store, m, v * vslot, r * rslot, passes, model, hints,
+            mr = run_method(args.store, store, m, vbytes, r * rslot, passes, model, hints,
                             device=str(device), readers=args.readers, progress=bar,
                             policy_process=args.policy_process, cuda_graphs=graphs,
                             per_expert_waits=args.per_expert_waits, profile_passes=args.profile_passes,
-                            prefetch_copies=args.prefetch_copies, vram_form=form, layer_graphs=args.layer_graphs)
+                            prefetch_copies=args.prefetch_copies, vram_form=form, layer_graphs=args.layer_graphs,
+                            vram_views=views)
         finally:
             bar.close()
         row = R.method_row(m.name, m, mr, compute_s_tok, mr.vram_slots, r)
@@ -306,7 +336,7 @@ def run(args) -> int:
         """Seconds per token of the math on top_k preloaded experts, nothing to move."""
         bar = R.progress_bar(len(passes), label, show)
         with model.graphs(graphs, whole_layers=whole_layers):
-            fetch = compute_only_fetch(store, device)
+            fetch = compute_only_fetch(store, device, mxfp4_math)
             run_loop(model, passes[:2], fetch)  # captures its graphs untimed
             comp = run_loop(model, passes, fetch, progress=bar)
         bar.close()
@@ -362,7 +392,7 @@ def run(args) -> int:
                 "passes": len(passes), "tokens": tokens, "device": str(device),
                 "prefill_tokens": sum(p.n for p in passes if p.phase == PREFILL),
                 "stand_in": f"{args.attn_matmuls} bf16 [n,H]x[H,H] matmuls + router [n,H]x[H,E] (not a real attention)",
-                "compute": _graphs_text(stored) if graphs else "eager PyTorch",
+                "compute": compute_text, "expert_math": args.expert_math,
                 "lookahead": f"emulated: recall {args.lookahead_recall}, seed {args.seed}",
                 "timing": "host clock per pass, device synchronised at the end of each pass",
                 "limits": limits, "budgets": budgets,
@@ -388,7 +418,7 @@ def run(args) -> int:
         if forms[vram_text] == "stored":
             # The same bytes hold more experts stored: the bound for what those caches can do
             # (same formula; it leaves out the decode each use then costs).
-            budget["stored"] = bound(vram_slots_for(store, vram_slots * vslot, "stored")[0])
+            budget["stored"] = bound(vram_slots_for(store, vram_slots * vslot, "stored", views)[0])
         for m in methods:
             if m.name in fixed:  # a copy: its ratios are this budget's, not the last one's
                 budget["methods"].append(dict(fixed[m.name]))

@@ -1,0 +1,181 @@
+"""The MoE layer computed from stored MXFP4 bytes (pipeline/bench/mxfp4_kernel.py): its math in
+Triton's CPU interpreter and on the GPU against float64 maths on the decoded weights, its
+refusals, and on the GPU a pipeline handing out stored experts against the resident reference."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.bench import mxfp4_kernel
+from pipeline.bench.stored_math import dense_of
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def synthetic_experts(H: int, inter: int, k: int, device, seed: int = 0, stride: int = 0):
+    """k GPT-OSS experts' stored tensors as views of one buffer, at `stride`-byte places (256-
+    aligned; default: just large enough), each laid out mlp1 blocks, scales, bias, then mlp2's."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [("mlp1_weight.blocks", (2 * inter, H // 32, 16), torch.uint8),
+              ("mlp1_weight.scales", (2 * inter, H // 32), torch.uint8), ("mlp1_bias", (2 * inter,), torch.bfloat16),
+              ("mlp2_weight.blocks", (H, inter // 32, 16), torch.uint8),
+              ("mlp2_weight.scales", (H, inter // 32), torch.uint8), ("mlp2_bias", (H,), torch.bfloat16)]
+    offsets, pos = [], 0
+    for _, shape, dtype in shapes:
+        offsets.append(pos)
+        n = dtype.itemsize
+        for d in shape:
+            n *= d
+        pos = -(-(pos + n) // 16) * 16
+    stride = stride or -(-pos // 256) * 256
+    buf = torch.zeros(k * stride, dtype=torch.uint8)
+    experts = []
+    for e in range(k):
+        base = e * stride
+        t = {}
+        for (role, shape, dtype), off in zip(shapes, offsets):
+            n = dtype.itemsize
+            for d in shape:
+                n *= d
+            view = buf[base + off: base + off + n]
+            if role.endswith(".blocks"):
+                view.copy_(torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8))
+            elif role.endswith(".scales"):  # 2**-6 .. 2**-2: sums of H products stay moderate
+                view.copy_(torch.randint(121, 126, (n,), generator=g, dtype=torch.uint8))
+            else:
+                view.view(torch.bfloat16).copy_(torch.randn(n // 2, generator=g).to(torch.bfloat16))
+            t[role] = view
+        experts.append(t)
+    buf = buf.to(device)
+    out = []
+    for e in range(k):
+        t = {}
+        for (role, shape, dtype), off in zip(shapes, offsets):
+            n = experts[e][role].numel()
+            view = buf[e * stride + off: e * stride + off + n]
+            t[role] = view.view(shape) if dtype is torch.uint8 else view.view(dtype).view(shape)
+        out.append(t)
+    return out
+
+
+def reference(experts, h, w, norm: bool, residual: bool, round_x=None):
+    """float64 maths on the exactly decoded weights. `round_x`: how the normalised input is
+    rounded to bf16 (the GPU rounds to nearest; Triton's interpreter truncates)."""
+    x = h.double()
+    if norm:
+        xf = h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+        x = (round_x or (lambda v: v.to(torch.bfloat16).float()))(xf).double()
+    out = h.double() if residual else torch.zeros_like(h, dtype=torch.float64)
+    for wi, t in zip(w.tolist(), experts):
+        d = {k: v.double().cpu() for k, v in dense_of({k: v.cpu() for k, v in t.items()}).items()}
+        a1 = x.cpu() @ d["mlp1_weight"].T + d["mlp1_bias"]
+        gate, lin = a1[:, ::2].clamp(max=7), a1[:, 1::2].clamp(-7, 7)
+        out = out + wi * (((lin + 1) * gate * torch.sigmoid(1.702 * gate)) @ d["mlp2_weight"].T + d["mlp2_bias"])
+    return out
+
+
+INTERPRETED = """
+import torch
+from tests.test_mxfp4_kernel import synthetic_experts, reference
+from pipeline.bench import mxfp4_kernel as K
+truncate = lambda v: (v.view(torch.int32) & -65536).view(torch.float32)
+worst = 0.0
+cases = ((96, 64, 3, 2, True, True, 32), (64, 96, 1, 3, False, False, 16), (64, 64, 4, 1, True, True, None))
+for H, inter, k, n, norm, res, step in cases:  # step 32 over 48 bytes a row: two steps, the second masked
+    ex = synthetic_experts(H, inter, k, "cpu", seed=H + k)
+    lay = K.Layout.of(ex[0])
+    h = (torch.randn(n, H, generator=torch.Generator().manual_seed(k)) * 2).to(torch.bfloat16)
+    w = torch.tensor([0.5, 0.25, 0.125, 0.125][:k])
+    act = K.moe_up(lay, ex, h, 1e-6 if norm else None, block_j=8 if step else None, block_b=step)
+    out = torch.empty(n, H, dtype=torch.float32)   # float32 out: the interpreter rounds bf16 its own way
+    K.moe_down(lay, ex, act, w, out, residual=h if res else None, block_r=8 if step else None, block_b=step)
+    want = reference(ex, h, w, norm, res, round_x=truncate)
+    worst = max(worst, float(((out.double() - want).abs() / want.abs().clamp(min=1.0)).max()))
+print(worst)
+"""
+
+
+@pytest.mark.skipif(mxfp4_kernel.triton is None, reason="needs Triton")
+def test_the_kernels_math_in_the_interpreter():
+    """Row tails (H/2 bytes not a multiple of the block), 1 to 4 experts, several rows, with
+    and without the folded normalisation and the residual."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+def test_refuses_experts_it_cannot_address():
+    ex = synthetic_experts(64, 64, 2, "cpu")
+    lay = mxfp4_kernel.Layout.of(ex[0])
+    apart = synthetic_experts(64, 64, 1, "cpu", seed=1)[0]  # another allocation
+    moved = {r: v[1:] if v.dim() == 1 else v for r, v in ex[1].items()}  # mlp2_bias off its layout
+    for bad in ([ex[0], apart], [ex[0], moved]):
+        with pytest.raises(ValueError, match="one allocation"):
+            mxfp4_kernel._places(lay, bad)
+    with pytest.raises(ValueError, match="1..8"):
+        mxfp4_kernel._places(lay, ex * 5)
+    with pytest.raises(ValueError, match="missing"):
+        mxfp4_kernel.Layout.of({"mlp1_weight.blocks": ex[0]["mlp1_weight.blocks"]})
+    assert mxfp4_kernel._places(lay, ex)[1][:2] == [0, (ex[1]["mlp1_weight.blocks"].data_ptr()
+                                                        - ex[0]["mlp1_weight.blocks"].data_ptr()) // 256]
+
+
+def test_used_only_on_cuda_and_switched_off_by_the_environment(monkeypatch):
+    assert not mxfp4_kernel.supported(torch.device("cpu"))
+    monkeypatch.setenv("MOE_CACHE_MXFP4_KERNEL", "0")
+    assert not mxfp4_kernel.supported(torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H,inter,k,n", [(2880, 2880, 4, 1), (2880, 2880, 1, 5), (96, 64, 3, 2)])
+def test_on_the_gpu_against_float64(H, inter, k, n):
+    ex = synthetic_experts(H, inter, k, "cuda", seed=k)
+    lay = mxfp4_kernel.Layout.of(ex[0])
+    h = (torch.randn(n, H, generator=torch.Generator().manual_seed(n)) * 2).to("cuda", torch.bfloat16)
+    w = torch.tensor([0.4, 0.3, 0.2, 0.1][:k], device="cuda")
+    act = mxfp4_kernel.moe_up(lay, ex, h, 1e-6)
+    out = mxfp4_kernel.moe_down(lay, ex, act, w, torch.empty(n, H, device="cuda", dtype=torch.float32), residual=h)
+    want = reference(ex, h.cpu(), w.cpu(), True, True)
+    # float32 sums of H products and a norm whose rounding may differ by one bf16 step
+    assert float(((out.cpu().double() - want).abs() / want.abs().clamp(min=1.0)).max()) < 2e-2
+    again = mxfp4_kernel.moe_down(lay, ex, mxfp4_kernel.moe_up(lay, ex, h, 1e-6), w, torch.empty_like(out),
+                                  residual=h)
+    assert torch.equal(out, again)  # one fixed order of sums: the same bits every time
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("per_expert_waits", [False, True])
+def test_on_the_gpu_a_pipeline_of_stored_experts_equals_the_resident_reference(tmp_path, per_expert_waits):
+    from adapters.store import StoreCheckpoint
+    from pipeline.bench.methods import baseline_methods, select
+    from pipeline.bench.replay import Model, build_passes, direct_fetch, emulate_hints, run_loop, run_method
+    from pipeline.vram_arena import VramArena
+    from policies.synthetic import SyntheticConfig, generate
+    from policies.traces import load_trace, save_trace
+    from tests.helpers_pipeline import build_tiny_store
+
+    store_dir = build_tiny_store(tmp_path, "mxfp4")
+    store = StoreCheckpoint(store_dir)
+    spec = store.spec
+    save_trace(generate(SyntheticConfig(layers=spec.num_layers, experts=spec.num_experts, top_k=spec.top_k,
+                                        requests=1, prompt_tokens=3, decode_tokens=10, seed=1)), tmp_path / "t.npz")
+    passes = build_passes(load_trace(tmp_path / "t.npz"), include_prefill=True, limit=8)
+    dev = torch.device("cuda")
+    model = Model(spec, dev, seed=3)
+    ref = run_loop(model, passes, direct_fetch(store, dev, stored=True), keep_outputs=True).outputs
+    (m,) = select(baseline_methods(), ["ours"])
+    vslot = VramArena.slot_bytes_for(store)
+    rslot = max(x.read_length for x in store.index.experts)
+    run = run_method(store_dir, store, m, 2 * vslot, 6 * rslot, passes, model,
+                     emulate_hints(passes, spec.num_experts, 0.8, 0), device="cuda", readers=1, keep_outputs=True,
+                     per_expert_waits=per_expert_waits, vram_form="stored", vram_views=0)
+    assert run.after.vram_misses > 0
+    for a, b in zip(ref, run.loop.outputs, strict=True):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
