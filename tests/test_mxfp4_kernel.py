@@ -12,55 +12,10 @@ import pytest
 import torch
 
 from pipeline.bench import mxfp4_kernel
+from pipeline.bench.mxfp4_tune import synthetic_experts
 from pipeline.bench.stored_math import dense_of
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def synthetic_experts(H: int, inter: int, k: int, device, seed: int = 0, stride: int = 0):
-    """k GPT-OSS experts' stored tensors as views of one buffer, at `stride`-byte places (256-
-    aligned; default: just large enough), each laid out mlp1 blocks, scales, bias, then mlp2's."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = [("mlp1_weight.blocks", (2 * inter, H // 32, 16), torch.uint8),
-              ("mlp1_weight.scales", (2 * inter, H // 32), torch.uint8), ("mlp1_bias", (2 * inter,), torch.bfloat16),
-              ("mlp2_weight.blocks", (H, inter // 32, 16), torch.uint8),
-              ("mlp2_weight.scales", (H, inter // 32), torch.uint8), ("mlp2_bias", (H,), torch.bfloat16)]
-    offsets, pos = [], 0
-    for _, shape, dtype in shapes:
-        offsets.append(pos)
-        n = dtype.itemsize
-        for d in shape:
-            n *= d
-        pos = -(-(pos + n) // 16) * 16
-    stride = stride or -(-pos // 256) * 256
-    buf = torch.zeros(k * stride, dtype=torch.uint8)
-    experts = []
-    for e in range(k):
-        base = e * stride
-        t = {}
-        for (role, shape, dtype), off in zip(shapes, offsets):
-            n = dtype.itemsize
-            for d in shape:
-                n *= d
-            view = buf[base + off: base + off + n]
-            if role.endswith(".blocks"):
-                view.copy_(torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8))
-            elif role.endswith(".scales"):  # 2**-6 .. 2**-2: sums of H products stay moderate
-                view.copy_(torch.randint(121, 126, (n,), generator=g, dtype=torch.uint8))
-            else:
-                view.view(torch.bfloat16).copy_(torch.randn(n // 2, generator=g).to(torch.bfloat16))
-            t[role] = view
-        experts.append(t)
-    buf = buf.to(device)
-    out = []
-    for e in range(k):
-        t = {}
-        for (role, shape, dtype), off in zip(shapes, offsets):
-            n = experts[e][role].numel()
-            view = buf[e * stride + off: e * stride + off + n]
-            t[role] = view.view(shape) if dtype is torch.uint8 else view.view(dtype).view(shape)
-        out.append(t)
-    return out
 
 
 def reference(experts, h, w, norm: bool, residual: bool, round_x=None):
@@ -81,7 +36,8 @@ def reference(experts, h, w, norm: bool, residual: bool, round_x=None):
 
 INTERPRETED = """
 import torch
-from tests.test_mxfp4_kernel import synthetic_experts, reference
+from pipeline.bench.mxfp4_tune import synthetic_experts
+from tests.test_mxfp4_kernel import reference
 from pipeline.bench import mxfp4_kernel as K
 truncate = lambda v: (v.view(torch.int32) & -65536).view(torch.float32)
 worst = 0.0
@@ -179,3 +135,12 @@ def test_on_the_gpu_a_pipeline_of_stored_experts_equals_the_resident_reference(t
     assert run.after.vram_misses > 0
     for a, b in zip(ref, run.loop.outputs, strict=True):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_the_tuning_tool_says_it_needs_a_gpu(capsys):
+    from pipeline.bench.mxfp4_tune import main
+
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA device" in err and len(err.strip().splitlines()) == 1
