@@ -23,8 +23,9 @@ Why: with the stored form, the decode at use writes a 50 MB dense copy of each e
 bytes once. FP4 codes and E8M0 scales are expanded in registers by bit operations (exact in
 float32), the products summed in float32.
 
-How the experts are addressed: every expert of one launch must sit in one allocation (the
-pipeline's VRAM arena, or a resident copy of the store) at 256-byte aligned places. The
+How the experts are addressed: the experts of one launch must sit at 256-byte aligned distances
+from each other, as in one allocation (the pipeline's VRAM arena, or a resident copy of the
+store laid out the same way); anything else is refused with a ValueError. The
 kernels take one base pointer and each expert's place as a 32-bit count of 256-byte units from
 it, plain integers (up to MAX_EXPERTS of them), so a launch needs no upload of addresses and
 Triton's launcher can be called directly (pipeline.triton_launch.FixedLaunch): one per
@@ -225,9 +226,9 @@ def _places(layout: Layout, experts) -> tuple[torch.Tensor, list[int]]:
     for t, p in zip(experts, ptrs):
         d = p - ptrs[low]
         if d % UNIT or d // UNIT >= 2 ** 31 or t["mlp2_bias"].data_ptr() - p != layout.d_bias2:
-            raise ValueError("MXFP4 expert kernel: the experts of one launch must sit in one allocation at "
-                             f"{UNIT}-byte aligned places with one layout (a VRAM arena, or a resident "
-                             "copy made by pipeline.bench.replay.direct_fetch(..., stored=True))")
+            raise ValueError(f"MXFP4 expert kernel: the experts of one launch must sit at {UNIT}-byte aligned "
+                             "distances from each other, with one layout, as in one allocation (a VRAM arena, "
+                             "or a resident copy made by pipeline.bench.replay.direct_fetch(..., stored=True))")
         places.append(d // UNIT)
     return blocks[low], places + [0] * (MAX_EXPERTS - len(places))
 
