@@ -23,8 +23,8 @@ from . import mxfp4_kernel as K
 
 
 def synthetic_experts(H: int, inter: int, k: int, device, seed: int = 0, stride: int = 0):
-    """k GPT-OSS experts' stored tensors as views of one buffer, `stride` bytes apart (256-
-    aligned; default: just large enough), each laid out mlp1 blocks, scales, bias, then mlp2's."""
+    """k GPT-OSS experts' stored tensors as views of one buffer, `stride` bytes apart (default:
+    the smallest multiple of 256 that holds one), each laid out mlp1 blocks, scales, bias, then mlp2's."""
     g = torch.Generator().manual_seed(seed)
     shapes = [("mlp1_weight.blocks", (2 * inter, H // 32, 16), torch.uint8),
               ("mlp1_weight.scales", (2 * inter, H // 32), torch.uint8), ("mlp1_bias", (2 * inter,), torch.bfloat16),
