@@ -60,6 +60,10 @@ class SchedulerStats(msgspec.Struct, frozen=True):
     # Of evictions_vram: demand misses that found no free slot and took the scheduler's own
     # LRU victim, not one the policy chose (it keeps slots free ahead: vram_headroom).
     evictions_vram_fallback: int = 0
+    # Of fetches: those the pipeline's loop thread served (every afetch; a sync fetch only when
+    # it had to wait for a disk read or a slot still filling). Each costs the decode thread a
+    # hop to the loop thread and back; the rest were served on the caller's thread.
+    fetches_via_loop: int = 0
 
 
 class Scheduler(PlanExecution):
@@ -149,6 +153,7 @@ class Scheduler(PlanExecution):
         with self.table_lock:
             self.fences.note(fence, seq)
             self._c["fetches"] += 1
+            self._c["fetches_via_loop"] += 1
             for key in keys:  # pin first, so no eviction below picks an expert of this fetch
                 slot = self.vram.lookup(key)
                 if slot is not None:

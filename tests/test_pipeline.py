@@ -142,6 +142,9 @@ def test_misses_from_ram_are_served_on_the_callers_thread_without_the_loop(store
     assert after.vram_misses - before.vram_misses > 20  # the budget really forced copies
     assert after.ram_misses == before.ram_misses
     assert loop_demands == []
+    # the warm-up's disk reads went through the loop, and the counter says so; nothing since
+    assert before.fetches_via_loop > 0 and after.fetches_via_loop == before.fetches_via_loop
+    assert after.fetches > before.fetches
 
 
 def test_a_plan_evicting_a_just_read_expert_before_its_demand_copies_it_is_survived(stores, no_leaks):

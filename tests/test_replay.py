@@ -74,9 +74,12 @@ def test_baselines_cpu(setup, tmp_path, capsys, no_leaks):  # noqa: F811
         assert r["prefill_s"] > 0 and r["decode_ms_per_token"] > 0 and 0 < res["prefill_tokens"] < r["tokens"]
         assert r["prefill_s"] + r["decode_ms_per_token"] * decode_tokens / 1e3 == pytest.approx(r["seconds"])
         assert 0 <= r["evictions_vram_fallback"] <= r["evictions_vram"]
+        assert 0 <= r["fetches_via_loop"] <= r["fetches"] and r["fetches"] > 0
     assert rows["resident"]["vram_hit_rate"] == 1.0 and rows["resident"]["gb_h2d"] == 0
     assert rows["on-demand"]["vram_hit_rate"] <= 0.05 and rows["on-demand"]["gb_nvme"] == 0
     assert rows["on-demand-disk"]["ram_hit_rate"] <= 0.05 and rows["on-demand-disk"]["gb_nvme"] > 0
+    # disk reads are the loop thread's: on-demand-disk hops there, resident never does
+    assert rows["on-demand-disk"]["fetches_via_loop"] > 0 and rows["resident"]["fetches_via_loop"] == 0
     assert rows["on-demand"]["ratio_on_demand"] == pytest.approx(1.0)
     # the bound is never above the math with everything resident
     assert b["oracle_tokens_per_s"] <= rows["resident"]["tokens_per_s"] * (1 + 1e-9)

@@ -55,7 +55,8 @@ def method_row(name: str, method, run, compute_s_per_token: float, vram_slots: i
     d = {k: getattr(a, k) - getattr(b, k) for k in ("vram_hits", "vram_misses", "ram_hits", "ram_misses",
                                                     "bytes_h2d", "bytes_nvme", "prefetch_copies",
                                                     "prefetch_reads", "prefetch_dropped", "stall_seconds",
-                                                    "evictions_vram", "evictions_vram_fallback")}
+                                                    "evictions_vram", "evictions_vram_fallback", "fetches",
+                                                    "fetches_via_loop")}
     seconds = sum(run.loop.pass_seconds)
     tokens = run.loop.tokens
     uses = d["vram_hits"] + d["vram_misses"]
@@ -86,6 +87,9 @@ def method_row(name: str, method, run, compute_s_per_token: float, vram_slots: i
         # VRAM evictions, and of them those the scheduler picked itself (LRU) because the
         # policy had not emptied a slot yet: the policy chose the rest.
         "evictions_vram": d["evictions_vram"], "evictions_vram_fallback": d["evictions_vram_fallback"],
+        # Fetches the pipeline's loop thread served (a hop there and back for the decode thread:
+        # a disk read or a slot still filling), of all fetches.
+        "fetches": d["fetches"], "fetches_via_loop": d["fetches_via_loop"],
         "skipped": None,
     }
 
