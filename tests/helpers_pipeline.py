@@ -88,3 +88,18 @@ def tiny_store(request, tmp_path_factory):
     from adapters.store import StoreCheckpoint
 
     return StoreCheckpoint(build_tiny_store(tmp_path_factory.mktemp(f"vram_{request.param}"), request.param))
+
+
+def run_ours_on_stored_experts(store_dir, store, passes, model, device: str, per_expert_waits: bool):
+    """The replay's `ours` through a pipeline that hands out stored experts (vram_form="stored",
+    vram_views=0) with two dense slots' worth of VRAM; returns its MethodRun (outputs kept)."""
+    from pipeline.bench.methods import baseline_methods, select
+    from pipeline.bench.replay import emulate_hints, run_method
+    from pipeline.vram_arena import VramArena
+
+    (m,) = select(baseline_methods(), ["ours"])
+    vslot = VramArena.slot_bytes_for(store)
+    rslot = max(x.read_length for x in store.index.experts)
+    return run_method(store_dir, store, m, 2 * vslot, 6 * rslot, passes, model,
+                      emulate_hints(passes, store.spec.num_experts, 0.8, 0), device=device, readers=1,
+                      keep_outputs=True, per_expert_waits=per_expert_waits, vram_form="stored", vram_views=0)

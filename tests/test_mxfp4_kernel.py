@@ -111,12 +111,10 @@ def test_on_the_gpu_against_float64(H, inter, k, n):
 @pytest.mark.parametrize("per_expert_waits", [False, True])
 def test_on_the_gpu_a_pipeline_of_stored_experts_equals_the_resident_reference(tmp_path, per_expert_waits):
     from adapters.store import StoreCheckpoint
-    from pipeline.bench.methods import baseline_methods, select
-    from pipeline.bench.replay import Model, build_passes, direct_fetch, emulate_hints, run_loop, run_method
-    from pipeline.vram_arena import VramArena
+    from pipeline.bench.replay import Model, build_passes, direct_fetch, run_loop
     from policies.synthetic import SyntheticConfig, generate
     from policies.traces import load_trace, save_trace
-    from tests.helpers_pipeline import build_tiny_store
+    from tests.helpers_pipeline import build_tiny_store, run_ours_on_stored_experts
 
     store_dir = build_tiny_store(tmp_path, "mxfp4")
     store = StoreCheckpoint(store_dir)
@@ -127,12 +125,7 @@ def test_on_the_gpu_a_pipeline_of_stored_experts_equals_the_resident_reference(t
     dev = torch.device("cuda")
     model = Model(spec, dev, seed=3)
     ref = run_loop(model, passes, direct_fetch(store, dev, stored=True), keep_outputs=True).outputs
-    (m,) = select(baseline_methods(), ["ours"])
-    vslot = VramArena.slot_bytes_for(store)
-    rslot = max(x.read_length for x in store.index.experts)
-    run = run_method(store_dir, store, m, 2 * vslot, 6 * rslot, passes, model,
-                     emulate_hints(passes, spec.num_experts, 0.8, 0), device="cuda", readers=1, keep_outputs=True,
-                     per_expert_waits=per_expert_waits, vram_form="stored", vram_views=0)
+    run = run_ours_on_stored_experts(store_dir, store, passes, model, "cuda", per_expert_waits)
     assert run.after.vram_misses > 0
     for a, b in zip(ref, run.loop.outputs, strict=True):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))

@@ -19,7 +19,7 @@ from policies.cache.registry import make_policy
 from policies.events import Activation, Tier
 from policies.synthetic import SyntheticConfig, generate
 from policies.traces import load_trace, save_trace
-from tests.helpers_pipeline import build_tiny_store, no_leaks  # noqa: F401
+from tests.helpers_pipeline import build_tiny_store, no_leaks, run_ours_on_stored_experts  # noqa: F401
 
 # tiny preset: 3 MoE layers x 8 experts, top-2, hidden 64
 
@@ -127,13 +127,9 @@ def test_experts_handed_out_stored_compute_the_resident_values(setup, per_expert
     assert "mlp1_weight.blocks" in stored_fetch(0, [1])[0]
     ref = run_loop(model, passes, stored_fetch, keep_outputs=True).outputs
     dense = run_loop(model, passes, direct_fetch(store, torch.device("cpu")), keep_outputs=True).outputs
-    (m,) = select(baseline_methods(), ["ours"])
-    vslot = VramArena.slot_bytes_for(store)
-    rslot = max(x.read_length for x in store.index.experts)
-    run = run_method(store_dir, store, m, 2 * vslot, 6 * rslot, passes, model,
-                     emulate_hints(passes, spec.num_experts, 0.8, 0), device="cpu", readers=1, keep_outputs=True,
-                     per_expert_waits=per_expert_waits, vram_form="stored", vram_views=0)
+    run = run_ours_on_stored_experts(store_dir, store, passes, model, "cpu", per_expert_waits)
     assert run.after.vram_misses > 0
+    vslot = VramArena.slot_bytes_for(store)
     assert run.vram_slots == vram_slots_for(store, 2 * vslot, "stored", 0)[0] > vram_slots_for(store, 2 * vslot,
                                                                                                "stored")[0]
     for a, b, c in zip(ref, run.loop.outputs, dense, strict=True):
