@@ -7,6 +7,7 @@
         `ready(i)` (optional) compute the experts in another order, each once it is ready
     router_weights(weights, like) -> w        the weights as a float32 tensor beside `like`
     weighted_sum(ys, w) -> y                  sum_i w[i] * ys[i] of a stack ys [k, n, H]
+    rms_norm(h, eps) -> x                     a layer's normalised input
 
 Families and roles (adapters/base.py):
   gpt-oss : mlp1_weight [2I, H] (+ bias) -> interleaved gate x[..., ::2] / linear x[..., 1::2];
@@ -93,6 +94,12 @@ def moe_forward(family: str, experts: list[dict[str, torch.Tensor]], x: torch.Te
         else:
             out.index_add_(0, rows[i], wy)
     return out
+
+
+def rms_norm(h: torch.Tensor, eps: float) -> torch.Tensor:
+    """h normalised by its root mean square over the last dim, in float32, back in h's dtype."""
+    hf = h.float()
+    return (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
 
 
 def router_weights(weights, like: torch.Tensor) -> torch.Tensor:

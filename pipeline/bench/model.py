@@ -23,7 +23,7 @@ import torch
 
 from . import stored_math
 from .cuda_graphs import GraphCache, kernel_copy
-from .expert_mlp import expert_forward, moe_forward, weighted_sum
+from .expert_mlp import expert_forward, moe_forward, rms_norm, weighted_sum
 
 NORM_EPS = 1e-6
 
@@ -85,8 +85,7 @@ class Model:
 
     @staticmethod
     def _norm(h: torch.Tensor) -> torch.Tensor:
-        hf = h.float()
-        return (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + NORM_EPS)).to(h.dtype)
+        return rms_norm(h, NORM_EPS)
 
     def norm(self, h: torch.Tensor) -> torch.Tensor:
         return self._norm(h)

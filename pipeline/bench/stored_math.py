@@ -20,7 +20,7 @@ import torch
 from adapters.mxfp4 import mxfp4_decode
 
 from . import mxfp4_kernel
-from .expert_mlp import moe_forward
+from .expert_mlp import moe_forward, rms_norm
 
 BLOCKS, SCALES = ".blocks", ".scales"
 
@@ -54,23 +54,18 @@ def _weights(weights, device: torch.device) -> torch.Tensor:
     return torch.tensor([float(w) for w in weights], dtype=torch.float32, device=device)
 
 
-# A decode layer's activations [k, 1, I], one buffer per shape and device, reused layer after
-# layer: the kernels run in stream order on the caller's stream, so the next layer's first
-# kernel writes it only after this layer's second one has read it. Saves an allocation per layer.
+# A decode layer's activations [k, 1, I], one buffer per shape, device and stream, reused layer
+# after layer: the kernels run in order on that stream, so the next layer's first kernel writes
+# it only after this layer's second one has read it. Saves an allocation per layer.
 _act_buffers: dict[tuple, torch.Tensor] = {}
 
 
 def _act_buffer(k: int, inter: int, device: torch.device) -> torch.Tensor:
-    key = (k, inter, device)
+    key = (k, inter, device, torch.cuda.current_stream(device).cuda_stream)
     buf = _act_buffers.get(key)
     if buf is None:
         buf = _act_buffers[key] = torch.empty(k, 1, inter, device=device, dtype=torch.float32)
     return buf
-
-
-def _norm(h: torch.Tensor, eps: float) -> torch.Tensor:
-    hf = h.float()
-    return (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
 
 
 def layer(family: str, h: torch.Tensor, experts, weights, norm_eps: float,
@@ -78,7 +73,7 @@ def layer(family: str, h: torch.Tensor, experts, weights, norm_eps: float,
     """A decode layer's MoE block on h [n, H] (bf16): h + the router-weighted sum of the experts
     on norm(h), written into `out` when given (the kernel path; else a new tensor)."""
     if not uses_kernel(family, h.device):
-        y = moe_forward(family, [dense_of(t) for t in experts], _norm(h, norm_eps), weights)
+        y = moe_forward(family, [dense_of(t) for t in experts], rms_norm(h, norm_eps), weights)
         return h + y.to(h.dtype)
     lay = mxfp4_kernel.Layout.of(experts[0])
     w = _weights(weights, h.device)
