@@ -4,27 +4,39 @@
 # = $DIM so every store fits the disk), then `prefetch-bench replay --baselines` at VRAM 10% and
 # 25% of all experts, RAM 50%. Figures as JSON (+ PNG) under $OUT (or WORKDIR).
 #   usage: pipeline/bench/gpu_replay.sh TRACES_DIR WORKDIR TRACE_NAME...
-#   env:   DIM (512), TOKENS (passes per method, 300), DTYPES ("mxfp4"), RAM (0.5 of all experts)
+#   env:   DIM (512; "full": GPT-OSS-20B's own expert dims), TOKENS (passes per method, 300),
+#          DTYPES ("mxfp4"), RAM (0.5 of all experts), EXTRA (more replay flags, e.g.
+#          "--expert-math mxfp4"), MODEL_DIR (where the checkpoints go, default WORKDIR: at full
+#          size a checkpoint and its store together may not fit one disk, so e.g. /dev/shm),
+#          KEEP_MODEL (1; 0 deletes each checkpoint once its stores are built)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 traces=$1 work=$2
 shift 2
 out=${OUT:-$work}
-dim=${DIM:-512} tokens=${TOKENS:-300} dtypes=${DTYPES:-mxfp4} ram=${RAM:-0.5}
+dim=${DIM:-512} tokens=${TOKENS:-300} dtypes=${DTYPES:-mxfp4} ram=${RAM:-0.5} extra=${EXTRA:-}
+models=${MODEL_DIR:-$work}
+dims=(--hidden "$dim" --intermediate "$dim")
+[ "$dim" = full ] && dims=()
 py=python3
 [ -x .venv/bin/python ] && py=.venv/bin/python
-mkdir -p "$work" "$out"
+mkdir -p "$work" "$out" "$models"
 for name in "$@"; do
   trace="$traces/$name.npz"
   read -r L E K < <($py -c "import json,sys,numpy as np; m=json.loads(str(np.load(sys.argv[1])['meta'])); print(m['num_layers'], m['num_experts'], m['top_k'])" "$trace")
-  model="$work/$name-model"
+  model="$models/$name-model"
   [ -d "$model" ] || $py bin/make-model --format gpt-oss --preset gpt-oss-20b --layers "$L" --experts "$E" \
-      --top-k "$K" --hidden "$dim" --intermediate "$dim" --seed 0 --out "$model"
+      --top-k "$K" ${dims[@]+"${dims[@]}"} --seed 0 --out "$model"
   for d in $dtypes; do
     store="$work/$name-$d"
-    $py bin/precompute --model "$model" --out "$store" --dtype "$d" --workers 12 --no-progress
+    [ -d "$store" ] || $py bin/precompute --model "$model" --out "$store" --dtype "$d" --workers 12 --no-progress
+  done
+  if [ "${KEEP_MODEL:-1}" = 0 ]; then rm -rf "$model"; fi
+  for d in $dtypes; do
+    store="$work/$name-$d"
     echo "== replay $name ($d, ${L}x${E} top-$K, hidden=intermediate=$dim, $tokens passes per method)"
     $py bin/prefetch-bench replay --store "$store" --trace "$trace" --vram 0.1 --vram 0.25 --ram "$ram" \
-        --baselines --tokens "$tokens" --no-progress --json "$out/replay-$name-$d.json" --plot "$out/replay-$name-$d.png"
+        --baselines --tokens "$tokens" --no-progress $extra --json "$out/replay-$name-$d.json" \
+        --plot "$out/replay-$name-$d.png"
   done
 done
