@@ -75,6 +75,9 @@ def test_baselines_cpu(setup, tmp_path, capsys, no_leaks):  # noqa: F811
         assert r["prefill_s"] + r["decode_ms_per_token"] * decode_tokens / 1e3 == pytest.approx(r["seconds"])
         assert 0 <= r["evictions_vram_fallback"] <= r["evictions_vram"]
         assert 0 <= r["fetches_via_loop"] <= r["fetches"] and r["fetches"] > 0
+        ev = r["actor_events"]  # one event per fetch, handed to the loop (the last may still be on the way)
+        assert 0 < ev["received"] <= r["fetches"]
+        assert ev["processed"] + ev["coalesced"] + ev["dropped"] <= ev["received"] and ev["processed"] > 0
     assert rows["resident"]["vram_hit_rate"] == 1.0 and rows["resident"]["gb_h2d"] == 0
     assert rows["on-demand"]["vram_hit_rate"] <= 0.05 and rows["on-demand"]["gb_nvme"] == 0
     assert rows["on-demand-disk"]["ram_hit_rate"] <= 0.05 and rows["on-demand-disk"]["gb_nvme"] > 0

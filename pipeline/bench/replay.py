@@ -228,6 +228,9 @@ class MethodRun(msgspec.Struct):
     profile: dict | None = None  # pipeline/bench/gpu_profile.py summary of extra profiled passes
     graphs: int = 0  # CUDA graphs captured (0 without graphs)
     vram_form: str = "dense"  # what the pipeline's VRAM slots held ("auto" resolved)
+    # The policy actor's events in the timed passes: {"received", "processed", "coalesced",
+    # "dropped"} (after - before). Dropped and coalesced events never reached the policy.
+    actor: dict | None = None
 
 
 def open_pipeline(store_dir, method, vram_bytes: int, ram_bytes: int, device: str, readers: int | None,
@@ -276,7 +279,8 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
                                          and vram_views != 0))
         if method.warm:
             warm_up(pipe, store.spec, model)
-        before = pipe.stats().scheduler
+        st0 = pipe.stats()
+        before = st0.scheduler
         fetch = functools.partial(pipe.fetch, wait=False) if per_expert_waits else pipe.fetch
         hints = hints if method.lookahead else None
         sink = pipe.hint_scores if method.lookahead else None
@@ -291,8 +295,10 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
             prof = profile(lambda: run_loop(model, tail, fetch, hints=hints[-len(tail):] if hints else None,
                                             hint_sink=sink),
                            sum(p.n for p in tail))
+        actor = {k: getattr(st.actor, k) - getattr(st0.actor, k) for k in ("received", "processed", "coalesced",
+                                                                           "dropped")}
         return MethodRun(loop, before, st.scheduler, st.device, st.pinned, st.vram_slots, prof, model.graph_captures,
-                         form)
+                         form, actor)
 
 
 def _stored_loader(store, device: torch.device, slots: int):

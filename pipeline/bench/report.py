@@ -90,6 +90,9 @@ def method_row(name: str, method, run, compute_s_per_token: float, vram_slots: i
         # Fetches the pipeline's loop thread served (a hop there and back for the decode thread:
         # a disk read or a slot still filling), of all fetches.
         "fetches": d["fetches"], "fetches_via_loop": d["fetches_via_loop"],
+        # The policy actor's events in the timed passes; a fast decode loop can outrun it, and
+        # what it drops or merges the policy never sees.
+        "actor_events": run.actor,
         "skipped": None,
     }
 
