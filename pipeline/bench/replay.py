@@ -302,18 +302,17 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
 
 
 def _stored_loader(store, device: torch.device, slots: int):
-    """load(slot, layer, expert) -> the expert's stored tensors in `slot` of one allocation laid
-    out as a stored-form VRAM arena (the MXFP4 kernels need their experts in one allocation)."""
+    """load(slot, layer, expert) -> the expert's stored tensors in `slot` of a stored-form VRAM
+    arena of its own, laid out as the pipeline's (the MXFP4 kernels address a launch's experts
+    from one base)."""
     from ..vram_arena import VramArena
 
-    size = VramArena.slot_bytes_for(store, "stored")
-    buf = torch.zeros(slots * size, dtype=torch.uint8, device=device)
+    arena = VramArena(store, slots, device, form="stored", num_views=0)
 
     def load(slot: int, layer: int, expert: int) -> dict[str, torch.Tensor]:
         raw = store.read_expert_tensor(layer, expert)
-        view = buf[slot * size:(slot + 1) * size]
-        view[: raw.numel()].copy_(raw)
-        return store.stored_views(view)
+        arena.raw_view(slot)[: raw.numel()].copy_(raw)
+        return arena.stored_tensors(slot)
 
     return load
 
