@@ -46,6 +46,7 @@ class Model:
         H, E = spec.hidden_size, spec.num_experts
         self.family, self.top_k, self.device, self.dtype = spec.family, spec.top_k, device, dtype
         self.attn_matmuls = attn_matmuls
+        self._inter = spec.intermediate_size
         scale = H ** -0.5
         self.embed = (torch.randn(64, H, generator=g)).to(device, dtype)
         self.attn = [(torch.randn(H, H, generator=g) * scale).to(device, dtype) for _ in range(attn_matmuls)]
@@ -70,6 +71,7 @@ class Model:
         self._y_out: torch.Tensor | None = None
         self._ys: torch.Tensor | None = None  # [top_k, 1, H]: expert i's output, router order
         self._w_in: dict[int, torch.Tensor] = {}  # k -> [k] float32: the router weights the graphs read
+        self._acts: dict[int, torch.Tensor] = {}  # k -> [k, 1, I] float32: stored-math activations
         self._whole_layers = whole_layers
         self._graphs = GraphCache(self.device)
         try:
@@ -142,10 +144,18 @@ class Model:
         # One launch reads every expert, so every copy is waited for first.
         for i in (tensors.order if staged else ()):
             tensors.ready(i)
-        out = None
-        if self._graphs is not None and h.shape[0] == 1 and h is not self._ne_in:
-            out = self._ne_in  # where the next stand-in graph reads its input: no copy
-        return stored_math.layer(self.family, h, tensors, weights, NORM_EPS, out)
+        out, act = None, None
+        if self._graphs is not None and h.shape[0] == 1:
+            if h is not self._ne_in:
+                out = self._ne_in  # where the next stand-in graph reads its input: no copy
+            # One activation buffer per fetch size, reused layer after layer: the kernels run
+            # in order on the decode loop's stream, so a layer overwrites it only after the
+            # layer before has read it. Saves an allocation per layer.
+            act = self._acts.get(len(tensors))
+            if act is None:
+                act = self._acts[len(tensors)] = torch.empty(len(tensors), 1, self._inter, device=self.device,
+                                                             dtype=torch.float32)
+        return stored_math.layer(self.family, h, tensors, weights, NORM_EPS, out, act)
 
     def _load_weights(self, weights) -> torch.Tensor:
         """The router weights into the fixed buffer the graphs read: one kernel from a device

@@ -3,7 +3,7 @@ vram_form="stored", vram_views=0, or `replay.direct_fetch(..., stored=True)`).
 
     is_stored(t) -> bool                     t holds MXFP4 `.blocks` / `.scales` tensors
     dense_of(t) -> {role: tensor}            the dense tensors (exact decode; a new copy)
-    layer(family, h, experts, weights, norm_eps, out=None) -> h + sum_i w_i expert_i(norm(h))
+    layer(family, h, experts, weights, norm_eps, out=None, act=None) -> h + sum_i w_i expert_i(norm(h))
     group_sum(family, x, experts, weights, rows=None, ready=None, order=None) -> float32 [n, H]
                                              sum_i w_i expert_i(x[rows[i]]), scattered back
 
@@ -54,31 +54,17 @@ def _weights(weights, device: torch.device) -> torch.Tensor:
     return torch.tensor([float(w) for w in weights], dtype=torch.float32, device=device)
 
 
-# A decode layer's activations [k, 1, I], one buffer per shape, device and stream, reused layer
-# after layer: the kernels run in order on that stream, so the next layer's first kernel writes
-# it only after this layer's second one has read it. Saves an allocation per layer.
-_act_buffers: dict[tuple, torch.Tensor] = {}
-
-
-def _act_buffer(k: int, inter: int, device: torch.device) -> torch.Tensor:
-    key = (k, inter, device, torch.cuda.current_stream(device).cuda_stream)
-    buf = _act_buffers.get(key)
-    if buf is None:
-        buf = _act_buffers[key] = torch.empty(k, 1, inter, device=device, dtype=torch.float32)
-    return buf
-
-
 def layer(family: str, h: torch.Tensor, experts, weights, norm_eps: float,
-          out: torch.Tensor | None = None) -> torch.Tensor:
+          out: torch.Tensor | None = None, act: torch.Tensor | None = None) -> torch.Tensor:
     """A decode layer's MoE block on h [n, H] (bf16): h + the router-weighted sum of the experts
-    on norm(h), written into `out` when given (the kernel path; else a new tensor)."""
+    on norm(h). On the kernel path it is written into `out` and the activations into `act`
+    (float32 [k, n, I]) when given, else into new tensors; elsewhere both are ignored."""
     if not uses_kernel(family, h.device):
         y = moe_forward(family, [dense_of(t) for t in experts], rms_norm(h, norm_eps), weights)
         return h + y.to(h.dtype)
     lay = mxfp4_kernel.Layout.of(experts[0])
     w = _weights(weights, h.device)
     h = h.contiguous()
-    act = _act_buffer(len(experts), lay.inter, h.device) if h.shape[0] == 1 else None
     out = torch.empty_like(h) if out is None else out
     return mxfp4_kernel.moe_layer(lay, experts, h, w, out, norm_eps, act=act)
 
