@@ -218,9 +218,11 @@ def _validate(args):
             raise ValueError("--expert-math mxfp4 keeps the stored form in VRAM; drop --vram-form dense "
                              "(or use --expert-math dense)")
         args.vram_form = "stored"
-    if args.vram_form == "stored" and effective_form(store, "stored") == "stored":  # auto falls back to dense
+    # Only the dense views can leave a stored budget short: without them (--expert-math mxfp4) a
+    # budget holds at least its top_k dense slots' worth of smaller stored slots.
+    if args.vram_form == "stored" and args.expert_math == "dense" and effective_form(store, "stored") == "stored":
         for text, slots in vrams:
-            n = vram_slots_for(store, slots * vslot, "stored", 0 if args.expert_math == "mxfp4" else None)[0]
+            n = vram_slots_for(store, slots * vslot, "stored")[0]
             if n < spec.top_k:
                 raise ValueError(f"--vram {text} with --vram-form stored holds {n} experts next to one fetch's "
                                  f"dense views, fewer than top-k={spec.top_k}; give a larger --vram or use "
@@ -315,7 +317,7 @@ def run(args) -> int:
         if why:
             return R.skipped_row(m.name, m, f"does not fit: {why}")
         bar = R.progress_bar(len(passes), f"{m.name} @ {vram_text}", show)
-        form = "stored" if mxfp4_math else forms[vram_text] if not fixed_size else "dense"
+        form = "dense" if fixed_size and not mxfp4_math else forms[vram_text]
         try:
             mr = run_method(args.store, store, m, vbytes, r * rslot, passes, model, hints,
                             device=str(device), readers=args.readers, progress=bar,
