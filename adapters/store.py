@@ -77,6 +77,12 @@ def read_index(root: Path) -> StoreIndex:
     return idx
 
 
+def _typed(u8: torch.Tensor, t) -> torch.Tensor:
+    """A tensor's bytes (aligned for its dtype) as the tensor `t` (a TensorSpec) describes."""
+    dtype = TORCH_DTYPES[t.dtype]
+    return u8.view(t.shape) if dtype is torch.uint8 else u8.view(dtype).view(t.shape)
+
+
 @register("store")
 class StoreCheckpoint(Checkpoint):
     looks_for = "store.json (written by `precompute`)"
@@ -246,12 +252,11 @@ class StoreCheckpoint(Checkpoint):
             raise ValueError(f"expert buffer holds {buf.numel()} bytes, an expert needs {x.length}")
         out = {}
         for t in x.tensors:
-            dtype = TORCH_DTYPES[t.dtype]
             u8 = buf[t.offset: t.offset + t.nbytes]
-            if u8.data_ptr() % dtype.itemsize:
+            if u8.data_ptr() % TORCH_DTYPES[t.dtype].itemsize:
                 raise ValueError(f"expert buffer at {buf.data_ptr():#x} misaligns {t.role} ({t.dtype}); "
-                                 f"start the buffer on a {dtype.itemsize}-byte boundary")
-            out[t.role] = u8.view(t.shape) if dtype is torch.uint8 else u8.view(dtype).view(t.shape)
+                                 f"start the buffer on a {TORCH_DTYPES[t.dtype].itemsize}-byte boundary")
+            out[t.role] = _typed(u8, t)
         return out
 
     def _assemble(self, parts: dict[str, torch.Tensor], device: torch.device,
@@ -261,11 +266,9 @@ class StoreCheckpoint(Checkpoint):
         def view(role: str) -> torch.Tensor:
             t = specs[role]
             u8 = parts[role]
-            if TORCH_DTYPES[t.dtype] is torch.uint8:
-                return u8.view(t.shape)
             if u8.storage_offset() % TORCH_DTYPES[t.dtype].itemsize:  # not for store files; raw from elsewhere
                 u8 = u8.clone()
-            return u8.view(TORCH_DTYPES[t.dtype]).view(t.shape)
+            return _typed(u8, t)
 
         from .mxfp4 import mxfp4_decode, mxfp4_decode_into
 
