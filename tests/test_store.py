@@ -140,6 +140,32 @@ def test_decode_from_buffer_slices_views_of_one_buffer(store):
         assert res[r].data_ptr() == ptrs[r] and torch.equal(bits(res[r]), bits(want[r]))
 
 
+def test_stored_views_are_the_experts_bytes_as_stored_and_refuse_bad_buffers(store):
+    """The tensors as the index describes them (MXFP4 blocks and scales, not decoded), views of
+    the one buffer; a wrong dtype, a short buffer or a misaligned start are one-line errors."""
+    dtype, out = store
+    st = StoreCheckpoint(out)
+    x = st.expert_range(1, 3)
+    buf = torch.zeros(x.read_length + 2, dtype=torch.uint8)
+    buf[: x.length] = st.read_expert_tensor(1, 3)
+    got = st.stored_views(buf)
+    raw = st.read_raw(1, 3)
+    assert [t.role for t in x.tensors] == list(got)
+    for t in x.tensors:
+        v = got[t.role]
+        assert tuple(v.shape) == tuple(t.shape) and buf.data_ptr() <= v.data_ptr() < buf.data_ptr() + buf.numel()
+        assert bytes(v.contiguous().view(torch.uint8).flatten().numpy()) == bytes(raw[t.role])
+    if dtype == "mxfp4":
+        assert got["mlp1_weight.blocks"].dtype == torch.uint8 and "mlp1_weight" not in got
+    with pytest.raises(ValueError, match="1-D uint8"):
+        st.stored_views(buf.view(torch.int16))
+    with pytest.raises(ValueError, match="needs"):
+        st.stored_views(buf[: x.length - 1])
+    if any(t.dtype != "U8" for t in x.tensors):  # a 2-byte tensor one byte off its boundary
+        with pytest.raises(ValueError, match="misaligns .*2-byte boundary"):
+            st.stored_views(buf[1:])
+
+
 def test_store_json_records_source_and_per_tensor_ranges(store, tiny_model):
     dtype, out = store
     idx = json.loads((out / "store.json").read_text())
