@@ -84,6 +84,30 @@ def test_refuses_experts_it_cannot_address():
                                                         - ex[0]["mlp1_weight.blocks"].data_ptr()) // 256]
 
 
+@pytest.mark.skipif(mxfp4_kernel.triton is None, reason="needs Triton")
+def test_refuses_wrong_arguments_before_launching():
+    """Every argument is checked on the host, so a wrong one is a ValueError, never a kernel
+    reading out of bounds (these fire before any launch, so they run on the CPU)."""
+    ex = synthetic_experts(64, 96, 2, "cpu")
+    lay = mxfp4_kernel.Layout.of(ex[0])
+    x = torch.zeros(1, 64, dtype=torch.bfloat16)
+    act = torch.zeros(2, 1, 96)
+    w = torch.ones(2)
+    out = torch.zeros(1, 64)
+    for msg, kw in (("x must be a contiguous bf16", dict(x=x.float())),
+                    ("x must be a contiguous bf16", dict(x=torch.zeros(1, 32, dtype=torch.bfloat16))),
+                    ("act must be a contiguous float32", dict(act=torch.zeros(2, 1, 95)))):
+        with pytest.raises(ValueError, match=msg):
+            mxfp4_kernel.moe_up(lay, ex, kw.get("x", x), act=kw.get("act", act))
+    for msg, kw in (("act must be float32", dict(act=act.double())),
+                    ("router weights must be 2", dict(w=torch.ones(1))),
+                    ("out must be a contiguous", dict(out=torch.zeros(2, 64))),
+                    ("residual must be a contiguous", dict(residual=torch.zeros(1, 32)))):
+        with pytest.raises(ValueError, match=msg):
+            mxfp4_kernel.moe_down(lay, ex, kw.get("act", act), kw.get("w", w), kw.get("out", out),
+                                  residual=kw.get("residual"))
+
+
 def test_used_only_on_cuda_and_switched_off_by_the_environment(monkeypatch):
     assert not mxfp4_kernel.supported(torch.device("cpu"))
     monkeypatch.setenv("MOE_CACHE_MXFP4_KERNEL", "0")
