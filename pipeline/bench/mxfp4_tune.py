@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import sys
 import time
 
@@ -30,42 +31,25 @@ def synthetic_experts(H: int, inter: int, k: int, device, seed: int = 0, stride:
               ("mlp1_weight.scales", (2 * inter, H // 32), torch.uint8), ("mlp1_bias", (2 * inter,), torch.bfloat16),
               ("mlp2_weight.blocks", (H, inter // 32, 16), torch.uint8),
               ("mlp2_weight.scales", (H, inter // 32), torch.uint8), ("mlp2_bias", (H,), torch.bfloat16)]
-    offsets, pos = [], 0
-    for _, shape, dtype in shapes:
-        offsets.append(pos)
-        n = dtype.itemsize
-        for d in shape:
-            n *= d
-        pos = -(-(pos + n) // 16) * 16
+    places, pos = [], 0  # (role, offset, nbytes, shape, dtype), each tensor 16-byte aligned
+    for role, shape, dtype in shapes:
+        nbytes = dtype.itemsize * math.prod(shape)
+        places.append((role, pos, nbytes, shape, dtype))
+        pos = -(-(pos + nbytes) // 16) * 16
     stride = stride or -(-pos // 256) * 256
     buf = torch.zeros(k * stride, dtype=torch.uint8)
-    experts = []
-    for e in range(k):
-        base = e * stride
-        t = {}
-        for (role, shape, dtype), off in zip(shapes, offsets):
-            n = dtype.itemsize
-            for d in shape:
-                n *= d
-            view = buf[base + off: base + off + n]
+    for e in range(k):  # random bytes, filled on the CPU (seeded), then moved once
+        for role, off, nbytes, _, _ in places:
+            view = buf[e * stride + off: e * stride + off + nbytes]
             if role.endswith(".blocks"):
-                view.copy_(torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8))
+                view.copy_(torch.randint(0, 256, (nbytes,), generator=g, dtype=torch.uint8))
             elif role.endswith(".scales"):  # 2**-6 .. 2**-2: sums of H products stay moderate
-                view.copy_(torch.randint(121, 126, (n,), generator=g, dtype=torch.uint8))
+                view.copy_(torch.randint(121, 126, (nbytes,), generator=g, dtype=torch.uint8))
             else:
-                view.view(torch.bfloat16).copy_(torch.randn(n // 2, generator=g).to(torch.bfloat16))
-            t[role] = view
-        experts.append(t)
+                view.view(torch.bfloat16).copy_(torch.randn(nbytes // 2, generator=g).to(torch.bfloat16))
     buf = buf.to(device)
-    out = []
-    for e in range(k):
-        t = {}
-        for (role, shape, dtype), off in zip(shapes, offsets):
-            n = experts[e][role].numel()
-            view = buf[e * stride + off: e * stride + off + n]
-            t[role] = view.view(shape) if dtype is torch.uint8 else view.view(dtype).view(shape)
-        out.append(t)
-    return out
+    return [{role: buf[e * stride + off: e * stride + off + nbytes].view(dtype).view(shape)
+             for role, off, nbytes, shape, dtype in places} for e in range(k)]
 
 
 def _time_us(f, reps: int = 200) -> float:
