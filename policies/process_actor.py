@@ -3,7 +3,7 @@
     PolicySpec(policy, predictor, predictor_options, policy_config)    what the child builds
     PolicyProcess(spec, on_plan=..., queue_size=256)
       start()                          from inside the parent's running event loop
-      publish(event) / publish_threadsafe(event)    any thread; never block (a writer thread sends)
+      publish(event) / publish_threadsafe(event)    any thread; never block (written to the socket)
       complete(layer, expert, tier, ok) / forget(layer, expert, tier)   feedback, never dropped
       is_stale(stamped), stats() -> ActorStats, check(), state, await stop(drain=True)
 
@@ -12,15 +12,17 @@ launch its kernels. On an H100 replay (GPT-OSS-20B-sized experts) the loop threa
 mostly the policy at 250-370 us per activation on a small CPU, added ~20 ms per token. Here
 the policy runs in a child process; the parent only ferries msgspec frames.
 
-Protocol (msgpack frames over one duplex pipe):
+Protocol (msgpack payloads in length-prefixed frames, policies/frames.py, over one socket pair):
     parent -> child   Event(activation) | Complete(...) | Forget(...) | Stop(drain)
     child -> parent   Ready() once built | Planned(stamped plan, stats) | Stats(stats) while they
                       change | Failed(traceback text, stats) | Stopped(stats)
 The child runs an ordinary `PolicyActor` on its own event loop, so queueing, coalescing,
-plan stamps and error recording are exactly the in-process actor's. Frames from all parent
-threads go through one FIFO and one writer thread: feedback keeps its order relative to the
-events, and a slow child never blocks a producer (events beyond `queue_size` waiting to be
-sent are dropped and counted; feedback is never dropped).
+plan stamps and error recording are exactly the in-process actor's. Every parent thread
+writes its frame to the non-blocking socket itself, under one lock, so feedback keeps its
+order relative to the events, and no thread hand-off sits between an event and the child.
+What the socket cannot take waits in a backlog that the parent's loop writes out; a slow
+child never blocks a producer (events beyond `queue_size` in that backlog are dropped and
+counted; feedback is never dropped).
 
 Shutdown: Stop(drain) -> the child stops its actor, replies Stopped, exits; the parent waits
 a bounded time, then terminates and kills. The child dies with the parent (PR_SET_PDEATHSIG,
@@ -30,9 +32,10 @@ PolicyActorError with its traceback or exit code.
 from __future__ import annotations
 
 import asyncio
+import collections
 import multiprocessing
 import os
-import queue
+import socket
 import threading
 import traceback
 
@@ -42,6 +45,7 @@ from adapters.child import start_child
 
 from .actor import ActorState, ActorStats, PolicyActor, PolicyActorError, StampedPlan
 from .events import Activation, Tier
+from .frames import FrameReader, frame, read_frames, write_all
 
 
 class PolicySpec(msgspec.Struct, frozen=True):
@@ -104,6 +108,8 @@ _ENC = msgspec.msgpack.Encoder()
 _TO_CHILD = msgspec.msgpack.Decoder(_Event | _Complete | _Forget | _Stop)
 _TO_PARENT = msgspec.msgpack.Decoder(_Planned | _Failed | _Stopped | _Ready | _Stats)
 STATS_EVERY_S = 0.05  # the child reports its counters this often while they change
+# Events in flight to the child beyond its queue: what the socket buffers (Linux doubles it).
+SEND_BUFFER_BYTES = 32 << 10
 _EMPTY = ActorStats(state="new", received=0, processed=0, coalesced=0, dropped=0, refused=0, pending=0,
                     peak_depth=0, capacity=0, plans_emitted=0, mean_process_s=0.0, max_process_s=0.0,
                     last_error=None)
@@ -135,8 +141,12 @@ def policy_main(conn, spec_bytes: bytes, parent_pid: int) -> None:
 async def _child(conn, spec: PolicySpec) -> None:
     loop = asyncio.get_running_loop()
 
+    fd = conn.fileno()
+    os.set_blocking(fd, False)  # reads take what has arrived; writes wait in write_all
+    reader = FrameReader()
+
     def send(msg) -> None:
-        conn.send_bytes(_ENC.encode(msg))
+        write_all(fd, frame(_ENC.encode(msg)))
 
     try:
         policy = build_policy(spec)
@@ -161,8 +171,9 @@ async def _child(conn, spec: PolicySpec) -> None:
 
     def on_readable() -> None:
         try:
-            while conn.poll():
-                msg = _TO_CHILD.decode(conn.recv_bytes())
+            payloads, eof = read_frames(fd, reader)
+            for payload in payloads:
+                msg = _TO_CHILD.decode(payload)
                 if isinstance(msg, _Event):
                     actor.publish(msg.event)
                 elif isinstance(msg, _Complete):
@@ -172,15 +183,17 @@ async def _child(conn, spec: PolicySpec) -> None:
                     if forget is not None and actor.state is ActorState.RUNNING:
                         forget(msg.layer, msg.expert, msg.tier)
                 else:
-                    loop.remove_reader(conn.fileno())
+                    loop.remove_reader(fd)
                     loop.create_task(finish(msg.drain))
                     return
+            if eof:
+                raise EOFError
         except (EOFError, OSError):  # the parent is gone: nothing to report to
-            loop.remove_reader(conn.fileno())
+            loop.remove_reader(fd)
             if not done.done():
                 done.set_result(None)
 
-    loop.add_reader(conn.fileno(), on_readable)
+    loop.add_reader(fd, on_readable)
 
     async def watch() -> None:
         # A failed policy is reported at once, not at stop; counters go out while they change.
@@ -219,16 +232,21 @@ class PolicyProcess:
         self._on_plan = on_plan
         self._stop_timeout = stop_timeout
         self._state = ActorState.NEW
-        self._lock = threading.Lock()
-        self._frames: queue.SimpleQueue = queue.SimpleQueue()
-        self._unsent_events = 0  # events in the writer's FIFO
+        self._lock = threading.Lock()  # one frame at a time onto the socket, in order
+        # Frames the socket had no room for, oldest first, as [bytes, is_event]; the first may
+        # be partly written already. The loop writes them out when the socket drains.
+        self._backlog: collections.deque = collections.deque()
+        self._backlog_events = 0
+        self._flushing = False
+        self._fd = -1
+        self._reader = FrameReader()
         self._accepted = self._dropped = self._refused = 0
         self._child_stats = _EMPTY
         self._latest_seq: dict[int, int] = {}
         self._error: PolicyActorError | None = None
         self._stopped: asyncio.Future | None = None
         self._ready: asyncio.Future | None = None
-        self._loop = self._conn = self._proc = self._writer = None
+        self._loop = self._conn = self._proc = None
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -241,11 +259,13 @@ class PolicyProcess:
                                  args=(child, _ENC.encode(self.spec), os.getpid()))
         self._proc.start()
         child.close()  # only the child holds its end: its death reads as EOF here
+        self._fd = self._conn.fileno()
+        os.set_blocking(self._fd, False)
+        with socket.socket(fileno=os.dup(self._fd)) as sock:  # same socket: bounds what is in flight
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         self._stopped = self._loop.create_future()
         self._ready = self._loop.create_future()
-        self._loop.add_reader(self._conn.fileno(), self._on_readable)
-        self._writer = threading.Thread(target=self._write_frames, name="policy-writer", daemon=True)
-        self._writer.start()
+        self._loop.add_reader(self._fd, self._on_readable)
         self._state = ActorState.RUNNING
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
@@ -264,7 +284,7 @@ class PolicyProcess:
             self._state = ActorState.STOPPING
         if self._proc is not None:
             # Also after a failure: the child still waits for Stop (or EOF) before it exits.
-            self._frames.put(_Stop(drain and self._state is ActorState.STOPPING))
+            self._send(_Stop(drain and self._state is ActorState.STOPPING))
             if self._stopped is not None and not self._stopped.done():
                 await asyncio.wait({self._stopped}, timeout=self._stop_timeout)
             self._close_child()
@@ -274,12 +294,16 @@ class PolicyProcess:
         return self.stats()
 
     def _close_child(self) -> None:
-        self._frames.put(None)  # the writer's sentinel, after whatever is queued
-        if self._writer is not None:
-            self._writer.join(timeout=self._stop_timeout)
         if self._conn is not None:
-            self._loop.remove_reader(self._conn.fileno())
-            self._conn.close()
+            with self._lock:
+                if self._flushing:
+                    self._loop.remove_writer(self._fd)
+                self._backlog.clear()
+                self._backlog_events = 0
+                self._flushing = False
+                self._loop.remove_reader(self._fd)
+                self._conn.close()
+                self._fd = -1
         proc = self._proc
         proc.join(timeout=1.0)
         if proc.is_alive():
@@ -288,7 +312,7 @@ class PolicyProcess:
         if proc.is_alive():
             proc.kill()
             proc.join(timeout=1.0)
-        self._conn = self._proc = self._writer = None
+        self._conn = self._proc = None
 
     def check(self) -> None:
         if self._error is not None:
@@ -300,18 +324,16 @@ class PolicyProcess:
 
     # ---- intake (any thread) ------------------------------------------------------------
     def publish(self, event: Activation) -> bool:
+        """Write the event to the child's socket now; never blocks. Beyond what the socket
+        holds (SEND_BUFFER_BYTES), up to `queue_size` events wait for the loop to send them;
+        more are dropped and counted."""
         if not isinstance(event, Activation):
             raise TypeError(f"publish takes an Activation; got {type(event).__name__}")
-        with self._lock:
-            if self._state is not ActorState.RUNNING:
+        if self._state is not ActorState.RUNNING:
+            with self._lock:
                 self._refused += 1
-                return False
-            self._accepted += 1
-            if self._unsent_events >= self.spec.queue_size:
-                self._dropped += 1  # the child is behind: this event only cost prediction
-                return True
-            self._unsent_events += 1
-        self._frames.put(_Event(event))
+            return False
+        self._send(_Event(event), event=True)
         return True
 
     publish_threadsafe = publish
@@ -319,32 +341,77 @@ class PolicyProcess:
     def complete(self, layer: int, expert: int, tier: Tier, ok: bool) -> bool:
         if self._state is ActorState.FAILED or self._proc is None:
             return False
-        self._frames.put(_Complete(layer, expert, tier, ok))
+        self._send(_Complete(layer, expert, tier, ok))
         return True
 
     def forget(self, layer: int, expert: int, tier: Tier) -> None:
         if self._proc is not None and self._state is not ActorState.FAILED:
-            self._frames.put(_Forget(layer, expert, tier))
+            self._send(_Forget(layer, expert, tier))
 
-    def _write_frames(self) -> None:
-        conn = self._conn
-        while True:
-            msg = self._frames.get()
-            if msg is None:
+    def _send(self, msg, *, event: bool = False) -> None:
+        """One frame, in order with every other: straight onto the socket when nothing waits
+        before it and it fits; else into the backlog (feedback and Stop always, events while
+        fewer than queue_size wait), which the loop writes out as the socket drains."""
+        data = frame(_ENC.encode(msg))
+        with self._lock:
+            if event:
+                self._accepted += 1
+            if self._fd < 0:
+                return  # closed: the child is gone, and so is anything it would have read
+            if not self._backlog:
+                try:
+                    n = os.write(self._fd, data)
+                except BlockingIOError:
+                    n = 0
+                except OSError:  # the child is gone; _on_readable records why
+                    return
+                if n == len(data):
+                    return
+                data = data[n:]
+            elif event and self._backlog_events >= self.spec.queue_size:
+                self._dropped += 1  # the child is behind: this event only cost prediction
                 return
-            if isinstance(msg, _Event):
-                with self._lock:
-                    self._unsent_events -= 1
-            try:
-                conn.send_bytes(_ENC.encode(msg))
-            except (OSError, ValueError):  # the child is gone; _on_readable records why
-                return
+            self._backlog.append([data, event])
+            self._backlog_events += event
+            if not self._flushing:
+                self._flushing = True
+                try:
+                    self._loop.call_soon_threadsafe(self._arm_flush)
+                except RuntimeError:  # the loop is closed: nothing will read these any more
+                    self._flushing = False
+
+    def _arm_flush(self) -> None:
+        with self._lock:
+            if self._flushing and self._fd >= 0:
+                self._loop.add_writer(self._fd, self._flush)
+
+    def _flush(self) -> None:
+        """The loop's writer callback: the backlog onto the socket, as far as it takes it."""
+        with self._lock:
+            while self._backlog:
+                item = self._backlog[0]
+                try:
+                    n = os.write(self._fd, item[0])
+                except BlockingIOError:
+                    return
+                except OSError:  # the child is gone; _on_readable records why
+                    self._backlog.clear()
+                    self._backlog_events = 0
+                    break
+                if n < len(item[0]):
+                    item[0] = item[0][n:]
+                    return
+                self._backlog.popleft()
+                self._backlog_events -= item[1]
+            self._loop.remove_writer(self._fd)
+            self._flushing = False
 
     # ---- output (loop thread) -----------------------------------------------------------
     def _on_readable(self) -> None:
         try:
-            while self._conn is not None and self._conn.poll():
-                msg = _TO_PARENT.decode(self._conn.recv_bytes())
+            payloads, eof = read_frames(self._fd, self._reader) if self._fd >= 0 else ([], False)
+            for payload in payloads:
+                msg = _TO_PARENT.decode(payload)
                 if isinstance(msg, _Planned):
                     self._child_stats = msg.stats
                     st = msg.stamped
@@ -362,8 +429,10 @@ class PolicyProcess:
                 else:
                     self._child_stats = msg.stats
                     self._resolve_stopped()
+            if eof:
+                raise EOFError
         except (EOFError, OSError):
-            self._loop.remove_reader(self._conn.fileno())
+            self._loop.remove_reader(self._fd)
             if self._state is not ActorState.STOPPED and not (self._stopped and self._stopped.done()):
                 code = self._proc.exitcode if self._proc is not None else None
                 if self._state is not ActorState.FAILED:

@@ -145,3 +145,26 @@ async def test_a_consumer_that_raises_on_a_plan_fails_the_actor_with_where():
     await _until(lambda: pp.state.value == "failed")
     with pytest.raises(PolicyActorError, match="on_plan"):
         await pp.stop()
+
+
+async def test_what_waited_for_a_stalled_child_reaches_it_once_it_resumes():
+    # The socket fills while the child is stopped; the backlog (events up to queue_size, every
+    # feedback frame) is written out by the loop once the child reads again, in order.
+    pp = PolicyProcess(spec(), on_plan=lambda st: None, queue_size=16)
+    pp.start()
+    proc = pp._proc
+    await _until(lambda: pp.publish(events(1)[0]) and pp.stats().processed >= 1)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        for ev in events(400):
+            pp.publish(ev)
+        for _ in range(50):
+            pp.forget(0, 0, 2)  # feedback: never dropped, whatever the backlog holds
+        assert pp._backlog and pp._backlog_events <= 16
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    await _until(lambda: not pp._backlog)
+    s = pp.stats()
+    await _until(lambda: pp.stats().processed == s.received - s.dropped - pp.stats().coalesced)
+    stats = await pp.stop()
+    assert stats.state == "stopped" and stats.dropped > 0 and _no_child(proc)
