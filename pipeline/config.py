@@ -67,10 +67,13 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     prefetch_reads: int = 8  # prefetch disk reads in flight at once (credits)
     prefetch_copies: int = 4  # prefetch H2D copies in flight at once (credits)
     actor_queue: int = 256  # activation events queued for the policy actor (events)
-    # Run the policy actor in a process of its own (policies.process_actor) instead of on the
-    # pipeline's loop thread: its work then leaves the GIL the decode loop needs. Costs a
-    # process start at open (~0.3 s) and a pipe hop per event and plan.
-    policy_process: bool = False
+    # Run the policy actor in a process of its own (policies.process_actor), not on the
+    # pipeline's loop thread: there its work, and the loop's wake-up for every event, take the
+    # GIL the decode loop needs. On an H200 host (replay, qwen1.5 at full size, MXFP4 math,
+    # --vram 0.1) ours ran 116.4 tok/s in a process against 75.8 on the loop thread. Costs a
+    # process start at open (~0.3 s) and a socket hop per event and plan. False: in-process
+    # (what tests that reach into the policy object need).
+    policy_process: bool = True
     close_timeout_s: float = 10.0  # close() returns within about this, whatever is in flight
     # The pipeline's loop thread (scheduler, policy actor) shares the GIL with the decode loop;
     # Python hands the GIL to a waiting thread only every switch interval (5 ms by default),

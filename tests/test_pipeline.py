@@ -403,8 +403,9 @@ def test_rows_reach_the_policy_and_it_chooses_the_vram_victims(stores, no_leaks)
     counts = {}
     rslot = max(x.read_length for x in StoreCheckpoint(store).index.experts)
     for headroom in (2 * k, 0):
+        # In-process (policy_process=False): the test wraps the policy object's own method.
         with ExpertPipeline.open(store, **budgets(store, 6 * k, 40), device="cpu", readers=1, policy="nextuse",
-                                 policy_options={"vram_headroom": headroom * rslot}) as pipe:
+                                 policy_options={"vram_headroom": headroom * rslot}, policy_process=False) as pipe:
             policy = pipe._p.policy
             if headroom:
                 original = policy.on_activation
@@ -662,7 +663,11 @@ def test_policy_options_reach_the_policy_and_bad_ones_fail_before_allocating(sto
     k = StoreCheckpoint(store).spec.top_k
     options = {"prefetch_min_prob": 0.0, "max_prefetch": 2, "lookahead": 2}
     with ExpertPipeline.open(store, **budgets(store, 4 * k, 8 * k), device="cpu", readers=2, policy="nextuse",
-                             predictor="colayer", policy_options=options) as pipe:
+                             predictor="colayer", policy_options=options) as pipe:  # the policy process
+        sent = pipe._p.actor.spec.policy_config  # what the child builds its policy from
+        assert {n: sent[n] for n in options} == options
+    with ExpertPipeline.open(store, **budgets(store, 4 * k, 8 * k), device="cpu", readers=2, policy="nextuse",
+                             predictor="colayer", policy_options=options, policy_process=False) as pipe:
         config = pipe._p.policy.config
         assert (config.prefetch_min_prob, config.max_prefetch, config.lookahead) == (0.0, 2, 2)
         assert config.vram_bytes == 4 * k * max(x.read_length for x in StoreCheckpoint(store).index.experts)

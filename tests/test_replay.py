@@ -302,15 +302,24 @@ def test_rows_run_once_carry_each_budgets_own_ratios(setup, tmp_path, capsys, mo
             assert r["ratio_oracle"] == pytest.approx(r["tokens_per_s"] / b["oracle_tokens_per_s"]), (b["vram"], r)
 
 
-def test_policy_process_flag_runs_the_policy_in_a_child(setup, tmp_path, capsys, no_leaks):  # noqa: F811
+@pytest.mark.parametrize("flag, in_child", [(None, True), ("--policy-process", True), ("--no-policy-process", False)])
+def test_policy_process_flag_puts_the_policy_in_a_child_by_default(setup, tmp_path, capsys, no_leaks, monkeypatch,
+                                                                    flag, in_child):  # noqa: F811
+    import pipeline.bench.replay as replay
+
     store, trace, _ = setup
+    real, seen = replay.run_method, []
+    monkeypatch.setattr(replay, "run_method", lambda *a, **kw: (seen.append(kw["policy_process"]), real(*a, **kw))[1])
     out = tmp_path / "r.json"
     rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--vram", "0.5", "--methods", "ours",
-                "--policy-process", "--device", "cpu", "--json", str(out), "--no-progress", "--readers", "1"])
+                *([flag] if flag else []), "--device", "cpu", "--json", str(out), "--no-progress", "--readers", "1"])
     assert rc == 0, capsys.readouterr().err
     res = json.loads(out.read_text())
     (row,) = res["budgets"][0]["methods"]
-    assert res["settings"]["policy_process"] is True and row["skipped"] is None and row["tokens_per_s"] > 0
+    assert seen == [in_child] and res["settings"]["policy_process"] is in_child
+    assert row["skipped"] is None and row["tokens_per_s"] > 0
+    ev = row["actor_events"]  # settled: every event of the timed passes accounted for
+    assert ev["received"] > 0 and ev["processed"] + ev["coalesced"] + ev["dropped"] == ev["received"]
 
 
 def test_per_expert_waits_and_layer_graphs_flags_reach_every_method(setup, tmp_path, capsys, monkeypatch):

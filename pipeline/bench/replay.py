@@ -259,8 +259,17 @@ def warm_up(pipe, spec, model: Model) -> None:
     _sync(model.device)
 
 
+def _settle_actor(pipe, timeout: float = 5.0) -> None:
+    """Until the policy actor has taken every warm-up event (bounded): the timed passes then
+    start with its queue empty, and their event counts are theirs alone (a policy process
+    reports what it processed a little later than the parent counts what it sent)."""
+    deadline = time.monotonic() + timeout
+    while pipe.stats().actor.pending and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
 def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes: list[Pass], model: Model,
-               hints, *, device: str, readers: int | None = None, progress=None, policy_process: bool = False,
+               hints, *, device: str, readers: int | None = None, progress=None, policy_process: bool = True,
                keep_outputs: bool = False, cuda_graphs: bool = True, per_expert_waits: bool = False,
                profile_passes: int = 0, prefetch_copies: int | None = None, vram_form: str = "dense",
                layer_graphs: bool = True, vram_views: int | None = None) -> MethodRun:
@@ -279,6 +288,7 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
                                          and vram_views != 0))
         if method.warm:
             warm_up(pipe, store.spec, model)
+        _settle_actor(pipe)
         st0 = pipe.stats()
         before = st0.scheduler
         fetch = functools.partial(pipe.fetch, wait=False) if per_expert_waits else pipe.fetch
@@ -295,8 +305,13 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
             prof = profile(lambda: run_loop(model, tail, fetch, hints=hints[-len(tail):] if hints else None,
                                             hint_sink=sink),
                            sum(p.n for p in tail))
-        actor = {k: getattr(st.actor, k) - getattr(st0.actor, k) for k in ("received", "processed", "coalesced",
-                                                                           "dropped")}
+        # What became of the timed passes' events, counted once the actor has caught up (a policy
+        # process reports its counts up to STATS_EVERY_S late); the scheduler's counters above
+        # stay those at the end of the timed passes.
+        _settle_actor(pipe)
+        end = pipe.stats().actor
+        actor = {k: getattr(end, k) - getattr(st0.actor, k) for k in ("received", "processed", "coalesced",
+                                                                      "dropped")}
         return MethodRun(loop, before, st.scheduler, st.device, st.pinned, st.vram_slots, prof, model.graph_captures,
                          form, actor)
 

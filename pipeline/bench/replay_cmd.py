@@ -60,8 +60,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--readers", type=int, help="reader processes (default: the pool's)")
-    p.add_argument("--policy-process", action="store_true",
-                   help="run each method's policy actor in its own process (PipelineConfig.policy_process)")
+    p.add_argument("--policy-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run each method's policy actor in its own process (PipelineConfig.policy_process, "
+                        "default on); --no-policy-process: on the pipeline's loop thread, for A/B runs")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="run each decode step's stand-in, expert MLPs (one graph per VRAM slot) and weighted "
                    "sum as captured CUDA graphs, in every method alike (default on; no effect on the CPU)")
