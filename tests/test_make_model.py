@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,7 @@ def test_presets_carry_real_dimensions():
     (["--format", "mixtral", "--dtype", "F8"], "unknown dtype 'F8'; valid: BF16, F16, F32"),
     (["--format", "gpt-oss", "--shards", "0"], "--shards must be between 1"),
     (["--format", "gpt-oss", "--layers", "x"], "invalid int value: 'x'"),
+    (["--format", "gpt-oss", "--workers", "0"], "--workers must be >= 1, got 0"),
 ])
 def test_errors_are_one_line_exit_2(tmp_path, capsys, argv, needle):
     out = tmp_path / "m"
@@ -115,9 +117,37 @@ def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
         return real(*a)
 
     monkeypatch.setattr(synthetic, "_piece", dying)
-    assert main(["--format", "gpt-oss", "--out", str(tmp_path / "m")]) == 2
+    assert main(["--format", "gpt-oss", "--out", str(tmp_path / "m"), "--workers", "1"]) == 2
     assert calls["n"] == 20
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failure_in_a_drawing_thread_leaves_nothing(tmp_path, monkeypatch, capsys):
+    calls, lock = {"n": 0}, threading.Lock()
+    real = synthetic._piece
+
+    def dying(*a):
+        with lock:
+            calls["n"] += 1
+            n = calls["n"]
+        if n == 20:
+            raise OSError(28, "No space left on device")
+        return real(*a)
+
+    monkeypatch.setattr(synthetic, "_piece", dying)
+    assert main(["--format", "gpt-oss", "--out", str(tmp_path / "m"), "--workers", "3"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert 20 <= calls["n"] < 20 + 2 * 3 + 3  # the writer stopped at the failed piece, not at the end
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["gpt-oss", "mixtral"])
+def test_drawing_threads_write_the_same_bytes(tmp_path, fmt):
+    args = ["--format", fmt, "--preset", "tiny", "--layers", "2", "--shards", "2", "--seed", "3"]
+    assert main([*args, "--workers", "1", "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--workers", "4", "--out", str(tmp_path / "four")]) == 0
+    one = _digest(tmp_path / "one")
+    assert one == _digest(tmp_path / "four") and any(k.endswith(".safetensors") for k in one)
 
 
 def test_interrupt_mid_write_leaves_nothing(tmp_path, monkeypatch, capsys):
@@ -131,7 +161,7 @@ def test_interrupt_mid_write_leaves_nothing(tmp_path, monkeypatch, capsys):
         return real(*a)
 
     monkeypatch.setattr(synthetic, "_piece", interrupted)
-    assert main(["--format", "mixtral", "--shards", "2", "--out", str(tmp_path / "m")]) == 130
+    assert main(["--format", "mixtral", "--shards", "2", "--out", str(tmp_path / "m"), "--workers", "1"]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 

@@ -8,6 +8,7 @@ Errors (unknown names, bad dimensions, no disk space) are one line on stderr, ex
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..errors import CheckpointError, UnknownNameError
@@ -36,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-layers", type=int, default=0, help="qwen-moe: leading dense (non-MoE) layers")
     p.add_argument("--shared-expert", action="store_true", help="qwen-moe: add a shared expert per MoE layer")
     p.add_argument("--dtype", default="BF16", help="HF formats: BF16, F16 or F32 (default BF16)")
+    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
+                   help="threads drawing the random bytes (default: the CPUs, at most 16); the files are the "
+                        "same for any number")
     return p
 
 
@@ -54,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             if v is not None and v <= 0:
                 raise ValueError(f"--{k.replace('_', '-')} must be positive, got {v}")
         check_dims(a.format, d)
-        w = write_model(a.format, d, a.seed, a.out, a.shards)
+        if a.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {a.workers}")
+        w = write_model(a.format, d, a.seed, a.out, a.shards, workers=a.workers)
     except (_Usage, UnknownNameError, ValueError, CheckpointError, OSError) as e:
         print(f"make-model: error: {e}", file=sys.stderr)
         return 2
