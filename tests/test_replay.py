@@ -298,6 +298,7 @@ def test_rows_run_once_carry_each_budgets_own_ratios(setup, tmp_path, capsys, mo
     budgets = json.loads(out.read_text())["budgets"]
     assert budgets[0]["oracle_tokens_per_s"] != budgets[1]["oracle_tokens_per_s"]
     for b in budgets:
+        assert b["oracle_basis"] == "dense"  # on the CPU vram_form auto keeps dense slots
         for r in b["methods"]:
             assert r["ratio_oracle"] == pytest.approx(r["tokens_per_s"] / b["oracle_tokens_per_s"]), (b["vram"], r)
 
@@ -380,6 +381,10 @@ def test_vram_form_stored_gives_budget_methods_more_slots_and_states_its_bound(s
     assert rows["ours"]["vram_slots"] == b["stored"]["vram_slots"] > b["vram_slots"]
     assert b["stored"]["belady_loads"] <= b["belady_loads"]  # more room, never more loads
     assert b["stored"]["oracle_tokens_per_s"] >= b["oracle_tokens_per_s"]
+    # the ratios are to the bound for the experts these bytes hold, stored
+    assert b["oracle_basis"] == "stored"
+    for r in b["methods"]:
+        assert r["ratio_oracle"] == pytest.approx(r["tokens_per_s"] / b["stored"]["oracle_tokens_per_s"])
 
 
 def test_expert_math_mxfp4_hands_every_method_the_stored_form(setup, tmp_path, capsys):
@@ -492,3 +497,28 @@ def test_a_prefill_layers_groups_share_one_input_and_add_once(setup):
                   for g, w, rr in groups)
         h = h + moe.to(h.dtype)
     assert torch.equal(got, h)
+
+
+def test_plot_draws_the_bound_the_ratios_use(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    from pipeline.bench import report
+
+    row = {"method": "ours", "skipped": None, "tokens_per_s": 50.0, "vram_hit_rate": 0.5}
+    budgets = [{"vram": "0.1", "vram_slots": 10, "oracle_tokens_per_s": 60.0, "oracle_basis": "stored",
+                "stored": {"oracle_tokens_per_s": 90.0}, "methods": [row]},
+               {"vram": "0.2", "vram_slots": 20, "oracle_tokens_per_s": 70.0, "oracle_basis": "dense",
+                "methods": [row]}]
+    drawn = {}
+    real = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kw):
+        drawn[kw.get("label")] = list(args[1])
+        return real(self, *args, **kw)
+
+    png = tmp_path / "p.png"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(matplotlib.axes.Axes, "plot", spy)
+        report.plot(png, budgets)
+    assert png.stat().st_size > 0 and drawn["oracle bound"] == [90.0, 70.0]
