@@ -304,8 +304,8 @@ def test_rows_run_once_carry_each_budgets_own_ratios(setup, tmp_path, capsys, mo
 
 
 @pytest.mark.parametrize("flag, in_child", [(None, True), ("--policy-process", True), ("--no-policy-process", False)])
-def test_policy_process_flag_puts_the_policy_in_a_child_by_default(setup, tmp_path, capsys, no_leaks, monkeypatch,
-                                                                    flag, in_child):  # noqa: F811
+def test_policy_process_flag_puts_the_policy_in_a_child_by_default(setup, tmp_path, capsys, no_leaks,  # noqa: F811
+                                                                    monkeypatch, flag, in_child):
     import pipeline.bench.replay as replay
 
     store, trace, _ = setup
