@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -113,21 +114,29 @@ async def test_a_killed_child_is_noticed_and_stop_is_bounded():
     assert time.monotonic() - t0 < 5 and _no_child(proc)
 
 
-async def test_publish_never_blocks_on_a_stalled_child_and_counts_what_it_drops():
-    pp = PolicyProcess(spec(), on_plan=lambda st: None, queue_size=32)
+@contextlib.asynccontextmanager
+async def _stalled_child(queue_size: int):
+    """A running policy process whose child is stopped (SIGSTOP) inside the block, resumed after."""
+    pp = PolicyProcess(spec(), on_plan=lambda st: None, queue_size=queue_size)
     pp.start()
-    proc = pp._proc
     await _until(lambda: pp.publish(events(1)[0]) and pp.stats().processed >= 1)
-    os.kill(proc.pid, signal.SIGSTOP)
+    pid = pp._proc.pid
+    os.kill(pid, signal.SIGSTOP)
     try:
+        yield pp
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+async def test_publish_never_blocks_on_a_stalled_child_and_counts_what_it_drops():
+    async with _stalled_child(queue_size=32) as pp:
+        proc = pp._proc
         flood = events(1000)
         t0 = time.monotonic()
         for ev in flood:
             assert pp.publish(ev)
         took = time.monotonic() - t0
         s = pp.stats()
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
     assert took < 2.0  # 4000 publishes against a stopped child: no waiting on it
     assert s.dropped > 1000 and s.received == s.processed + s.coalesced + s.dropped + s.pending
     stats = await pp.stop(drain=False)
@@ -150,19 +159,13 @@ async def test_a_consumer_that_raises_on_a_plan_fails_the_actor_with_where():
 async def test_what_waited_for_a_stalled_child_reaches_it_once_it_resumes():
     # The socket fills while the child is stopped; the backlog (events up to queue_size, every
     # feedback frame) is written out by the loop once the child reads again, in order.
-    pp = PolicyProcess(spec(), on_plan=lambda st: None, queue_size=16)
-    pp.start()
-    proc = pp._proc
-    await _until(lambda: pp.publish(events(1)[0]) and pp.stats().processed >= 1)
-    os.kill(proc.pid, signal.SIGSTOP)
-    try:
+    async with _stalled_child(queue_size=16) as pp:
+        proc = pp._proc
         for ev in events(400):
             pp.publish(ev)
         for _ in range(50):
             pp.forget(0, 0, 2)  # feedback: never dropped, whatever the backlog holds
         assert pp._backlog and pp._backlog_events <= 16
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
     await _until(lambda: not pp._backlog)
     s = pp.stats()
     await _until(lambda: pp.stats().processed == s.received - s.dropped - pp.stats().coalesced)
