@@ -522,3 +522,52 @@ def test_plot_draws_the_bound_the_ratios_use(tmp_path):
         mp.setattr(matplotlib.axes.Axes, "plot", spy)
         report.plot(png, budgets)
     assert png.stat().st_size > 0 and drawn["oracle bound"] == [90.0, 70.0]
+
+
+@pytest.mark.parametrize("args, width", [
+    ((1, 128, 768, None), 8),  # llama4-like: eight reads at once
+    ((1, 128, 1, None), 1),  # on-demand: one VRAM slot
+    ((1, 128, 6, None), 3),  # at most half of VRAM, so the policy can place them
+    ((4, 60, 144, 4), 4),  # stored form decoding into top_k dense views
+    ((2, 4, 100, None), 4),  # never more than a layer has
+    ((4, 60, 541, None), 8),  # stored tensors handed out (vram_views=0): no views to fit
+])
+def test_fill_width(args, width):
+    from pipeline.bench.replay import fill_width
+
+    assert fill_width(*args) == width
+
+
+def test_warm_up_fills_ram_wide_and_without_math_then_runs_top_k_groups():
+    from types import SimpleNamespace
+
+    from pipeline.bench.replay import warm_up
+
+    spec = SimpleNamespace(top_k=2, num_layers=3, num_experts=8)
+    fetched, math = [], []
+
+    class Pipe:
+        def fetch(self, layer, ids):
+            fetched.append((layer, tuple(ids)))
+            return [None] * len(ids)
+
+    class Model:
+        device = torch.device("cpu")
+
+        def embed_rows(self, ids):
+            return None
+
+        def non_expert(self, h):
+            return h, None
+
+        def experts(self, h, tensors, weights):
+            math.append(len(tensors))
+            return h
+
+    warm_up(Pipe(), spec, Model(), width=5)
+    fill = fetched[: 3 * 2]  # ceil(8 / 5) fetches per layer
+    assert [len(ids) for _, ids in fill] == [5, 3] * 3
+    assert {(l, e) for l, ids in fill for e in ids} == {(l, e) for l in range(3) for e in range(8)}
+    rounds = fetched[len(fill):]
+    assert len(rounds) == 2 * 3 * 4 and all(len(ids) == 2 for _, ids in rounds)  # top_k groups, twice
+    assert math == [2] * len(rounds)  # the math runs only on the top_k rounds
