@@ -7,9 +7,11 @@ import asyncio
 import errno
 import mmap
 import os
+import random
 import shutil
 import signal
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -383,3 +385,41 @@ async def test_a_wrong_arena_or_readers_that_cannot_start_fail_start_clearly(sto
         with pytest.raises(RuntimeError, match=r"3 reader processes in a row died before starting .*exit code 3"):
             await pool.start()
         assert pool.reader_pids() == []
+
+
+@pytest.mark.parametrize("case", ["whole", "corrupt in the third piece", "truncated"])
+def test_a_checked_read_goes_in_pieces_whose_crc32_is_folded_in_order(tmp_path, monkeypatch, case):
+    """The reader's own code, in-process: pieces of CHUNK_BYTES, each crc32 folded on the helper
+    thread while the next is read; the result equals one crc32 of the whole expert."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunk = 8192
+    monkeypatch.setattr(reader_worker, "CHUNK_BYTES", chunk)
+    length, read_length = 3 * chunk + 1000, 4 * chunk  # the padded read is longer than the expert
+    data = bytes(random.Random(7).getrandbits(8) for _ in range(read_length))
+    path = tmp_path / "layer.bin"
+    on_disk = bytearray(data)
+    if case == "corrupt in the third piece":
+        on_disk[2 * chunk + 5] ^= 0xFF
+    if case == "truncated":
+        on_disk = on_disk[: 2 * chunk + 100]
+    path.write_bytes(bytes(on_disk))
+    calls = []
+    real_preadv = os.preadv
+    monkeypatch.setattr(reader_worker.os, "preadv", lambda fd, bufs, off: (calls.append(off), real_preadv(fd, bufs, off))[1])
+    req = reader_worker.ReadRequest(id=1, layer=0, expert=0, file=str(path), offset=0, read_length=read_length,
+                                    length=length, arena_offset=chunk, checksum=zlib.crc32(data[:length]))
+    arena = bytearray(chunk + read_length)
+    files = reader_worker._Files(want_direct=False)
+    with ThreadPoolExecutor(1) as crc_thread:
+        try:
+            done = reader_worker._serve(req, memoryview(arena), files, {}, crc_thread)
+        finally:
+            files.close()
+    if case == "whole":
+        assert done.ok and done.nbytes == read_length and calls == [0, chunk, 2 * chunk, 3 * chunk]
+        assert bytes(arena[chunk:chunk + length]) == data[:length]
+    elif case == "truncated":
+        assert not done.ok and done.kind == "short" and done.nbytes == 2 * chunk + 100
+    else:
+        assert not done.ok and done.kind == "checksum" and "crc32" in done.error
