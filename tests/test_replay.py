@@ -525,12 +525,13 @@ def test_plot_draws_the_bound_the_ratios_use(tmp_path):
 
 
 @pytest.mark.parametrize("args, width", [
-    ((1, 128, 768, None), 8),  # llama4-like: eight reads at once
-    ((1, 128, 1, None), 1),  # on-demand: one VRAM slot
-    ((1, 128, 6, None), 3),  # at most half of VRAM, so the policy can place them
-    ((4, 60, 144, 4), 4),  # stored form decoding into top_k dense views
-    ((2, 4, 100, None), 4),  # never more than a layer has
-    ((4, 60, 541, None), 8),  # stored tensors handed out (vram_views=0): no views to fit
+    ((1, 128, 24, 768, None), 8),  # llama4-like: eight reads at once
+    ((1, 128, 24, 1, None), 1),  # on-demand: one VRAM slot
+    ((1, 128, 1, 6, None), 3),  # at most half of VRAM, so the policy can place them
+    ((1, 128, 24, 120, None), 5),  # and a layer's even share of it (lru-per-layer)
+    ((4, 60, 24, 144, 4), 4),  # stored form decoding into top_k dense views
+    ((2, 4, 1, 100, None), 4),  # never more than a layer has
+    ((4, 60, 24, 541, None), 8),  # stored tensors handed out (vram_views=0): no views to fit
 ])
 def test_fill_width(args, width):
     from pipeline.bench.replay import fill_width
@@ -571,3 +572,17 @@ def test_warm_up_fills_ram_wide_and_without_math_then_runs_top_k_groups():
     rounds = fetched[len(fill):]
     assert len(rounds) == 2 * 3 * 4 and all(len(ids) == 2 for _, ids in rounds)  # top_k groups, twice
     assert math == [2] * len(rounds)  # the math runs only on the top_k rounds
+
+
+@pytest.mark.parametrize("policy", ["lru-per-layer", "hawkeye", "lfu"])
+def test_every_policy_takes_the_wide_warm_up(setup, tmp_path, capsys, policy):
+    """The warm-up's first pass fetches several experts of a layer at once: a policy that splits
+    VRAM by layer must still place them (the width stays within a layer's share)."""
+    store, trace, _ = setup
+    out = tmp_path / "r.json"
+    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--vram", "0.5", "--policy", policy,
+                "--methods", policy, "--tokens", "3", "--device", "cpu", "--no-progress", "--readers", "1",
+                "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    (row,) = json.loads(out.read_text())["budgets"][0]["methods"]
+    assert row["skipped"] is None and row["tokens_per_s"] > 0

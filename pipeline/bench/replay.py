@@ -244,11 +244,12 @@ def open_pipeline(store_dir, method, vram_bytes: int, ram_bytes: int, device: st
                                **options)
 
 
-def fill_width(top_k: int, num_experts: int, vram_slots: int, views: int | None) -> int:
+def fill_width(top_k: int, num_experts: int, num_layers: int, vram_slots: int, views: int | None) -> int:
     """Experts per fetch of warm-up's first pass: up to 8, so the disk reads of one fetch run on
-    several reader processes at once; at most half of VRAM, so the policy can always place them;
-    no more than the dense views a stored-form VRAM decodes into (`views`, when it has them)."""
-    width = max(top_k, min(num_experts, 8, vram_slots // 2))
+    several reader processes at once; at most half of VRAM and a layer's even share of it, so
+    every policy can place them (lru-per-layer splits VRAM by layer); no more than the dense
+    views a stored-form VRAM decodes into (`views`, when it has them); never below top_k."""
+    width = max(top_k, min(num_experts, 8, vram_slots // 2, vram_slots // num_layers))
     return width if views is None else max(1, min(width, views))
 
 
@@ -304,7 +305,8 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
         if method.warm:
             spec = store.spec
             views = None if form != "stored" or vram_views == 0 else (vram_views or spec.top_k)
-            warm_up(pipe, spec, model, fill_width(spec.top_k, spec.num_experts, pipe.stats().vram_slots, views))
+            warm_up(pipe, spec, model, fill_width(spec.top_k, spec.num_experts, spec.num_layers,
+                                                  pipe.stats().vram_slots, views))
         _settle_actor(pipe)
         st0 = pipe.stats()
         before = st0.scheduler
