@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters.store import StoreCheckpoint
-from policies.actor import PolicyActor
+from policies.actor import PolicyActor, PolicyActorError
 from policies.process_actor import PolicyProcess, PolicySpec
 from policies.cache.registry import fixed_options, make_policy, policy_class
 from policies.events import Tier
@@ -190,9 +190,18 @@ async def assemble(cfg: PipelineConfig, *, reader_hooks: dict | None = None) -> 
                               verify_checksums=cfg.verify_checksums, is_stale=actor.is_stale)
         scheduler_box.append(scheduler)
         try:
-            actor.start()
-            if cfg.policy_process:  # a policy that cannot start fails open(), not a later fetch
-                await actor.wait_ready(timeout=max(30.0, cfg.close_timeout_s))
+            if not cfg.policy_process:
+                actor.start()
+            else:  # a policy that cannot start fails open(), not a later fetch
+                try:
+                    actor.start()
+                    await actor.wait_ready(timeout=max(30.0, cfg.close_timeout_s))
+                except (PolicyActorError, TimeoutError, OSError) as e:
+                    # Names and options were checked above, so this is the process itself (the
+                    # default since stop 15): say how to do without one.
+                    raise PolicyActorError(f"{str(e).splitlines()[0]}; the policy actor runs in a process of "
+                                           f"its own by default: open with policy_process=False to run it on "
+                                           f"the pipeline's loop thread") from e
         except BaseException:
             with contextlib.suppress(Exception):  # the error on its way up says what went wrong
                 await actor.stop(drain=False)

@@ -8,6 +8,7 @@ process and no new /dev/shm file (the `no_leaks` fixture).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -226,8 +227,16 @@ def test_a_policy_process_that_cannot_start_fails_open_and_leaks_nothing(stores,
 
     monkeypatch.setattr(PolicyProcess, "wait_ready", broken)
     store = stores["bfloat16"]
-    with pytest.raises(PolicyActorError, match="planted"):
-        ExpertPipeline.open(store, **budgets(store, 4, 4), device="cpu", readers=1, policy_process=True)
+    with pytest.raises(PolicyActorError, match="planted.*open with policy_process=False") as got:
+        ExpertPipeline.open(store, **budgets(store, 4, 4), device="cpu", readers=1)  # the default: a process
+    assert "\n" not in str(got.value)  # one line; the child's own report is the cause
+
+    def no_spawn(self):
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(PolicyProcess, "start", no_spawn)
+    with pytest.raises(PolicyActorError, match="Resource temporarily unavailable.*policy_process=False"):
+        ExpertPipeline.open(store, **budgets(store, 4, 4), device="cpu", readers=1)
 
 
 KILLS = 8  # readers SIGKILLed mid-read in the test below (read_attempts there: 10)

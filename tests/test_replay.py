@@ -586,3 +586,22 @@ def test_every_policy_takes_the_wide_warm_up(setup, tmp_path, capsys, policy):
     assert rc == 0, capsys.readouterr().err
     (row,) = json.loads(out.read_text())["budgets"][0]["methods"]
     assert row["skipped"] is None and row["tokens_per_s"] > 0
+
+
+def test_a_policy_process_that_cannot_start_is_one_line_naming_the_way_round(setup, tmp_path, capsys, monkeypatch):
+    from policies.process_actor import PolicyProcess
+
+    def no_spawn(self):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(PolicyProcess, "start", no_spawn)
+    store, trace, _ = setup
+    out = tmp_path / "r.json"
+    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--methods", "ours", "--tokens", "2",
+                "--device", "cpu", "--no-progress", "--readers", "1", "--json", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and err.startswith("prefetch-bench replay: error:")
+    assert "Resource temporarily unavailable" in err and "policy_process=False" in err
+    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--methods", "ours", "--tokens", "2",
+                "--device", "cpu", "--no-progress", "--readers", "1", "--no-policy-process", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err  # the way round works

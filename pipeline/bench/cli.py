@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from policies.actor import PolicyActorError
+
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("pipeline.bench.simulate_cmd", "replay a routing trace through cache policies against Belady"),
@@ -41,3 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, OSError) as e:  # bad input: one line, non-zero exit
         print(f"prefetch-bench {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except PolicyActorError as e:  # e.g. the policy process could not start: its first line says why
+        print(f"prefetch-bench {args.command}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
