@@ -45,6 +45,9 @@ class PipelineStats(msgspec.Struct, frozen=True):
     device: str
     vram_form: str  # what the VRAM slots hold: "dense" or "stored" (PipelineConfig.vram_form resolved)
     vram_slots: int
+    # The most experts one fetch may ask for beyond the slots: the dense views a stored-form VRAM
+    # decodes into (PipelineConfig.vram_views resolved); None where there are none to fit.
+    vram_views: int | None
     vram_free: int
     ram_slots: int
     ram_free: int
@@ -200,7 +203,9 @@ class ExpertPipeline:
 
     def stats(self) -> PipelineStats:
         p = self._p
+        views = p.vram_arena.views
         return PipelineStats(device=str(p.device), vram_form=p.vram_arena.form, vram_slots=len(p.scheduler.vram),
+                             vram_views=None if views is None else views.num_views,
                              vram_free=p.scheduler.vram.free_count(), ram_slots=len(p.scheduler.ram),
                              ram_free=p.scheduler.ram.free_count(), pinned=p.ram_arena.pinned,
                              scheduler=p.scheduler.stats(), readers=p.readers.stats(),

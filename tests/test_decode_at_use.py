@@ -277,7 +277,7 @@ def test_more_views_serve_a_larger_fetch_and_come_out_of_the_budget(stores, no_l
         plan_slots(PipelineConfig(store=str(stores["mxfp4"]), vram_views=E, **budget), st)
     budget["vram"] += view_bytes_for(st, E) - view_bytes_for(st, k)  # the same slots next to E views
     with ExpertPipeline.open(stores["mxfp4"], vram_views=E, device="cpu", readers=1, **budget) as pipe:
-        assert pipe.stats().vram_slots == E + 1
+        assert pipe.stats().vram_slots == E + 1 and pipe.stats().vram_views == E
         for layer in range(st.spec.num_layers):  # a prefill-like fetch: every expert of the layer at once
             for e, tensors in enumerate(pipe.fetch(layer, list(range(E)))):
                 assert_same(tensors, st.load_expert(layer, e), (layer, e))
@@ -291,6 +291,7 @@ def test_staged_fetch_decodes_hits_at_once_and_copies_at_ready(stores, device, n
     k = st.spec.top_k
     checked = mixed = 0
     with ExpertPipeline.open(stores["mxfp4"], **stored_budget(st, k + 2, k + 3), device=device, readers=2) as pipe:
+        assert pipe.stats().vram_views == k  # the default: one fetch's worth
         for layer, ids, token in trace_visits(stores["mxfp4"]):
             staged = pipe.fetch(layer, ids, token_id=token, wait=False)
             assert isinstance(staged, StagedExperts)
@@ -331,6 +332,7 @@ def test_no_views_a_pipeline_hands_out_stored_tensors_and_the_whole_budget_is_sl
     slot = VramArena.slot_bytes_for(st, "stored")
     with ExpertPipeline.open(stores["mxfp4"], vram_views=0, device="cpu", readers=1, **budget) as pipe:
         assert pipe.stats().vram_slots == min(budget["vram"] // slot, st.spec.num_layers * E) > E + 1
+        assert pipe.stats().vram_views is None  # no views: nothing bounds a fetch but the slots
         for layer in range(st.spec.num_layers):
             for e, tensors in enumerate(pipe.fetch(layer, list(range(E)))):
                 want = st.stored_views(st.read_expert_tensor(layer, e))

@@ -303,10 +303,9 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
         stack.enter_context(model.graphs(cuda_graphs, whole_layers=layer_graphs and form == "stored"
                                          and vram_views != 0))
         if method.warm:
-            spec = store.spec
-            views = None if form != "stored" or vram_views == 0 else (vram_views or spec.top_k)
-            warm_up(pipe, spec, model, fill_width(spec.top_k, spec.num_experts, spec.num_layers,
-                                                  pipe.stats().vram_slots, views))
+            spec, st = store.spec, pipe.stats()
+            warm_up(pipe, spec, model, fill_width(spec.top_k, spec.num_experts, spec.num_layers, st.vram_slots,
+                                                  st.vram_views))
         _settle_actor(pipe)
         st0 = pipe.stats()
         before = st0.scheduler
