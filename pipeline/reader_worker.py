@@ -134,30 +134,35 @@ CHUNK_BYTES = 4 << 20
 def _read(fd: int, arena: memoryview, req: ReadRequest, crc_thread) -> tuple[int, int | None]:
     """Read `req.read_length` bytes at `req.offset` into the arena; (bytes read, crc32 of the
     first `req.length` of them, or None when the request has no checksum). Stops at the end of
-    the file (a short count)."""
+    the file (a short count). With a checksum and `crc_thread`, in CHUNK_BYTES pieces, each but
+    the last folded on that thread while the next is read; else in one read."""
     base, want = req.arena_offset, req.read_length
-    if req.checksum is None or crc_thread is None or want <= CHUNK_BYTES:
-        n = os.preadv(fd, [arena[base:base + want]], req.offset)
-        return n, (None if req.checksum is None else zlib.crc32(arena[base:base + min(n, req.length)]) & 0xFFFFFFFF)
-    crc = [0]
+    checked = req.checksum is not None
+    step = CHUNK_BYTES if checked and crc_thread is not None else want
+    crc, pending, n = [0], [], 0
 
-    def fold(lo: int, hi: int) -> None:  # in order: the helper is one thread
+    def fold(lo: int, hi: int) -> None:  # pieces in order: the helper is one thread
         crc[0] = zlib.crc32(arena[base + lo:base + hi], crc[0])
 
-    pending, n = [], 0
     try:
         while n < want:
-            size = min(CHUNK_BYTES, want - n)
+            size = min(step, want - n)
             got = os.preadv(fd, [arena[base + n:base + n + size]], req.offset + n)
-            if min(n + got, req.length) > n:
-                pending.append(crc_thread.submit(fold, n, min(n + got, req.length)))
+            last = got < size or n + got == want  # the end of the file, or of the expert
+            if checked and min(n + got, req.length) > n:
+                if last:  # nothing left to read beside it: fold here, after the pieces before it
+                    for f in pending:
+                        f.result()
+                    fold(n, min(n + got, req.length))
+                else:
+                    pending.append(crc_thread.submit(fold, n, min(n + got, req.length)))
             n += got
-            if got < size:
-                break  # the end of the file
+            if last:
+                break
     finally:
         for f in pending:
             f.result()
-    return n, crc[0] & 0xFFFFFFFF
+    return n, (crc[0] & 0xFFFFFFFF if checked else None)
 
 
 def _serve(req: ReadRequest, arena: memoryview, files: _Files, hooks: dict, crc_thread=None) -> ReadDone:
