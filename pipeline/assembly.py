@@ -190,18 +190,7 @@ async def assemble(cfg: PipelineConfig, *, reader_hooks: dict | None = None) -> 
                               verify_checksums=cfg.verify_checksums, is_stale=actor.is_stale)
         scheduler_box.append(scheduler)
         try:
-            if not cfg.policy_process:
-                actor.start()
-            else:  # a policy that cannot start fails open(), not a later fetch
-                try:
-                    actor.start()
-                    await actor.wait_ready(timeout=max(30.0, cfg.close_timeout_s))
-                except (PolicyActorError, TimeoutError, OSError) as e:
-                    # Names and options were checked above, so this is the process itself (the
-                    # default since stop 15): say how to do without one.
-                    raise PolicyActorError(f"{str(e).splitlines()[0]}; the policy actor runs in a process of "
-                                           f"its own by default: open with policy_process=False to run it on "
-                                           f"the pipeline's loop thread") from e
+            await _start_actor(actor, cfg)
         except BaseException:
             with contextlib.suppress(Exception):  # the error on its way up says what went wrong
                 await actor.stop(drain=False)
@@ -209,6 +198,23 @@ async def assemble(cfg: PipelineConfig, *, reader_hooks: dict | None = None) -> 
             raise
         stack.pop_all()
     return Parts(store, device, ram_arena, vram_arena, engine, readers, policy, actor, scheduler)
+
+
+async def _start_actor(actor, cfg: PipelineConfig) -> None:
+    """Start the policy actor; a policy process must be ready before open() returns, so one that
+    cannot start fails open(), not a later fetch. Names and options were checked before, so such
+    a failure is the process itself (the default since stop 15): the error says how to do
+    without one, in one line (the child's own report stays its cause)."""
+    if not cfg.policy_process:
+        actor.start()
+        return
+    try:
+        actor.start()
+        await actor.wait_ready(timeout=max(30.0, cfg.close_timeout_s))
+    except (PolicyActorError, TimeoutError, OSError) as e:
+        why = next(iter(str(e).splitlines()), "") or type(e).__name__
+        raise PolicyActorError(f"{why}; the policy actor runs in a process of its own by default: open with "
+                               f"policy_process=False to run it on the pipeline's loop thread") from e
 
 
 async def shutdown(p: Parts, timeout: float) -> None:

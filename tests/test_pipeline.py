@@ -238,6 +238,14 @@ def test_a_policy_process_that_cannot_start_fails_open_and_leaks_nothing(stores,
     with pytest.raises(PolicyActorError, match="Resource temporarily unavailable.*policy_process=False"):
         ExpertPipeline.open(store, **budgets(store, 4, 4), device="cpu", readers=1)
 
+    async def slow(self, timeout=30.0):  # a child that never reports ready
+        raise TimeoutError()
+
+    monkeypatch.undo()
+    monkeypatch.setattr(PolicyProcess, "wait_ready", slow)
+    with pytest.raises(PolicyActorError, match="^TimeoutError; .*policy_process=False"):
+        ExpertPipeline.open(store, **budgets(store, 4, 4), device="cpu", readers=1)
+
 
 KILLS = 8  # readers SIGKILLed mid-read in the test below (read_attempts there: 10)
 
