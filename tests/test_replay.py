@@ -38,6 +38,18 @@ def setup(tmp_path_factory):
     return store, _trace(root / "t.npz"), root
 
 
+def _replay(setup, tmp_path, capsys, *flags) -> tuple[dict, str]:
+    """`prefetch-bench replay` on the CPU over the shared tiny store and trace with `flags`;
+    (its JSON, what it printed). Fails the test on a non-zero exit, showing stderr."""
+    store, trace, _ = setup
+    out = tmp_path / "r.json"
+    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--device", "cpu", "--no-progress",
+                "--readers", "1", "--json", str(out), *flags])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    return json.loads(out.read_text()), printed.out
+
+
 def test_baselines_cpu(setup, tmp_path, capsys, no_leaks):  # noqa: F811
     store, trace, _ = setup
     out = tmp_path / "r.json"
@@ -265,13 +277,7 @@ def test_plot_without_matplotlib_degrades_to_one_line(setup, tmp_path, capsys):
 
 
 def test_vram_sweep_and_extra_policy(setup, tmp_path, capsys):
-    store, trace, _ = setup
-    out = tmp_path / "r.json"
-    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--device", "cpu", "--json", str(out),
-                "--vram", "0.25", "--vram", "0.75", "--policy", "lru", "--tokens", "4", "--no-progress",
-                "--readers", "1"])
-    assert rc == 0, capsys.readouterr().err
-    res = json.loads(out.read_text())
+    res, _ = _replay(setup, tmp_path, capsys, "--vram", "0.25", "--vram", "0.75", "--policy", "lru", "--tokens", "4")
     assert [b["vram_slots"] for b in res["budgets"]] == [6, 18]  # of 3 x 8 experts
     for b in res["budgets"]:
         names = [r["method"] for r in b["methods"]]
@@ -289,13 +295,9 @@ def test_rows_run_once_carry_each_budgets_own_ratios(setup, tmp_path, capsys, mo
 
     real = cmd._limits
     monkeypatch.setattr(cmd, "_limits", lambda *a, **kw: {**real(*a, **kw), "h2d_raw_gbps": 1e-4})
-    store, trace, _ = setup
-    out = tmp_path / "r.json"
-    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--device", "cpu", "--json", str(out),
-                "--vram", "0.25", "--vram", "0.75", "--methods", "on-demand,lru-lookahead", "--tokens", "4",
-                "--no-progress", "--readers", "1"])
-    assert rc == 0, capsys.readouterr().err
-    budgets = json.loads(out.read_text())["budgets"]
+    res, _ = _replay(setup, tmp_path, capsys, "--vram", "0.25", "--vram", "0.75", "--methods",
+                     "on-demand,lru-lookahead", "--tokens", "4")
+    budgets = res["budgets"]
     assert budgets[0]["oracle_tokens_per_s"] != budgets[1]["oracle_tokens_per_s"]
     for b in budgets:
         assert b["oracle_basis"] == "dense"  # on the CPU vram_form auto keeps dense slots
@@ -308,14 +310,9 @@ def test_policy_process_flag_puts_the_policy_in_a_child_by_default(setup, tmp_pa
                                                                     monkeypatch, flag, in_child):
     import pipeline.bench.replay as replay
 
-    store, trace, _ = setup
     real, seen = replay.run_method, []
     monkeypatch.setattr(replay, "run_method", lambda *a, **kw: (seen.append(kw["policy_process"]), real(*a, **kw))[1])
-    out = tmp_path / "r.json"
-    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--vram", "0.5", "--methods", "ours",
-                *([flag] if flag else []), "--device", "cpu", "--json", str(out), "--no-progress", "--readers", "1"])
-    assert rc == 0, capsys.readouterr().err
-    res = json.loads(out.read_text())
+    res, _ = _replay(setup, tmp_path, capsys, "--vram", "0.5", "--methods", "ours", *([flag] if flag else []))
     (row,) = res["budgets"][0]["methods"]
     assert seen == [in_child] and res["settings"]["policy_process"] is in_child
     assert row["skipped"] is None and row["tokens_per_s"] > 0
@@ -367,14 +364,10 @@ def test_prefetch_copies_and_policy_options_reach_each_methods_pipeline(setup, t
 
 
 def test_vram_form_stored_gives_budget_methods_more_slots_and_states_its_bound(setup, tmp_path, capsys):
-    store, trace, _ = setup
-    out = tmp_path / "r.json"
-    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--vram", "0.5", "--methods",
-                "on-demand,ours", "--tokens", "4", "--device", "cpu", "--no-progress", "--readers", "1",
-                "--vram-form", "stored", "--json", str(out)])
-    assert rc == 0, capsys.readouterr().err
-    assert "stored MXFP4 in VRAM" in capsys.readouterr().out
-    (b,) = json.loads(out.read_text())["budgets"]
+    res, printed = _replay(setup, tmp_path, capsys, "--vram", "0.5", "--methods", "on-demand,ours", "--tokens", "4",
+                           "--vram-form", "stored")
+    assert "stored MXFP4 in VRAM" in printed
+    (b,) = res["budgets"]
     rows = {r["method"]: r for r in b["methods"]}
     assert rows["on-demand"]["vram_form"] == "dense" and rows["on-demand"]["vram_slots"] == 2  # top_k, as always
     assert rows["ours"]["vram_form"] == "stored"
@@ -390,14 +383,10 @@ def test_vram_form_stored_gives_budget_methods_more_slots_and_states_its_bound(s
 def test_expert_math_mxfp4_hands_every_method_the_stored_form(setup, tmp_path, capsys):
     """--expert-math mxfp4: every method, the fixed-size ones too, keeps stored slots and no dense
     views, so the budget's methods hold more experts than with decode-at-use views."""
-    store, trace, _ = setup
-    out = tmp_path / "r.json"
-    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--vram", "0.2", "--methods",
-                "resident,on-demand,ours", "--tokens", "4", "--device", "cpu", "--no-progress", "--readers", "1",
-                "--expert-math", "mxfp4", "--json", str(out)])
-    assert rc == 0, capsys.readouterr().err
-    assert "computed from their stored MXFP4 bytes" in capsys.readouterr().out
-    res = json.loads(out.read_text())
+    store, _, _ = setup
+    res, printed = _replay(setup, tmp_path, capsys, "--vram", "0.2", "--methods", "resident,on-demand,ours",
+                           "--tokens", "4", "--expert-math", "mxfp4")
+    assert "computed from their stored MXFP4 bytes" in printed
     (b,) = res["budgets"]
     rows = {r["method"]: r for r in b["methods"]}
     assert {r["vram_form"] for r in rows.values()} == {"stored"} and res["expert_math"] == "mxfp4"
@@ -578,13 +567,9 @@ def test_warm_up_fills_ram_wide_and_without_math_then_runs_top_k_groups():
 def test_every_policy_takes_the_wide_warm_up(setup, tmp_path, capsys, policy):
     """The warm-up's first pass fetches several experts of a layer at once: a policy that splits
     VRAM by layer must still place them (the width stays within a layer's share)."""
-    store, trace, _ = setup
-    out = tmp_path / "r.json"
-    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--vram", "0.5", "--policy", policy,
-                "--methods", policy, "--tokens", "3", "--device", "cpu", "--no-progress", "--readers", "1",
-                "--json", str(out)])
-    assert rc == 0, capsys.readouterr().err
-    (row,) = json.loads(out.read_text())["budgets"][0]["methods"]
+    res, _ = _replay(setup, tmp_path, capsys, "--vram", "0.5", "--policy", policy, "--methods", policy,
+                     "--tokens", "3")
+    (row,) = res["budgets"][0]["methods"]
     assert row["skipped"] is None and row["tokens_per_s"] > 0
 
 
@@ -602,6 +587,4 @@ def test_a_policy_process_that_cannot_start_is_one_line_naming_the_way_round(set
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and err.startswith("prefetch-bench replay: error:")
     assert "Resource temporarily unavailable" in err and "policy_process=False" in err
-    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--methods", "ours", "--tokens", "2",
-                "--device", "cpu", "--no-progress", "--readers", "1", "--no-policy-process", "--json", str(out)])
-    assert rc == 0, capsys.readouterr().err  # the way round works
+    _replay(setup, tmp_path, capsys, "--methods", "ours", "--tokens", "2", "--no-policy-process")  # the way round
