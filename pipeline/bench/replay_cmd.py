@@ -434,8 +434,7 @@ def run(args) -> int:
         # use: with the stored form that is the stored-slot bound (the dense-slot one, which
         # counts the budget in bf16 slots, stays beside it for comparison with older runs).
         budget["oracle_basis"] = "stored" if "stored" in budget else "dense"
-        basis = budget["stored"] if "stored" in budget else budget
-        R.add_ratios(budget["methods"], basis["oracle_tokens_per_s"])
+        R.add_ratios(budget["methods"], R.oracle_bound(budget))
         R.print_table(budget, budget["methods"])
         budgets.append(budget)
         if args.json:

@@ -102,6 +102,12 @@ def skipped_row(name: str, method, why: str) -> dict:
             "skipped": why}
 
 
+def oracle_bound(budget: dict) -> float:
+    """The bound a budget's ratios are to (tokens/s): Belady at the slots its methods hold,
+    the stored-slot one where VRAM holds the stored form (`oracle_basis`)."""
+    return (budget["stored"] if budget.get("oracle_basis") == "stored" else budget)["oracle_tokens_per_s"]
+
+
 def add_ratios(rows: list[dict], oracle_tokens_per_s: float) -> None:
     base = next((r for r in rows if r["method"] == "on-demand" and not r["skipped"]), None)
     for r in rows:
@@ -203,9 +209,7 @@ def plot(path: str | Path, budgets: list[dict]) -> None:
         a2.plot(xs, [r["vram_hit_rate"] for _, r in pts], marker="o", label=name)
     xs = [b["vram_slots"] for b in budgets]
     # With a marker: a run of one budget draws its bound as a single point.
-    # The bound the ratios use: for the stored form, of the stored experts the same bytes hold.
-    bounds = [(b["stored"] if b.get("oracle_basis") == "stored" else b)["oracle_tokens_per_s"] for b in budgets]
-    a1.plot(xs, bounds, "k--", marker="_", markersize=14, label="oracle bound")
+    a1.plot(xs, [oracle_bound(b) for b in budgets], "k--", marker="_", markersize=14, label="oracle bound")
     a1.set(xlabel="VRAM budget (expert slots)", ylabel="tokens/s", title="throughput")
     a2.set(xlabel="VRAM budget (expert slots)", ylabel="VRAM hit rate", title="VRAM hit rate", ylim=(0, 1.05))
     a1.legend(fontsize=7)
