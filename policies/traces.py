@@ -209,6 +209,17 @@ def save_trace(trace: Trace, path: str | os.PathLike) -> None:
         raise
 
 
+def first_layers(trace: Trace, n: int) -> Trace:
+    """The trace's first `n` MoE layers (every row kept): a real model's routing replayed on a
+    store of fewer layers, e.g. experts at full size on a disk too small for all of them."""
+    if not 1 <= n <= trace.num_layers:
+        raise ValueError(f"--layers must be in [1, {trace.num_layers}] (the trace's MoE layers), got {n}")
+    ids = None if trace.meta.layer_ids is None else trace.meta.layer_ids[:n]
+    meta = msgspec.structs.replace(trace.meta, num_layers=n, layer_ids=ids)
+    return make_trace(trace.experts[:, :n], trace.weights[:, :n], trace.token_ids, trace.phase, trace.request,
+                      meta, where=f"first {n} layers of {trace.meta.model}")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Step:
     """One forward pass: a decode row, or all prefill rows of one request at once.

@@ -18,7 +18,7 @@ from pipeline.vram_arena import VramArena
 from policies.cache.registry import make_policy
 from policies.events import Activation, Tier
 from policies.synthetic import SyntheticConfig, generate
-from policies.traces import load_trace, save_trace
+from policies.traces import first_layers, load_trace, save_trace
 from tests.helpers_pipeline import build_tiny_store, no_leaks, run_ours_on_stored_experts  # noqa: F401
 
 # tiny preset: 3 MoE layers x 8 experts, top-2, hidden 64
@@ -212,6 +212,28 @@ def test_trace_larger_than_store_refused(setup, tmp_path, capsys, dims, what):
     err = capsys.readouterr().err
     assert rc == 2 and what in err and "bin/make-model" in err and "bin/precompute" in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+    assert ("replay its first 3 with --layers 3" in err) == (what == "4 layers")  # the way round, where there is one
+
+
+def test_layers_replays_a_deeper_traces_first_layers(setup, tmp_path, capsys):
+    deep = _trace(tmp_path / "deep.npz", layers=5)
+    res, _ = _replay(setup, tmp_path, capsys, "--trace", str(deep), "--layers", "3", "--methods", "resident,ours")
+    assert res["trace"]["layers"] == 3 and res["settings"]["layers"] == 3
+    whole, cut = load_trace(deep), first_layers(load_trace(deep), 3)
+    assert (cut.experts == whole.experts[:, :3]).all() and (cut.weights[:, :3] == whole.weights[:, :3]).all()
+    assert cut.meta.num_layers == 3 and cut.tokens == whole.tokens and (cut.request == whole.request).all()
+
+
+@pytest.mark.parametrize("n", ["0", "6"])
+def test_layers_out_of_range_is_one_line(setup, tmp_path, capsys, n):
+    store, _, _ = setup
+    deep = _trace(tmp_path / "deep.npz", layers=5)
+    out = tmp_path / "r.json"
+    rc = bench(["replay", "--store", str(store), "--trace", str(deep), "--device", "cpu", "--json", str(out),
+                "--layers", n])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--layers must be in [1, 5]" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("extra,needle", [

@@ -46,7 +46,8 @@ def check_fit(spec, trace: Trace) -> None:
                                                                        spec.num_experts),
                        ("top-k", trace.top_k, spec.top_k)):
         if t > s:
-            raise ValueError(f"trace has {t} {what} but the store has {s}; {fix}")
+            also = f", or replay its first {s} with --layers {s}" if what == "layers" else ""
+            raise ValueError(f"trace has {t} {what} but the store has {s}; {fix}{also}")
 
 
 @dataclasses.dataclass(frozen=True)

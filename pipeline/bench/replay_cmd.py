@@ -53,6 +53,8 @@ def add_arguments(p) -> None:
     p.add_argument("--predictor", help="predictor of the --policy methods, e.g. ewma:alpha=0.05")
     p.add_argument("--methods", help="run only these methods (comma-separated names)")
     p.add_argument("--tokens", type=int, help="replay at most this many forward passes")
+    p.add_argument("--layers", type=int, help="replay only the trace's first N MoE layers, on a store made with "
+                   "--layers N (full-size experts on a smaller disk)")
     p.add_argument("--include-prefill", action=argparse.BooleanOptionalAction, default=True,
                    help="run each request's prefill rows as one forward pass (default on)")
     p.add_argument("--lookahead-recall", type=float, default=DEFAULT_RECALL,
@@ -179,7 +181,7 @@ def _limits(store, device, cap_bytes: int, seed: int) -> dict:
 def _validate(args):
     """Everything that can be wrong with the input, checked before any work."""
     from adapters.store import StoreCheckpoint
-    from policies.traces import load_trace
+    from policies.traces import first_layers, load_trace
 
     from ..assembly import vram_slots_for
     from ..config import VRAM_FORMS
@@ -191,6 +193,8 @@ def _validate(args):
         raise ValueError(f"store {args.store} does not exist; make one with bin/make-model + bin/precompute")
     store = StoreCheckpoint(args.store)
     trace = load_trace(args.trace)
+    if args.layers is not None:
+        trace = first_layers(trace, args.layers)
     check_fit(store.spec, trace)
     if not 0 <= args.lookahead_recall <= 1:
         raise ValueError(f"--lookahead-recall must be in [0, 1], got {args.lookahead_recall}")
