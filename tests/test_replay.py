@@ -90,6 +90,9 @@ def test_baselines_cpu(setup, tmp_path, capsys, no_leaks):  # noqa: F811
         ev = r["actor_events"]  # one event per fetch, handed to the loop (the last may still be on the way)
         assert 0 < ev["received"] <= r["fetches"]
         assert ev["processed"] + ev["coalesced"] + ev["dropped"] <= ev["received"] and ev["processed"] > 0
+        # the untimed set-up, apart: opening the pipeline (processes, arenas), then the warm-up
+        assert r["setup_s"]["open"] > 0 and r["setup_s"]["warm"] > 0, r["setup_s"]
+        assert f"set-up {r['method']} @ 0.5: open" in text
     assert rows["resident"]["vram_hit_rate"] == 1.0 and rows["resident"]["gb_h2d"] == 0
     assert rows["on-demand"]["vram_hit_rate"] <= 0.05 and rows["on-demand"]["gb_nvme"] == 0
     assert rows["on-demand-disk"]["ram_hit_rate"] <= 0.05 and rows["on-demand-disk"]["gb_nvme"] > 0

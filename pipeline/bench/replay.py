@@ -232,6 +232,9 @@ class MethodRun(msgspec.Struct):
     # The policy actor's events in the timed passes: {"received", "processed", "coalesced",
     # "dropped"} (after - before). Dropped and coalesced events never reached the policy.
     actor: dict | None = None
+    # Untimed seconds before the timed passes: "open" (processes, pinned RAM, VRAM arena) and
+    # "warm" (the warm-up passes and the actor catching up).
+    setup_s: dict | None = None
 
 
 def open_pipeline(store_dir, method, vram_bytes: int, ram_bytes: int, device: str, readers: int | None,
@@ -295,10 +298,12 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
     extra = {} if prefetch_copies is None else {"prefetch_copies": prefetch_copies}
     if vram_views is not None:
         extra["vram_views"] = vram_views
+    t_open = time.perf_counter()
     with contextlib.ExitStack() as stack:
         pipe = stack.enter_context(open_pipeline(store_dir, method, vram_bytes, ram_bytes, device, readers,
                                                  policy_process=policy_process, vram_form=vram_form, **extra))
         form = pipe.stats().vram_form
+        t_warm = time.perf_counter()
         # Stored form: every fetch lands in the same few dense views, so a layer is one graph.
         # The graphs scope closes first: its graphs read the pipeline's slots.
         stack.enter_context(model.graphs(cuda_graphs, whole_layers=layer_graphs and form == "stored"
@@ -308,6 +313,7 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
             warm_up(pipe, spec, model, fill_width(spec.top_k, spec.num_experts, spec.num_layers, st.vram_slots,
                                                   st.vram_views))
         _settle_actor(pipe)
+        setup = {"open": t_warm - t_open, "warm": time.perf_counter() - t_warm}
         st0 = pipe.stats()
         before = st0.scheduler
         fetch = functools.partial(pipe.fetch, wait=False) if per_expert_waits else pipe.fetch
@@ -332,7 +338,7 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
         actor = {k: getattr(end, k) - getattr(st0.actor, k) for k in ("received", "processed", "coalesced",
                                                                       "dropped")}
         return MethodRun(loop, before, st.scheduler, st.device, st.pinned, st.vram_slots, prof, model.graph_captures,
-                         form, actor)
+                         form, actor, setup)
 
 
 def _stored_loader(store, device: torch.device, slots: int):

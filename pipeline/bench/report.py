@@ -69,7 +69,7 @@ def method_row(name: str, method, run, compute_s_per_token: float, vram_slots: i
         "predictor_options": dict(method.predictor_options), "policy_options": dict(method.policy_options),
         "lookahead": method.lookahead, "note": method.note,
         "vram_slots": vram_slots, "ram_slots": ram_slots, "device": run.device, "pinned": run.pinned,
-        "tokens": tokens, "passes": len(run.loop.pass_seconds), "seconds": seconds,
+        "tokens": tokens, "passes": len(run.loop.pass_seconds), "seconds": seconds, "setup_s": run.setup_s,
         "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "ms_per_token": ms_tok,
         "prefill_s": seconds - sum(decode_s),
         "decode_ms_per_token": sum(decode_s) / len(decode_s) * 1e3 if decode_s else None,
