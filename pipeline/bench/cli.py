@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("pipeline.bench.simulate_cmd", "replay a routing trace through cache policies against Belady"),
     "quality": ("pipeline.bench.quality_cmd", "recall@k / precision@k of the predictors on a trace"),
     "limits": ("pipeline.bench.limits_cmd", "the pipeline's hops against raw disk / H2D limits, fetch overhead"),
+    "horizon": ("pipeline.bench.horizon_cmd", "tokens of exact future routing a demand cache needs to near Belady"),
     "replay": ("pipeline.bench.replay_cmd", "end-to-end decode benchmark: methods vs baselines vs the oracle bound"),
 }
 DEFAULT_SUBCOMMAND = "default"
