@@ -588,6 +588,42 @@ def test_warm_up_fills_ram_wide_and_without_math_then_runs_top_k_groups():
     assert math == [2] * len(rounds)  # the math runs only on the top_k rounds
 
 
+def test_warm_up_below_all_of_ram_warms_what_ram_holds_and_reads_each_once(setup):
+    """A RAM tier smaller than the store is warmed with the first ram_slots // L experts of each
+    layer: rounds over every expert would cycle more than RAM holds, each fetch a disk read."""
+    from pipeline.bench.replay import open_pipeline, warm_up
+
+    store_dir = setup[0]
+    store = StoreCheckpoint(store_dir)
+    spec = store.spec  # 3 layers x 8 experts, top-2
+    slot = VramArena.slot_bytes_for(store, "dense")
+    read = max(x.read_length for x in store.index.experts)
+
+    class Model:  # no math: the fetches are what is counted
+        device = torch.device("cpu")
+
+        def embed_rows(self, ids):
+            return None
+
+        def non_expert(self, h):
+            return h, None
+
+        def experts(self, h, tensors, weights):
+            return h
+
+    from pipeline.bench.methods import extra_methods
+
+    (lru,) = extra_methods(["lru"], None)  # no staging of its own: every disk read is the warm-up's
+    with open_pipeline(str(store_dir), lru, 4 * slot, 13 * read, "cpu", 1) as pipe:
+        st = pipe.stats()
+        assert st.ram_slots == 13  # 4 experts of each layer fit, not 5
+        warm_up(pipe, spec, Model(), width=3, ram_slots=st.ram_slots)
+        sched = pipe.stats().scheduler
+        # each warmed expert read once, in the fill: both rounds are served from RAM (or VRAM)
+        assert sched.bytes_nvme == 4 * 3 * read, sched
+        assert sched.fetches == 3 * 2 + 2 * 3 * 2  # ceil(4 / 3) wide fetches per layer, then 2 rounds of 4 / top-2
+
+
 @pytest.mark.parametrize("policy", ["lru-per-layer", "hawkeye", "lfu"])
 def test_every_policy_takes_the_wide_warm_up(setup, tmp_path, capsys, policy):
     """The warm-up's first pass fetches several experts of a layer at once: a policy that splits
