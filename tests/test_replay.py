@@ -131,6 +131,52 @@ def test_pipeline_outputs_bit_identical_to_resident_reference(setup, per_expert_
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
+def test_warm_passes_times_the_passes_after_the_history(setup, tmp_path, capsys):
+    res, text = _replay(setup, tmp_path, capsys, "--warm-passes", "3", "--tokens", "4", "--methods", "ours")
+    everything = build_passes(load_trace(setup[1]), include_prefill=True)
+    assert res["passes"] == 4 and res["tokens"] == sum(p.n for p in everything[3:7])
+    assert res["history"] == {"passes": 3, "tokens": sum(p.n for p in everything[:3])}
+    assert "after 3 untimed passes of its history" in text
+
+
+@pytest.mark.parametrize("extra,needle", [(["--warm-passes", "-1"], "--warm-passes must be >= 0"),
+                                          (["--warm-passes", "500"], "lower --warm-passes")])
+def test_warm_passes_out_of_range_is_one_line(setup, tmp_path, capsys, extra, needle):
+    store, trace, _ = setup
+    out = tmp_path / "r.json"
+    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--device", "cpu", "--json", str(out),
+                *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_history_leaves_the_tiers_holding_what_it_used(setup):
+    """Passes run as history before the timed run: with VRAM for every expert they use (and less
+    than the store), an LRU cache then serves the same passes, timed, without a miss. Two slots of
+    slack: the policy frees a slot ahead of the next load (with none, 3-4 misses)."""
+    from pipeline.bench.methods import extra_methods
+
+    store_dir, trace_path, _ = setup
+    store = StoreCheckpoint(store_dir)
+    spec = store.spec
+    passes = build_passes(load_trace(trace_path), include_prefill=False)
+    used = {(layer, e) for p in passes for layer, ids in enumerate(p.ids) for e in ids}
+    slots = len(used) + 2
+    assert slots < spec.num_layers * spec.num_experts  # else the synthetic warm-up alone would do
+    hints = emulate_hints(passes, spec.num_experts, 0.8, 0)
+    (lru,) = extra_methods(["lru"], None)
+    vslot = VramArena.slot_bytes_for(store)
+    rslot = max(x.read_length for x in store.index.experts)
+    model = Model(spec, torch.device("cpu"), seed=3)
+    misses = {}
+    for name, history in (("cold", None), ("history", (passes, hints))):
+        run = run_method(store_dir, store, lru, slots * vslot, 24 * rslot, passes, model, hints,
+                         device="cpu", readers=1, history=history)
+        misses[name] = run.after.vram_misses - run.before.vram_misses
+    assert misses["history"] == 0 and misses["cold"] > 0, misses
+
+
 @pytest.mark.parametrize("per_expert_waits", [False, True])
 def test_experts_handed_out_stored_compute_the_resident_values(setup, per_expert_waits):
     """vram_views=0: fetch hands out each expert's stored MXFP4 tensors and the replay computes

@@ -298,9 +298,11 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
                hints, *, device: str, readers: int | None = None, progress=None, policy_process: bool = True,
                keep_outputs: bool = False, cuda_graphs: bool = True, per_expert_waits: bool = False,
                profile_passes: int = 0, prefetch_copies: int | None = None, vram_form: str = "dense",
-               layer_graphs: bool = True, vram_views: int | None = None) -> MethodRun:
+               layer_graphs: bool = True, vram_views: int | None = None,
+               history: tuple[list[Pass], list] | None = None) -> MethodRun:
     """`vram_views=0` with vram_form="stored": the experts are handed out stored and computed
-    from their MXFP4 bytes (pipeline/bench/stored_math.py)."""
+    from their MXFP4 bytes (pipeline/bench/stored_math.py). `history`: (passes, their hints) run
+    untimed after the warm-up, so the tiers hold what real routing left in them."""
     extra = {} if prefetch_copies is None else {"prefetch_copies": prefetch_copies}
     if vram_views is not None:
         extra["vram_views"] = vram_views
@@ -318,13 +320,15 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
             spec, st = store.spec, pipe.stats()
             warm_up(pipe, spec, model, fill_width(spec.top_k, spec.num_experts, spec.num_layers, st.vram_slots,
                                                   st.vram_views), st.ram_slots)
+        fetch = functools.partial(pipe.fetch, wait=False) if per_expert_waits else pipe.fetch
+        sink = pipe.hint_scores if method.lookahead else None
+        if history and history[0]:
+            run_loop(model, history[0], fetch, hints=history[1] if method.lookahead else None, hint_sink=sink)
         _settle_actor(pipe)
         setup = {"open": t_warm - t_open, "warm": time.perf_counter() - t_warm}
         st0 = pipe.stats()
         before = st0.scheduler
-        fetch = functools.partial(pipe.fetch, wait=False) if per_expert_waits else pipe.fetch
         hints = hints if method.lookahead else None
-        sink = pipe.hint_scores if method.lookahead else None
         loop = run_loop(model, passes, fetch, hints=hints, hint_sink=sink, progress=progress,
                         keep_outputs=keep_outputs)
         st = pipe.stats()

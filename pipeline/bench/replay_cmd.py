@@ -53,6 +53,10 @@ def add_arguments(p) -> None:
     p.add_argument("--predictor", help="predictor of the --policy methods, e.g. ewma:alpha=0.05")
     p.add_argument("--methods", help="run only these methods (comma-separated names)")
     p.add_argument("--tokens", type=int, help="replay at most this many forward passes")
+    p.add_argument("--warm-passes", type=int, default=0,
+                   help="run the trace's first N forward passes untimed through each method, then time the next "
+                   "--tokens: the tiers start with what real routing left in them, as on a server that has been "
+                   "decoding (default 0: only the synthetic warm-up; matters most when RAM is below the store)")
     p.add_argument("--layers", type=int, help="replay only the trace's first N MoE layers, on a store made with "
                    "--layers N (full-size experts on a smaller disk)")
     p.add_argument("--include-prefill", action=argparse.BooleanOptionalAction, default=True,
@@ -200,6 +204,8 @@ def _validate(args):
         raise ValueError(f"--lookahead-recall must be in [0, 1], got {args.lookahead_recall}")
     if args.tokens is not None and args.tokens < 1:
         raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
+    if args.warm_passes < 0:
+        raise ValueError(f"--warm-passes must be >= 0, got {args.warm_passes}")
     if args.profile_passes < 0:
         raise ValueError(f"--profile-passes must be >= 0, got {args.profile_passes}")
     if args.attn_matmuls < 0:
@@ -279,17 +285,22 @@ def run(args) -> int:
         # One intra-op thread: at these sizes a thread pool competing for a small, shared CPU
         # spends more time spinning than computing (measured: 100x slower per pass on 2 cores).
         torch.set_num_threads(1)
-    passes = build_passes(trace, args.include_prefill, args.tokens)
+    W = args.warm_passes
+    everything = build_passes(trace, args.include_prefill, None if args.tokens is None else W + args.tokens)
+    history, passes = everything[:W], everything[W:]
     if not passes:
-        raise ValueError(f"trace {args.trace} has no forward passes to replay"
-                         f"{'' if args.include_prefill else ' (decode rows); try --include-prefill'}")
+        raise ValueError(f"trace {args.trace} has {len(everything)} forward passes to replay"
+                         f"{'' if args.include_prefill else ' (decode rows)'}, none left after --warm-passes {W}; "
+                         f"{'lower --warm-passes' if W else 'try --include-prefill'}")
     tokens = sum(p.n for p in passes)
-    hints = emulate_hints(passes, spec.num_experts, args.lookahead_recall, args.seed)
+    all_hints = emulate_hints(everything, spec.num_experts, args.lookahead_recall, args.seed)
+    history_hints, hints = all_hints[:W], all_hints[W:]
     model = Model(spec, device, seed=args.seed, attn_matmuls=args.attn_matmuls)
     show = not args.no_progress
     print(f"replay: store {args.store} ({spec.family}, {store.dtype}, {spec.num_layers} layers x "
           f"{spec.num_experts} experts, top-{spec.top_k}, H={spec.hidden_size}, I={spec.intermediate_size}, "
-          f"{rslot} bytes/expert moved), trace {args.trace}: {len(passes)} passes, {tokens} tokens, device {device}")
+          f"{rslot} bytes/expert moved), trace {args.trace}: {len(passes)} passes, {tokens} tokens"
+          f"{f' after {W} untimed passes of its history' if W else ''}, device {device}")
     print(f"  non-expert work is a measured STAND-IN ({args.attn_matmuls} bf16 [n,H]x[H,H] matmuls + router "
           f"[n,H]x[H,E]), not a real attention; router lookahead is EMULATED (recall {args.lookahead_recall}, "
           f"seed {args.seed}), the same signal for every method that uses it")
@@ -329,7 +340,7 @@ def run(args) -> int:
                             policy_process=args.policy_process, cuda_graphs=graphs,
                             per_expert_waits=args.per_expert_waits, profile_passes=args.profile_passes,
                             prefetch_copies=args.prefetch_copies, vram_form=form, layer_graphs=args.layer_graphs,
-                            vram_views=views)
+                            vram_views=views, history=(history, history_hints))
         finally:
             bar.close()
         row = R.method_row(m.name, m, mr, compute_s_tok, mr.vram_slots, r)
@@ -399,6 +410,8 @@ def run(args) -> int:
                 "trace": {"path": args.trace, "model": trace.meta.model, "layers": trace.num_layers,
                           "experts": trace.num_experts, "top_k": trace.top_k, "rows": trace.tokens},
                 "passes": len(passes), "tokens": tokens, "device": str(device),
+                # untimed before the timed passes, through every method (--warm-passes)
+                "history": {"passes": len(history), "tokens": sum(p.n for p in history)},
                 "prefill_tokens": sum(p.n for p in passes if p.phase == PREFILL),
                 "stand_in": f"{args.attn_matmuls} bf16 [n,H]x[H,H] matmuls + router [n,H]x[H,E] (not a real attention)",
                 "compute": compute_text, "expert_math": args.expert_math,
