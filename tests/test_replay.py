@@ -136,7 +136,12 @@ def test_warm_passes_times_the_passes_after_the_history(setup, tmp_path, capsys)
     everything = build_passes(load_trace(setup[1]), include_prefill=True)
     assert res["passes"] == 4 and res["tokens"] == sum(p.n for p in everything[3:7])
     assert res["history"] == {"passes": 3, "tokens": sum(p.n for p in everything[:3])}
-    assert "after 3 untimed passes of its history" in text
+    assert "after 3 untimed passes of its history" in text and "RAM holds" not in text
+    # without history, a RAM tier below the store says what that run measures, and the way round
+    _, text = _replay(setup, tmp_path, capsys, "--tokens", "2", "--methods", "ours")
+    assert "RAM holds 12 of 24 experts" in text and "--warm-passes N" in text
+    _, text = _replay(setup, tmp_path, capsys, "--tokens", "2", "--methods", "ours", "--ram", "1.0")
+    assert "RAM holds" not in text
 
 
 @pytest.mark.parametrize("extra,needle", [(["--warm-passes", "-1"], "--warm-passes must be >= 0"),

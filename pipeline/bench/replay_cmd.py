@@ -304,6 +304,9 @@ def run(args) -> int:
     print(f"  non-expert work is a measured STAND-IN ({args.attn_matmuls} bf16 [n,H]x[H,H] matmuls + router "
           f"[n,H]x[H,E]), not a real attention; router lookahead is EMULATED (recall {args.lookahead_recall}, "
           f"seed {args.seed}), the same signal for every method that uses it")
+    if ram_slots < total and not W:
+        print(f"  RAM holds {ram_slots} of {total} experts: the warm-up's choice of them is arbitrary and a short "
+              f"run measures cold disk reads; --warm-passes N times a window after N passes of real routing")
 
     limits = _limits(store, device, cap, args.seed)
     graphs = args.cuda_graphs and device.type == "cuda"
