@@ -604,33 +604,41 @@ def test_fill_width(args, width):
     assert fill_width(*args) == width
 
 
+class _NoMathModel:
+    """Model's part that warm_up calls, with no math: `math` records each expert group's size."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.math = []
+
+    def embed_rows(self, ids):
+        return None
+
+    def non_expert(self, h):
+        return h, None
+
+    def experts(self, h, tensors, weights):
+        self.math.append(len(tensors))
+        return h
+
+
 def test_warm_up_fills_ram_wide_and_without_math_then_runs_top_k_groups():
     from types import SimpleNamespace
 
     from pipeline.bench.replay import warm_up
 
     spec = SimpleNamespace(top_k=2, num_layers=3, num_experts=8)
-    fetched, math = [], []
+    fetched = []
 
     class Pipe:
         def fetch(self, layer, ids):
             fetched.append((layer, tuple(ids)))
             return [None] * len(ids)
 
-    class Model:
-        device = torch.device("cpu")
-
-        def embed_rows(self, ids):
-            return None
-
-        def non_expert(self, h):
-            return h, None
-
-        def experts(self, h, tensors, weights):
-            math.append(len(tensors))
-            return h
-
-    warm_up(Pipe(), spec, Model(), width=5)
+    model = _NoMathModel()
+    warm_up(Pipe(), spec, model, width=5)
+    math = model.math
     fill = fetched[: 3 * 2]  # ceil(8 / 5) fetches per layer
     assert [len(ids) for _, ids in fill] == [5, 3] * 3
     assert {(l, e) for l, ids in fill for e in ids} == {(l, e) for l in range(3) for e in range(8)}
@@ -650,25 +658,13 @@ def test_warm_up_below_all_of_ram_warms_what_ram_holds_and_reads_each_once(setup
     slot = VramArena.slot_bytes_for(store, "dense")
     read = max(x.read_length for x in store.index.experts)
 
-    class Model:  # no math: the fetches are what is counted
-        device = torch.device("cpu")
-
-        def embed_rows(self, ids):
-            return None
-
-        def non_expert(self, h):
-            return h, None
-
-        def experts(self, h, tensors, weights):
-            return h
-
     from pipeline.bench.methods import extra_methods
 
     (lru,) = extra_methods(["lru"], None)  # no staging of its own: every disk read is the warm-up's
     with open_pipeline(str(store_dir), lru, 4 * slot, 13 * read, "cpu", 1) as pipe:
         st = pipe.stats()
         assert st.ram_slots == 13  # 4 experts of each layer fit, not 5
-        warm_up(pipe, spec, Model(), width=3, ram_slots=st.ram_slots)
+        warm_up(pipe, spec, _NoMathModel(), width=3, ram_slots=st.ram_slots)
         sched = pipe.stats().scheduler
         # each warmed expert read once, in the fill: both rounds are served from RAM (or VRAM)
         assert sched.bytes_nvme == 4 * 3 * read, sched
