@@ -8,7 +8,10 @@
 #          DTYPES ("mxfp4"), RAM (0.5 of all experts), EXTRA (more replay flags, e.g.
 #          "--expert-math mxfp4"), MODEL_DIR (where the checkpoints go, default WORKDIR: at full
 #          size a checkpoint and its store together may not fit one disk, so e.g. /dev/shm),
-#          KEEP_MODEL (1; 0 deletes each checkpoint once its stores are built)
+#          KEEP_MODEL (1; 0 deletes each checkpoint once its stores are built), LAYERS (all; N:
+#          stores of N layers replaying the trace's first N, e.g. full size on a small disk),
+#          MXFP4_MATH (0; 1 adds --expert-math mxfp4 to the MXFP4 stores' replays only, so that
+#          DTYPES="mxfp4 bfloat16" compares the two on one checkpoint)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 traces=$1 work=$2
@@ -24,6 +27,8 @@ mkdir -p "$work" "$out" "$models"
 for name in "$@"; do
   trace="$traces/$name.npz"
   read -r L E K < <($py -c "import json,sys,numpy as np; m=json.loads(str(np.load(sys.argv[1])['meta'])); print(m['num_layers'], m['num_experts'], m['top_k'])" "$trace")
+  first=()
+  if [ -n "${LAYERS:-}" ]; then L=$LAYERS first=(--layers "$LAYERS") name="$name-first$LAYERS"; fi
   model="$models/$name-model"
   [ -d "$model" ] || $py bin/make-model --format gpt-oss --preset gpt-oss-20b --layers "$L" --experts "$E" \
       --top-k "$K" ${dims[@]+"${dims[@]}"} --seed 0 --out "$model"
@@ -34,9 +39,11 @@ for name in "$@"; do
   if [ "${KEEP_MODEL:-1}" = 0 ]; then rm -rf "$model"; fi
   for d in $dtypes; do
     store="$work/$name-$d"
+    math=""
+    if [ "${MXFP4_MATH:-0}" = 1 ] && [ "$d" = mxfp4 ]; then math="--expert-math mxfp4"; fi
     echo "== replay $name ($d, ${L}x${E} top-$K, hidden=intermediate=$dim, $tokens passes per method)"
     $py bin/prefetch-bench replay --store "$store" --trace "$trace" --vram 0.1 --vram 0.25 --ram "$ram" \
-        --baselines --tokens "$tokens" --no-progress $extra --json "$out/replay-$name-$d.json" \
-        --plot "$out/replay-$name-$d.png"
+        --baselines --tokens "$tokens" --no-progress ${first[@]+"${first[@]}"} $extra $math \
+        --json "$out/replay-$name-$d.json" --plot "$out/replay-$name-$d.png"
   done
 done
