@@ -201,6 +201,36 @@ class ExpertPipeline:
             hint[int(l)] = tuple(v)
         self._hint = hint
 
+    def warm(self, experts=None, *, width: int | None = None) -> int:
+        """Fetch `experts` ((layer, expert) pairs, e.g. `pipeline.warm.most_used(trace, n)`) once,
+        before decoding and with no math, several of a layer per fetch, so the first tokens do not
+        wait on the disk for them. Default: each layer's first ram_slots // L experts. At most
+        stats().ram_slots experts; `width` caps the experts per fetch (VRAM caps it too).
+        Returns how many experts it fetched."""
+        groups = self._warm_groups(experts, width)
+        for layer, ids in groups:
+            self.fetch(layer, ids)
+        return sum(len(ids) for _, ids in groups)
+
+    async def awarm(self, experts=None, *, width: int | None = None) -> int:
+        """`warm` for a pipeline driven by `afetch`."""
+        groups = self._warm_groups(experts, width)
+        for layer, ids in groups:
+            await self.afetch(layer, ids)
+        return sum(len(ids) for _, ids in groups)
+
+    def _warm_groups(self, experts, width: int | None) -> list[tuple[int, list[int]]]:
+        from .warm import fill_width, first_of_each_layer, warm_groups
+
+        L, E, K = self.spec.num_layers, self.spec.num_experts, self.spec.top_k
+        st = self.stats()
+        most = fill_width(K, E, L, st.vram_slots, st.vram_views)
+        if width is not None and width < 1:
+            raise ValueError(f"warm: width must be >= 1, got {width}")
+        if experts is None:
+            experts = first_of_each_layer(L, E, K, st.ram_slots)
+        return warm_groups(experts, L, E, st.ram_slots, most if width is None else min(width, most))
+
     def stats(self) -> PipelineStats:
         p = self._p
         views = p.vram_arena.views

@@ -599,7 +599,7 @@ def test_plot_draws_the_bound_the_ratios_use(tmp_path):
     ((4, 60, 24, 541, None), 8),  # stored tensors handed out (vram_views=0): no views to fit
 ])
 def test_fill_width(args, width):
-    from pipeline.bench.replay import fill_width
+    from pipeline.warm import fill_width
 
     assert fill_width(*args) == width
 

@@ -34,6 +34,7 @@ import torch
 
 from policies.traces import PREFILL, Trace, decode_steps
 
+from ..warm import fill_width, first_of_each_layer, warm_groups
 from .model import Model
 
 
@@ -248,18 +249,9 @@ def open_pipeline(store_dir, method, vram_bytes: int, ram_bytes: int, device: st
                                **options)
 
 
-def fill_width(top_k: int, num_experts: int, num_layers: int, vram_slots: int, views: int | None) -> int:
-    """Experts per fetch of warm-up's first pass: up to 8, so the disk reads of one fetch run on
-    several reader processes at once; at most half of VRAM and a layer's even share of it, so
-    every policy can place them (lru-per-layer splits VRAM by layer); no more than the dense
-    views a stored-form VRAM decodes into (`views`, when it has them); never below top_k."""
-    width = max(top_k, min(num_experts, 8, vram_slots // 2, vram_slots // num_layers))
-    return width if views is None else max(1, min(width, views))
-
-
 def warm_up(pipe, spec, model: Model, width: int | None = None, ram_slots: int | None = None) -> None:
-    """Fill RAM first: each expert warmed fetched once, `width` at a time (fill_width) and with no
-    math. A top_k-wide fetch kept one reader busy at a time, each read waiting for its own
+    """Fill RAM first: each expert warmed fetched once, `width` at a time (pipeline.warm) and with
+    no math. A top_k-wide fetch kept one reader busy at a time, each read waiting for its own
     checksum: on this repository's 2-core machine a 5.2 GB store filled in 13.8 s that way and in
     8.1 s eight at a time. Then the same experts once more, twice, each group of top_k run
     through the expert math (untimed): the RAM tier starts full, and under `model.graphs()` every
@@ -270,11 +262,11 @@ def warm_up(pipe, spec, model: Model, width: int | None = None, ram_slots: int |
     read the disk (llama4 at full size, RAM 0.5: 109 s of warm-up, against 49 s to fill all of
     RAM once)."""
     K, L, E = spec.top_k, spec.num_layers, spec.num_experts
-    per_layer = E if ram_slots is None else max(K, min(E, ram_slots // L))
-    step = width or K
-    for layer in range(L):
-        for e in range(0, per_layer, step):
-            pipe.fetch(layer, list(range(e, min(e + step, per_layer))))
+    ram = L * E if ram_slots is None else ram_slots
+    experts = first_of_each_layer(L, E, K, ram)
+    per_layer = len(experts) // L
+    for layer, ids in warm_groups(experts, L, E, max(ram, len(experts)), width or K):
+        pipe.fetch(layer, ids)
     h = model.embed_rows([0])
     for _ in range(2):
         for layer in range(L):
