@@ -202,11 +202,14 @@ class ExpertPipeline:
         self._hint = hint
 
     def warm(self, experts=None, *, width: int | None = None) -> int:
-        """Fetch `experts` ((layer, expert) pairs, e.g. `pipeline.warm.most_used(trace, n)`) once,
+        """Fetch `experts` ((layer, expert) pairs, e.g. `policies.trace_stats.most_used(trace, n)`) once,
         before decoding and with no math, several of a layer per fetch, so the first tokens do not
-        wait on the disk for them. Default: each layer's first ram_slots // L experts. At most
+        wait on the disk for them. Default: ram_slots experts, each layer's first ones. At most
         stats().ram_slots experts; `width` caps the experts per fetch (VRAM caps it too).
-        Returns how many experts it fetched."""
+        Returns how many experts it fetched. Call it from the thread that will decode: its
+        fetches make that thread the pipeline's one caller, as `fetch` does."""
+        if self._thread is None:
+            raise RuntimeError("this pipeline was opened with aopen(): use `await pipe.awarm(...)`")
         groups = self._warm_groups(experts, width)
         for layer, ids in groups:
             self.fetch(layer, ids)
@@ -228,7 +231,7 @@ class ExpertPipeline:
         if width is not None and width < 1:
             raise ValueError(f"warm: width must be >= 1, got {width}")
         if experts is None:
-            experts = first_of_each_layer(L, E, K, st.ram_slots)
+            experts = first_of_each_layer(L, E, st.ram_slots)
         return warm_groups(experts, L, E, st.ram_slots, most if width is None else min(width, most))
 
     def stats(self) -> PipelineStats:

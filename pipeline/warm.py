@@ -4,14 +4,13 @@ With RAM below the store, the first tokens of a cold pipeline wait on the disk f
 expert they use (on an H100, half of llama4's 40.7 GB store in RAM, arbitrary experts warmed:
 2.8 GB read in the first 40 passes, 18.7 tok/s against 135 for on-demand with all of it in RAM). `ExpertPipeline.warm` fetches a chosen
 set once, before decoding, several experts per fetch so their disk reads run on several
-reader processes at once; `most_used` picks the set from a recorded trace. The benchmark's
-warm-up (pipeline/bench/replay.py) uses the same grouping.
+reader processes at once; `policies.trace_stats.most_used` picks the set from a recorded trace
+(what to cache is the policies' business). The benchmark's warm-up (pipeline/bench/replay.py)
+uses the same grouping.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
-
-import numpy as np
 
 MAX_WIDTH = 8  # experts per warm-up fetch: enough readers busy at once, one layer's share at most
 
@@ -25,11 +24,13 @@ def fill_width(top_k: int, num_experts: int, num_layers: int, vram_slots: int, v
     return width if views is None else max(1, min(width, views))
 
 
-def first_of_each_layer(num_layers: int, num_experts: int, top_k: int, ram_slots: int) -> list[tuple[int, int]]:
-    """Each layer's first ram_slots // L experts (all of them when RAM holds the store): a set
-    RAM holds whole, when nothing says which experts matter."""
-    per_layer = max(top_k, min(num_experts, ram_slots // num_layers))
-    return [(layer, e) for layer in range(num_layers) for e in range(per_layer)]
+def first_of_each_layer(num_layers: int, num_experts: int, ram_slots: int) -> list[tuple[int, int]]:
+    """ram_slots experts (all of them when RAM holds the store), each layer's first ones, the
+    layers' shares as even as they divide: a set RAM holds whole, when nothing says which
+    experts matter."""
+    total = min(ram_slots, num_layers * num_experts)
+    share, extra = divmod(total, num_layers)
+    return [(layer, e) for layer in range(num_layers) for e in range(share + (layer < extra))]
 
 
 def warm_groups(experts: Iterable[tuple[int, int]], num_layers: int, num_experts: int, ram_slots: int,
@@ -52,20 +53,3 @@ def warm_groups(experts: Iterable[tuple[int, int]], num_layers: int, num_experts
                          f"e.g. most_used(trace, pipe.stats().ram_slots)")
     return [(layer, ids[i:i + width]) for layer in sorted(chosen) for ids in (chosen[layer],)
             for i in range(0, len(ids), width)]
-
-
-def most_used(trace, n: int, include_prefill: bool = True) -> list[tuple[int, int]]:
-    """The `n` (layer, expert) pairs a recorded trace (policies.traces.Trace) uses most often,
-    most used first: what to warm a pipeline with before serving similar requests."""
-    from policies.traces import DECODE
-
-    if n < 1:
-        raise ValueError(f"most_used: n must be >= 1, got {n}")
-    rows = trace.experts if include_prefill else trace.experts[trace.phase == DECODE]
-    L, E = trace.num_layers, trace.num_experts
-    counts = np.zeros(L * E, dtype=np.int64)
-    layer_of = np.broadcast_to(np.arange(L)[None, :, None], rows.shape)
-    used = rows >= 0
-    np.add.at(counts, layer_of[used].astype(np.int64) * E + rows[used].astype(np.int64), 1)
-    order = np.argsort(-counts, kind="stable")[:n]
-    return [(int(k // E), int(k % E)) for k in order if counts[k] > 0]

@@ -11,6 +11,8 @@
   short traces (sparse counts), so compare traces of similar length.
 - `lru_hit_10`: demand hit rate of one LRU cache shared by all layers, unit-size experts,
   capacity 10% of all experts (the reference figure in FORMAT.md).
+
+`most_used(trace, n)`: the n most used (layer, expert) pairs, to warm a pipeline with.
 """
 from __future__ import annotations
 
@@ -111,3 +113,18 @@ def trace_stats(trace: Trace) -> dict:
         "lru_hit_10": r4(lru_hit_rate(trace, 0.10)),
         "gini_per_layer": [r4(x) for x in g], "entropy_per_layer": [r4(x) for x in h],
     }
+
+
+def most_used(trace: Trace, n: int, include_prefill: bool = True) -> list[tuple[int, int]]:
+    """The `n` (layer, expert) pairs `trace` uses most often, most used first (ties: lower
+    layer, then lower expert): what to warm a pipeline with (ExpertPipeline.warm) before
+    serving requests like the trace's."""
+    if n < 1:
+        raise ValueError(f"most_used: n must be >= 1, got {n}")
+    rows = trace.experts if include_prefill else trace.experts[trace.phase == DECODE]
+    L, E = trace.num_layers, trace.num_experts
+    layer_of = np.broadcast_to(np.arange(L)[None, :, None], rows.shape)
+    used = rows >= 0
+    counts = np.bincount(layer_of[used].astype(np.int64) * E + rows[used].astype(np.int64), minlength=L * E)
+    order = np.argsort(-counts, kind="stable")[:n]
+    return [(int(k // E), int(k % E)) for k in order if counts[k] > 0]

@@ -12,9 +12,10 @@ from adapters.store import StoreCheckpoint
 from pipeline.bench.cli import main as bench
 from pipeline.bench.methods import baseline_methods, select
 from pipeline.assembly import vram_slots_for
-from pipeline.bench.replay import (Model, build_passes, device_rows, device_weights, direct_fetch, emulate_hints,
+from pipeline.bench.replay import (Model, access_keys, build_passes, device_rows, device_weights, direct_fetch, emulate_hints,
                                    run_loop, run_method)
 from pipeline.vram_arena import VramArena
+from policies.cache.belady import belady_min
 from policies.cache.registry import make_policy
 from policies.events import Activation, Tier
 from policies.synthetic import SyntheticConfig, generate
@@ -90,8 +91,9 @@ def test_baselines_cpu(setup, tmp_path, capsys, no_leaks):  # noqa: F811
         ev = r["actor_events"]  # one event per fetch, handed to the loop (the last may still be on the way)
         assert 0 < ev["received"] <= r["fetches"]
         assert ev["processed"] + ev["coalesced"] + ev["dropped"] <= ev["received"] and ev["processed"] > 0
-        # the untimed set-up, apart: opening the pipeline (processes, arenas), then the warm-up
-        assert r["setup_s"]["open"] > 0 and r["setup_s"]["warm"] > 0, r["setup_s"]
+        # the untimed set-up, apart: opening the pipeline (processes, arenas), the warm-up, the
+        # history (here none: only the actor catching up)
+        assert set(r["setup_s"]) == {"open", "warm", "history"} and r["setup_s"]["open"] > 0, r["setup_s"]
         assert f"set-up {r['method']} @ 0.5: open" in text
     assert rows["resident"]["vram_hit_rate"] == 1.0 and rows["resident"]["gb_h2d"] == 0
     assert rows["on-demand"]["vram_hit_rate"] <= 0.05 and rows["on-demand"]["gb_nvme"] == 0
@@ -137,6 +139,13 @@ def test_warm_passes_times_the_passes_after_the_history(setup, tmp_path, capsys)
     assert res["passes"] == 4 and res["tokens"] == sum(p.n for p in everything[3:7])
     assert res["history"] == {"passes": 3, "tokens": sum(p.n for p in everything[:3])}
     assert "after 3 untimed passes of its history" in text and "RAM holds" not in text
+    (row,) = res["budgets"][0]["methods"]
+    assert f"history {row['setup_s']['history']:.1f} s" in text
+    # the bound is the timed window's: Belady over passes 3..6 alone
+    b = res["budgets"][0]
+    spec = StoreCheckpoint(setup[0]).spec
+    keys = access_keys(everything[3:7], spec.num_experts, spec.top_k)
+    assert b["belady_loads"] == belady_min(keys, b["vram_slots"])[1]
     # without history, a RAM tier below the store says what that run measures, and the way round
     _, text = _replay(setup, tmp_path, capsys, "--tokens", "2", "--methods", "ours")
     assert "RAM holds 12 of 24 experts" in text and "--warm-passes N" in text
@@ -648,8 +657,8 @@ def test_warm_up_fills_ram_wide_and_without_math_then_runs_top_k_groups():
 
 
 def test_warm_up_below_all_of_ram_warms_what_ram_holds_and_reads_each_once(setup):
-    """A RAM tier smaller than the store is warmed with the first ram_slots // L experts of each
-    layer: rounds over every expert would cycle more than RAM holds, each fetch a disk read."""
+    """A RAM tier smaller than the store is warmed with as many experts as it holds, each layer's
+    first ones: rounds over every expert would cycle more than RAM holds, each fetch a disk read."""
     from pipeline.bench.replay import open_pipeline, warm_up
 
     store_dir = setup[0]
@@ -663,12 +672,13 @@ def test_warm_up_below_all_of_ram_warms_what_ram_holds_and_reads_each_once(setup
     (lru,) = extra_methods(["lru"], None)  # no staging of its own: every disk read is the warm-up's
     with open_pipeline(str(store_dir), lru, 4 * slot, 13 * read, "cpu", 1) as pipe:
         st = pipe.stats()
-        assert st.ram_slots == 13  # 4 experts of each layer fit, not 5
+        assert st.ram_slots == 13  # 5 + 4 + 4 experts warmed
         warm_up(pipe, spec, _NoMathModel(), width=3, ram_slots=st.ram_slots)
         sched = pipe.stats().scheduler
         # each warmed expert read once, in the fill: both rounds are served from RAM (or VRAM)
-        assert sched.bytes_nvme == 4 * 3 * read, sched
-        assert sched.fetches == 3 * 2 + 2 * 3 * 2  # ceil(4 / 3) wide fetches per layer, then 2 rounds of 4 / top-2
+        assert sched.bytes_nvme == 13 * read, sched
+        # ceil(5 / 3) + 2 x ceil(4 / 3) wide fetches, then 2 rounds of top-2 groups: 3 + 2 + 2
+        assert sched.fetches == 6 + 2 * 7
 
 
 @pytest.mark.parametrize("policy", ["lru-per-layer", "hawkeye", "lfu"])

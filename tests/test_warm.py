@@ -9,8 +9,9 @@ import pytest
 from adapters.store import StoreCheckpoint
 from pipeline.api import ExpertPipeline
 from pipeline.vram_arena import VramArena
-from pipeline.warm import first_of_each_layer, most_used, warm_groups
+from pipeline.warm import first_of_each_layer, warm_groups
 from policies.synthetic import SyntheticConfig, generate
+from policies.trace_stats import most_used
 from policies.traces import FORMAT, TraceMeta, make_trace
 from tests.helpers_pipeline import build_tiny_store, no_leaks  # noqa: F401
 
@@ -49,8 +50,11 @@ def test_most_used_ranks_by_use_and_can_leave_out_the_prompt():
 def test_warm_groups_go_layer_by_layer_width_at_a_time_each_expert_once():
     groups = warm_groups([(1, 5), (0, 2), (1, 5), (1, 0), (0, 7), (1, 3), (1, 1)], 3, 8, ram_slots=6, width=2)
     assert groups == [(0, [2, 7]), (1, [5, 0]), (1, [3, 1])]
-    assert first_of_each_layer(3, 8, 2, ram_slots=13) == [(layer, e) for layer in range(3) for e in range(4)]
-    assert len(first_of_each_layer(3, 8, 2, ram_slots=100)) == 24  # all of them when RAM holds the store
+    # ram_slots of them, shares as even as they divide (13 = 5 + 4 + 4), never more than RAM holds
+    assert first_of_each_layer(3, 8, ram_slots=13) == [(0, e) for e in range(5)] + [
+        (layer, e) for layer in (1, 2) for e in range(4)]
+    assert first_of_each_layer(3, 8, ram_slots=2) == [(0, 0), (1, 0)]
+    assert len(first_of_each_layer(3, 8, ram_slots=100)) == 24  # all of them when RAM holds the store
     with pytest.raises(ValueError, match=r"expert \(3, 0\) is out of range: layers 0..2"):
         warm_groups([(3, 0)], 3, 8, ram_slots=6, width=2)
     with pytest.raises(ValueError, match="7 experts given but RAM holds 6; give the ones to keep"):
@@ -84,6 +88,14 @@ def test_warm_reads_the_chosen_experts_once_and_then_serves_them_without_the_dis
 async def test_awarm_fills_ram_with_each_layers_first_experts_by_default(store, no_leaks):  # noqa: F811
     budgets, read = _budgets(store, 4, 13)
     async with await ExpertPipeline.aopen(store, **budgets, device="cpu", readers=2, policy="lru") as pipe:
-        assert await pipe.awarm(width=1) == 12  # 13 // 3 = 4 of each layer's experts, one per fetch
+        assert await pipe.awarm(width=1) == 13  # all that RAM holds (5 + 4 + 4), one per fetch
         sched = pipe.stats().scheduler
-        assert sched.bytes_nvme == 12 * read and sched.fetches == 12
+        assert sched.bytes_nvme == 13 * read and sched.fetches == 13
+        with pytest.raises(RuntimeError, match="awarm"):  # the blocking call names the async one
+            pipe.warm()
+
+
+def test_warm_by_default_fits_a_ram_smaller_than_top_k_per_layer(store, no_leaks):  # noqa: F811
+    budgets, read = _budgets(store, 2, 5)  # 5 < top_k 2 x 3 layers
+    with ExpertPipeline.open(store, **budgets, device="cpu", readers=1, policy="lru") as pipe:
+        assert pipe.warm() == 5 and pipe.stats().scheduler.bytes_nvme == 5 * read

@@ -233,8 +233,8 @@ class MethodRun(msgspec.Struct):
     # The policy actor's events in the timed passes: {"received", "processed", "coalesced",
     # "dropped"} (after - before). Dropped and coalesced events never reached the policy.
     actor: dict | None = None
-    # Untimed seconds before the timed passes: "open" (processes, pinned RAM, VRAM arena) and
-    # "warm" (the warm-up passes and the actor catching up).
+    # Untimed seconds before the timed passes: "open" (processes, pinned RAM, VRAM arena), "warm"
+    # (the warm-up) and "history" (--warm-passes, and the policy actor catching up).
     setup_s: dict | None = None
 
 
@@ -257,23 +257,23 @@ def warm_up(pipe, spec, model: Model, width: int | None = None, ram_slots: int |
     through the expert math (untimed): the RAM tier starts full, and under `model.graphs()` every
     VRAM slot's graph is captured before timing starts.
 
-    With `ram_slots` below all experts, only the first ram_slots // L of each layer are warmed:
-    a round over every expert would cycle a set larger than RAM, and each of its fetches would
-    read the disk (llama4 at full size, RAM 0.5: 109 s of warm-up, against 49 s to fill all of
-    RAM once)."""
+    With `ram_slots` below all experts, only ram_slots of them are warmed, each layer's first
+    (pipeline.warm.first_of_each_layer): a round over every expert would cycle a set larger than
+    RAM, and each of its fetches would read the disk (llama4 at full size, RAM 0.5: 109 s of
+    warm-up, against 47 s to fill all of RAM once)."""
     K, L, E = spec.top_k, spec.num_layers, spec.num_experts
     ram = L * E if ram_slots is None else ram_slots
-    experts = first_of_each_layer(L, E, K, ram)
-    per_layer = len(experts) // L
-    for layer, ids in warm_groups(experts, L, E, max(ram, len(experts)), width or K):
+    experts = first_of_each_layer(L, E, ram)
+    for layer, ids in warm_groups(experts, L, E, ram, width or K):
         pipe.fetch(layer, ids)
     h = model.embed_rows([0])
     for _ in range(2):
-        for layer in range(L):
-            model.non_expert(h)
-            for e in range(0, per_layer, K):
-                ids = list(range(e, min(e + K, per_layer)))
-                model.experts(h, pipe.fetch(layer, ids), [1.0 / len(ids)] * len(ids))
+        last = None
+        for layer, ids in warm_groups(experts, L, E, ram, K):
+            if layer != last:  # a layer's non-expert work once, before its first group
+                model.non_expert(h)
+                last = layer
+            model.experts(h, pipe.fetch(layer, ids), [1.0 / len(ids)] * len(ids))
     _sync(model.device)
 
 
@@ -314,10 +314,11 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
                                                   st.vram_views), st.ram_slots)
         fetch = functools.partial(pipe.fetch, wait=False) if per_expert_waits else pipe.fetch
         sink = pipe.hint_scores if method.lookahead else None
+        t_history = time.perf_counter()
         if history and history[0]:
             run_loop(model, history[0], fetch, hints=history[1] if method.lookahead else None, hint_sink=sink)
         _settle_actor(pipe)
-        setup = {"open": t_warm - t_open, "warm": time.perf_counter() - t_warm}
+        setup = {"open": t_warm - t_open, "warm": t_history - t_warm, "history": time.perf_counter() - t_history}
         st0 = pipe.stats()
         before = st0.scheduler
         hints = hints if method.lookahead else None

@@ -349,8 +349,9 @@ def run(args) -> int:
         row = R.method_row(m.name, m, mr, compute_s_tok, mr.vram_slots, r)
         row["vram_form"] = mr.vram_form
         row["gpu_profile"] = mr.profile
-        print(f"  set-up {m.name} @ {vram_text}: open {mr.setup_s['open']:.1f} s, warm-up {mr.setup_s['warm']:.1f} s "
-              f"(untimed)")
+        history_text = f", history {mr.setup_s['history']:.1f} s" if W else ""
+        print(f"  set-up {m.name} @ {vram_text}: open {mr.setup_s['open']:.1f} s, warm-up {mr.setup_s['warm']:.1f} s"
+              f"{history_text} (untimed)")
         if mr.profile is not None:
             print(f"  profile {m.name} @ {vram_text}: {describe(mr.profile)}")
         return row
