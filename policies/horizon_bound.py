@@ -21,11 +21,11 @@ may evict a key the current visit still needs.
 
 Why measure it: inside the window the rule ranks experts exactly as Belady does, so all of
 its remaining gap to Belady comes from how it orders the experts outside the window. Its
-loads are what a perfect predictor of the next h tokens gives a demand cache that falls back
-on LRU or frequency order; a real predictor is only less accurate, so the figure is an upper
-bound on what a predictor of the next h tokens can give such a cache. It is not a lower
-bound for every online policy: a better out-of-window order, or prefetching, may do better
-with less foresight.
+loads say how far exact knowledge of the next h tokens takes a demand cache that falls back
+on LRU or frequency order. It is not a bound either way: another out-of-window order, or
+prefetching, may do better with less foresight (the default policy beats the 8-token window
+on llama4 at 25%), and the rule itself is not monotone in h (more foresight can move an
+eviction that happens to cost a load later).
 
 Cost: O(n log n) for n accesses. Next uses come from `policies.cache.belady.next_use` (one
 stable sort of the keys). The candidates sit in heaps with lazy deletion: a heap entry

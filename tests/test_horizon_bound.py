@@ -17,7 +17,7 @@ import pytest
 from pipeline.bench.cli import main as bench
 from policies.cache.belady import belady_min
 from policies.cache.registry import make_policy
-from policies.horizon_bound import horizon_loads, trace_visits
+from policies.horizon_bound import TIE_BREAKS, horizon_loads, trace_visits
 from policies.simulator import access_sequence, layer_visits, simulate, truncate, visit_sequence
 from policies.synthetic import SyntheticConfig, generate
 from policies.traces import FORMAT, TraceMeta, decode_steps, load_trace, make_trace, save_trace
@@ -261,11 +261,13 @@ def test_cli_from_bin_with_one_tie_break(bin_env, synthetic_trace_file, tmp_path
     (["--tie-break", "mru"], "--tie-break 'mru' is unknown; valid: best, freq, lru"),
     (["--max-tokens", "0"], "--max-tokens must be >= 1"),
     (["--max-tokens", "2"], "nothing to measure"),
+    (["--json", "/nonexistent-folder/h.json"], "its folder does not exist"),
 ])
 def test_cli_bad_input_is_one_line_exit_2_no_json(synthetic_trace_file, tmp_path, capsys, args, message):
     out = tmp_path / "h.json"
     trace = [] if "--trace" in args else ["--trace", str(synthetic_trace_file)]
-    rc = bench(["horizon", *trace, *args, "--json", str(out)])
+    json_out = [] if "--json" in args else ["--json", str(out)]
+    rc = bench(["horizon", *trace, *args, *json_out])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists() and list(tmp_path.glob(".h.json*")) == []
@@ -289,3 +291,9 @@ def test_one_token_of_foresight_lies_between_belady_and_lru_on_qwen15(shared_tra
     h1 = horizon_loads(v, capacity, 1, "freq")
     lru = horizon_loads(v, capacity, 0, "lru")
     assert belady < h1 < lru, (belady, h1, lru)
+
+
+def test_the_cli_offers_the_rules_tie_breaks_and_best():
+    from pipeline.bench.horizon_cmd import TIE_BREAK_CHOICES
+
+    assert sorted(TIE_BREAK_CHOICES) == sorted(("best", *TIE_BREAKS))

@@ -262,8 +262,8 @@ def test_default_policy_beats_lru_on_shared_traces(ratios):
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="brief's target (<= 1.25x Belady VRAM loads) not reached: "
                    "the default policy measures 1.45-2.04x on the full traces at 10%/25% (LRU 1.50-2.20x); "
-                   "a cache that knows the next token's routing exactly still needs 1.32-2.19x "
-                   "(prefetch-bench horizon)")
+                   "prefetch-bench horizon's rule, knowing the next token's routing exactly, still "
+                   "needs 1.32-2.19x")
 def test_default_policy_within_125_percent_of_belady(ratios):
     for key, (default, _) in ratios.items():
         assert default <= 1.25, (key, default)

@@ -28,7 +28,12 @@ for name in "$@"; do
   trace="$traces/$name.npz"
   read -r L E K < <($py -c "import json,sys,numpy as np; m=json.loads(str(np.load(sys.argv[1])['meta'])); print(m['num_layers'], m['num_experts'], m['top_k'])" "$trace")
   first=()
-  if [ -n "${LAYERS:-}" ]; then L=$LAYERS first=(--layers "$LAYERS") name="$name-first$LAYERS"; fi
+  if [ -n "${LAYERS:-}" ]; then
+    if ! [ "$LAYERS" -ge 1 ] 2>/dev/null || [ "$LAYERS" -gt "$L" ]; then
+      echo "gpu_replay.sh: LAYERS=$LAYERS but $name has $L MoE layers; give 1..$L" >&2; exit 2
+    fi
+    L=$LAYERS first=(--layers "$LAYERS") name="$name-first$LAYERS"
+  fi
   model="$models/$name-model"
   [ -d "$model" ] || $py bin/make-model --format gpt-oss --preset gpt-oss-20b --layers "$L" --experts "$E" \
       --top-k "$K" ${dims[@]+"${dims[@]}"} --seed 0 --out "$model"

@@ -14,7 +14,9 @@ from pathlib import Path
 
 DEFAULT_CAPACITIES = ("0.1", "0.25")
 DEFAULT_HORIZONS = (0, 1, 2, 4, 8)
-TIE_BREAK_CHOICES = ("best", "freq", "lru")  # best: both orders, the fewer loads reported
+# best: both orders, the fewer loads reported; the rest are policies.horizon_bound.TIE_BREAKS (a
+# test keeps the two in step: this module is imported by every prefetch-bench command, lightly)
+TIE_BREAK_CHOICES = ("best", "freq", "lru")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--horizon must be >= 0 tokens, got {horizons[0]}")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():  # found now, not after the runs
+        raise ValueError(f"--json {args.json}: its folder does not exist; create it or write elsewhere")
     fractions = args.vram_capacity or list(DEFAULT_CAPACITIES)
     for text in fractions:
         capacity_experts(text, 1)
