@@ -153,18 +153,6 @@ def test_warm_passes_times_the_passes_after_the_history(setup, tmp_path, capsys)
     assert "RAM holds" not in text
 
 
-@pytest.mark.parametrize("extra,needle", [(["--warm-passes", "-1"], "--warm-passes must be >= 0"),
-                                          (["--warm-passes", "500"], "lower --warm-passes")])
-def test_warm_passes_out_of_range_is_one_line(setup, tmp_path, capsys, extra, needle):
-    store, trace, _ = setup
-    out = tmp_path / "r.json"
-    rc = bench(["replay", "--store", str(store), "--trace", str(trace), "--device", "cpu", "--json", str(out),
-                *extra])
-    err = capsys.readouterr().err
-    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
-    assert not out.exists()
-
-
 def test_history_leaves_the_tiers_holding_what_it_used(setup):
     """Passes run as history before the timed run: with VRAM for every expert they use (and less
     than the store), an LRU cache then serves the same passes, timed, without a miss. Two slots of
@@ -311,6 +299,8 @@ def test_layers_out_of_range_is_one_line(setup, tmp_path, capsys, n):
     (["--vram", "0.1", "--vram-form", "stored"], "--vram-form dense"),
     (["--vram-form", "packed"], "--vram-form"),
     (["--expert-math", "mxfp4", "--vram-form", "dense"], "drop --vram-form dense"),
+    (["--warm-passes", "-1"], "--warm-passes must be >= 0"),
+    (["--warm-passes", "500"], "lower --warm-passes"),
 ])
 def test_bad_input_one_line_exit_2(setup, tmp_path, capsys, extra, needle):
     store, trace, _ = setup
