@@ -628,22 +628,26 @@ def test_warm_up_fills_ram_wide_and_without_math_then_runs_top_k_groups():
     from pipeline.bench.replay import warm_up
 
     spec = SimpleNamespace(top_k=2, num_layers=3, num_experts=8)
-    fetched = []
+    fetched, warmed = [], []
 
-    class Pipe:
+    class Pipe:  # the fill's grouping into wide fetches is pipe.warm's (tests/test_warm.py)
+        def stats(self):
+            return SimpleNamespace(ram_slots=100)
+
+        def warm(self, experts):
+            assert not fetched  # the fill comes first
+            warmed.extend(experts)
+
         def fetch(self, layer, ids):
             fetched.append((layer, tuple(ids)))
             return [None] * len(ids)
 
     model = _NoMathModel()
-    warm_up(Pipe(), spec, model, width=5)
-    math = model.math
-    fill = fetched[: 3 * 2]  # ceil(8 / 5) fetches per layer
-    assert [len(ids) for _, ids in fill] == [5, 3] * 3
-    assert {(l, e) for l, ids in fill for e in ids} == {(l, e) for l in range(3) for e in range(8)}
-    rounds = fetched[len(fill):]
-    assert len(rounds) == 2 * 3 * 4 and all(len(ids) == 2 for _, ids in rounds)  # top_k groups, twice
-    assert math == [2] * len(rounds)  # the math runs only on the top_k rounds
+    warm_up(Pipe(), spec, model)
+    assert warmed == [(l, e) for l in range(3) for e in range(8)]  # RAM holds the store: all of it
+    assert len(fetched) == 2 * 3 * 4 and all(len(ids) == 2 for _, ids in fetched)  # top_k groups, twice
+    assert {(l, e) for l, ids in fetched for e in ids} == set(warmed)
+    assert model.math == [2] * len(fetched)  # the math runs only on the top_k rounds
 
 
 def test_warm_up_below_all_of_ram_warms_what_ram_holds_and_reads_each_once(setup):
@@ -663,12 +667,13 @@ def test_warm_up_below_all_of_ram_warms_what_ram_holds_and_reads_each_once(setup
     with open_pipeline(str(store_dir), lru, 4 * slot, 13 * read, "cpu", 1) as pipe:
         st = pipe.stats()
         assert st.ram_slots == 13  # 5 + 4 + 4 experts warmed
-        warm_up(pipe, spec, _NoMathModel(), width=3, ram_slots=st.ram_slots)
+        warm_up(pipe, spec, _NoMathModel())
         sched = pipe.stats().scheduler
         # each warmed expert read once, in the fill: both rounds are served from RAM (or VRAM)
         assert sched.bytes_nvme == 13 * read, sched
-        # ceil(5 / 3) + 2 x ceil(4 / 3) wide fetches, then 2 rounds of top-2 groups: 3 + 2 + 2
-        assert sched.fetches == 6 + 2 * 7
+        # fill_width 2 here (VRAM 4 slots): ceil(5 / 2) + 2 x ceil(4 / 2) fetches, then 2 rounds of
+        # top-2 groups: 3 + 2 + 2
+        assert sched.fetches == 7 + 2 * 7
 
 
 @pytest.mark.parametrize("policy", ["lru-per-layer", "hawkeye", "lfu"])

@@ -34,7 +34,7 @@ import torch
 
 from policies.traces import PREFILL, Trace, decode_steps
 
-from ..warm import fill_width, first_of_each_layer, warm_groups
+from ..warm import first_of_each_layer, warm_groups
 from .model import Model
 
 
@@ -249,27 +249,21 @@ def open_pipeline(store_dir, method, vram_bytes: int, ram_bytes: int, device: st
                                **options)
 
 
-def warm_up(pipe, spec, model: Model, width: int | None = None, ram_slots: int | None = None) -> None:
-    """Fill RAM first: each expert warmed fetched once, `width` at a time (pipeline.warm) and with
-    no math. A top_k-wide fetch kept one reader busy at a time, each read waiting for its own
-    checksum: on this repository's 2-core machine a 5.2 GB store filled in 13.8 s that way and in
-    8.1 s eight at a time. Then the same experts once more, twice, each group of top_k run
-    through the expert math (untimed): the RAM tier starts full, and under `model.graphs()` every
-    VRAM slot's graph is captured before timing starts.
-
-    With `ram_slots` below all experts, only ram_slots of them are warmed, each layer's first
-    (pipeline.warm.first_of_each_layer): a round over every expert would cycle a set larger than
-    RAM, and each of its fetches would read the disk (llama4 at full size, RAM 0.5: 109 s of
-    warm-up, against 47 s to fill all of RAM once)."""
+def warm_up(pipe, spec, model: Model) -> None:
+    """Fill RAM first with `pipe.warm` (as many experts as RAM holds, each layer's first ones,
+    several per fetch so several readers read at once, no math). Then the same experts once
+    more, twice, each group of top_k run through the expert math (untimed): the RAM tier starts
+    full, and under `model.graphs()` every VRAM slot's graph is captured before timing starts.
+    Only what RAM holds is warmed: a round over every expert would cycle a set larger than RAM,
+    and each of its fetches would read the disk (llama4 at full size, RAM 0.5: 109 s of warm-up,
+    against 47 s to fill all of RAM once)."""
     K, L, E = spec.top_k, spec.num_layers, spec.num_experts
-    ram = L * E if ram_slots is None else ram_slots
-    experts = first_of_each_layer(L, E, ram)
-    for layer, ids in warm_groups(experts, L, E, ram, width or K):
-        pipe.fetch(layer, ids)
+    experts = first_of_each_layer(L, E, pipe.stats().ram_slots)
+    pipe.warm(experts)
     h = model.embed_rows([0])
     for _ in range(2):
         last = None
-        for layer, ids in warm_groups(experts, L, E, ram, K):
+        for layer, ids in warm_groups(experts, L, E, len(experts), K):
             if layer != last:  # a layer's non-expert work once, before its first group
                 model.non_expert(h)
                 last = layer
@@ -309,9 +303,7 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
         stack.enter_context(model.graphs(cuda_graphs, whole_layers=layer_graphs and form == "stored"
                                          and vram_views != 0))
         if method.warm:
-            spec, st = store.spec, pipe.stats()
-            warm_up(pipe, spec, model, fill_width(spec.top_k, spec.num_experts, spec.num_layers, st.vram_slots,
-                                                  st.vram_views), st.ram_slots)
+            warm_up(pipe, store.spec, model)
         fetch = functools.partial(pipe.fetch, wait=False) if per_expert_waits else pipe.fetch
         sink = pipe.hint_scores if method.lookahead else None
         t_history = time.perf_counter()
