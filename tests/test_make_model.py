@@ -90,6 +90,14 @@ def test_errors_are_one_line_exit_2(tmp_path, capsys, argv, needle):
     assert not out.exists() and not (tmp_path / "m.partial").exists()
 
 
+@pytest.mark.parametrize("workers", [0, True, 1.5])
+def test_write_model_refuses_a_worker_count_that_is_not_a_positive_int(tmp_path, workers):
+    with pytest.raises(ValueError, match="workers must be an int >= 1"):
+        synthetic.write_model("gpt-oss", synthetic.Dims(layers=3, experts=8, top_k=2, hidden=64, intermediate=64), 0,
+                              tmp_path / "m", workers=workers)
+    assert not (tmp_path / "m").exists()
+
+
 def test_refuses_non_empty_out(tmp_path, capsys):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "keep.txt").write_text("mine")

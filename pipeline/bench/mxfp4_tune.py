@@ -71,11 +71,11 @@ def main(argv=None) -> int:
     p.add_argument("--inter", type=int, default=2880)
     p.add_argument("--top-k", type=int, default=4)
     args = p.parse_args(argv)
+    if args.hidden % 32 or args.inter % 32 or not 1 <= args.top_k <= K.MAX_EXPERTS:  # before the GPU: anywhere
+        print(f"mxfp4_tune: dims must be multiples of 32 and top-k 1..{K.MAX_EXPERTS}", file=sys.stderr)
+        return 2
     if not K.supported(torch.device("cuda")) or not torch.cuda.is_available():
         print("mxfp4_tune: needs a CUDA device with Triton", file=sys.stderr)
-        return 2
-    if args.hidden % 32 or args.inter % 32 or not 1 <= args.top_k <= K.MAX_EXPERTS:
-        print(f"mxfp4_tune: dims must be multiples of 32 and top-k 1..{K.MAX_EXPERTS}", file=sys.stderr)
         return 2
     H, inter, k = args.hidden, args.inter, args.top_k
     ex = synthetic_experts(H, inter, k, "cuda")
