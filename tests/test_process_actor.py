@@ -166,6 +166,7 @@ async def test_what_waited_for_a_stalled_child_reaches_it_once_it_resumes():
         for _ in range(50):
             pp.forget(0, 0, 2)  # feedback: never dropped, whatever the backlog holds
         assert pp._backlog and pp._backlog_events <= 16
+        assert sum(not is_event for _, is_event in pp._backlog) == 50  # every feedback frame kept
     await _until(lambda: not pp._backlog)
     s = pp.stats()
     await _until(lambda: pp.stats().processed == s.received - s.dropped - pp.stats().coalesced)

@@ -275,18 +275,6 @@ def test_layers_replays_a_deeper_traces_first_layers(setup, tmp_path, capsys):
     assert cut.meta.num_layers == 3 and cut.tokens == whole.tokens and (cut.request == whole.request).all()
 
 
-@pytest.mark.parametrize("n", ["0", "6"])
-def test_layers_out_of_range_is_one_line(setup, tmp_path, capsys, n):
-    store, _, _ = setup
-    deep = _trace(tmp_path / "deep.npz", layers=5)
-    out = tmp_path / "r.json"
-    rc = bench(["replay", "--store", str(store), "--trace", str(deep), "--device", "cpu", "--json", str(out),
-                "--layers", n])
-    err = capsys.readouterr().err
-    assert rc == 2 and "--layers must be in [1, 5]" in err and len(err.strip().splitlines()) == 1, err
-    assert not out.exists()
-
-
 @pytest.mark.parametrize("extra,needle", [
     (["--methods", "nonsense"], "on-demand"),  # the valid names are listed
     (["--policy", "nonsense"], "lru-lookahead"),
@@ -301,6 +289,8 @@ def test_layers_out_of_range_is_one_line(setup, tmp_path, capsys, n):
     (["--expert-math", "mxfp4", "--vram-form", "dense"], "drop --vram-form dense"),
     (["--warm-passes", "-1"], "--warm-passes must be >= 0"),
     (["--warm-passes", "500"], "lower --warm-passes"),
+    (["--layers", "0"], "--layers must be in [1, 3]"),
+    (["--layers", "4"], "--layers must be in [1, 3]"),
 ])
 def test_bad_input_one_line_exit_2(setup, tmp_path, capsys, extra, needle):
     store, trace, _ = setup
@@ -310,6 +300,20 @@ def test_bad_input_one_line_exit_2(setup, tmp_path, capsys, extra, needle):
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_a_trace_with_nothing_to_replay_says_so_without_naming_warm_passes(setup, tmp_path, capsys):
+    import dataclasses
+
+    store, trace, _ = setup
+    t = load_trace(trace)
+    save_trace(dataclasses.replace(t, phase=t.phase * 0), tmp_path / "prompt.npz")  # prefill rows only
+    out = tmp_path / "r.json"
+    rc = bench(["replay", "--store", str(store), "--trace", str(tmp_path / "prompt.npz"), "--device", "cpu",
+                "--no-include-prefill", "--json", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no forward passes to replay (decode rows); try --include-prefill" in err, err
+    assert "--warm-passes" not in err and len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_missing_store(setup, tmp_path, capsys):
@@ -383,13 +387,13 @@ def test_rows_run_once_carry_each_budgets_own_ratios(setup, tmp_path, capsys, mo
 @pytest.mark.parametrize("flag, in_child", [(None, True), ("--policy-process", True), ("--no-policy-process", False)])
 def test_policy_process_flag_puts_the_policy_in_a_child_by_default(setup, tmp_path, capsys, no_leaks,  # noqa: F811
                                                                     monkeypatch, flag, in_child):
-    import pipeline.bench.replay as replay
+    from policies.process_actor import PolicyProcess
 
-    real, seen = replay.run_method, []
-    monkeypatch.setattr(replay, "run_method", lambda *a, **kw: (seen.append(kw["policy_process"]), real(*a, **kw))[1])
+    real, started = PolicyProcess.start, []
+    monkeypatch.setattr(PolicyProcess, "start", lambda self: (started.append(self), real(self))[1])
     res, _ = _replay(setup, tmp_path, capsys, "--vram", "0.5", "--methods", "ours", *([flag] if flag else []))
     (row,) = res["budgets"][0]["methods"]
-    assert seen == [in_child] and res["settings"]["policy_process"] is in_child
+    assert bool(started) is in_child and res["settings"]["policy_process"] is in_child  # a child really started
     assert row["skipped"] is None and row["tokens_per_s"] > 0
     ev = row["actor_events"]  # settled: every event of the timed passes accounted for
     assert ev["received"] > 0 and ev["processed"] + ev["coalesced"] + ev["dropped"] == ev["received"]
@@ -680,8 +684,9 @@ def test_warm_up_below_all_of_ram_warms_what_ram_holds_and_reads_each_once(setup
 def test_every_policy_takes_the_wide_warm_up(setup, tmp_path, capsys, policy):
     """The warm-up's first pass fetches several experts of a layer at once: a policy that splits
     VRAM by layer must still place them (the width stays within a layer's share)."""
-    res, _ = _replay(setup, tmp_path, capsys, "--vram", "0.5", "--policy", policy, "--methods", policy,
-                     "--tokens", "3")
+    # RAM 1.0: every expert warmed, so a fetch wider than a layer's share of VRAM would show
+    res, _ = _replay(setup, tmp_path, capsys, "--vram", "0.5", "--ram", "1.0", "--policy", policy, "--methods",
+                     policy, "--tokens", "3")
     (row,) = res["budgets"][0]["methods"]
     assert row["skipped"] is None and row["tokens_per_s"] > 0
 
