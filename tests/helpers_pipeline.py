@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from adapters.cli.make_model import main as make_model_main
+from adapters.store import StoreCheckpoint
 from adapters.precompute.cli import main as precompute_main
 
 SHM = Path("/dev/shm")
@@ -69,6 +70,16 @@ def build_tiny_store(out: Path, dtype: str, *, seed: int = 5) -> Path:
         assert precompute_main(["--model", str(model), "--out", str(store), "--dtype", dtype, "--workers", "0",
                                 "--no-progress"]) == 0
     return store
+
+
+def budgets(store_dir: Path, vram_experts: int, ram_experts: int) -> dict:
+    """ExpertPipeline.open's vram/ram for that many dense VRAM slots and RAM slots of the store."""
+    from pipeline.vram_arena import VramArena
+
+    st = StoreCheckpoint(store_dir)
+    ram_slot = max(x.read_length for x in st.index.experts)
+    # Counted in dense slots, so the form is dense (auto would hold more, stored, on a GPU)
+    return {"vram": VramArena.slot_bytes_for(st) * vram_experts, "ram": ram_slot * ram_experts, "vram_form": "dense"}
 
 
 # -- VRAM arena / copy engine (appended) ------------------------------------------------------

@@ -20,18 +20,10 @@ from policies.cache.registry import make_policy
 from policies.horizon_bound import TIE_BREAKS, horizon_loads, trace_visits
 from policies.simulator import access_sequence, layer_visits, simulate, truncate, visit_sequence
 from policies.synthetic import SyntheticConfig, generate
-from policies.traces import FORMAT, TraceMeta, decode_steps, load_trace, make_trace, save_trace
+from policies.traces import decode_steps, load_trace, make_trace, save_trace
+from tests.helpers_traces import tiny_trace
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def tiny_trace(experts, num_experts, phase=None, request=None):
-    """experts: [T][L][K] ids (-1 = no entry); decode rows of one request unless told."""
-    ex = np.asarray(experts, dtype=np.int16)
-    T, L, K = ex.shape
-    meta = TraceMeta(format=FORMAT, model="tiny", num_layers=L, num_experts=num_experts, top_k=K, tokens=T)
-    return make_trace(ex, np.full(ex.shape, np.nan, np.float32), np.full(T, -1),
-                      np.ones(T) if phase is None else phase, np.zeros(T) if request is None else request, meta)
 
 
 def random_trace(rng, *, prefill=False):

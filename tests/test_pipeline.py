@@ -26,24 +26,16 @@ from pipeline.api import ExpertPipeline, PipelineClosed, StagedExperts
 from pipeline.assembly import plan_slots
 from pipeline.config import PipelineConfig, load_config
 from pipeline.readers import ReaderError
-from pipeline.vram_arena import VramArena
 from policies.events import Activation
 from policies.synthetic import SyntheticConfig, generate
 from policies.traces import decode_steps
-from tests.helpers_pipeline import STORE_DTYPES, bit_pattern, build_tiny_store, no_leaks  # noqa: F401
+from tests.helpers_pipeline import STORE_DTYPES, bit_pattern, budgets, build_tiny_store, no_leaks  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pipe")
     return {d: build_tiny_store(root, d) for d in STORE_DTYPES}
-
-
-def budgets(store_dir: Path, vram_experts: int, ram_experts: int) -> dict:
-    st = StoreCheckpoint(store_dir)
-    ram_slot = max(x.read_length for x in st.index.experts)
-    # Counted in dense slots, so the form is dense (auto would hold more, stored, on a GPU)
-    return {"vram": VramArena.slot_bytes_for(st) * vram_experts, "ram": ram_slot * ram_experts, "vram_form": "dense"}
 
 
 def trace_visits(store_dir: Path, tokens: int = 12, seed: int = 1):

@@ -12,21 +12,12 @@ import pytest
 from pipeline.bench.simulate_cmd import parse_capacity
 from policies.cache.registry import DEFAULT_POLICY, DEFAULT_PREDICTOR, make_policy, parse_predictor_spec
 from policies.simulator import access_sequence, simulate, truncate, visit_sequence
-from policies.traces import FORMAT, TraceMeta, load_trace, make_trace, save_trace
+from policies.traces import load_trace, make_trace, save_trace
+from tests.helpers_traces import tiny_trace
 
 from test_policies_narrated import FixedPredictor
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def tiny_trace(rows, num_experts=4, phase=None, request=None):
-    """rows: [T][L][K] expert ids."""
-    ex = np.asarray(rows, dtype=np.int16)
-    T, L, K = ex.shape
-    meta = TraceMeta(format=FORMAT, model="tiny", num_layers=L, num_experts=num_experts, top_k=K,
-                     tokens=T, expert_bytes_bf16=1_000_000)
-    return make_trace(ex, np.full(ex.shape, np.nan, np.float32), np.full(T, -1),
-                      np.ones(T) if phase is None else phase, np.zeros(T) if request is None else request, meta)
 
 
 MS = 1e-3

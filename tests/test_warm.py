@@ -8,12 +8,11 @@ import pytest
 
 from adapters.store import StoreCheckpoint
 from pipeline.api import ExpertPipeline
-from pipeline.vram_arena import VramArena
 from pipeline.warm import first_of_each_layer, warm_groups
 from policies.synthetic import SyntheticConfig, generate
 from policies.trace_stats import most_used
-from policies.traces import FORMAT, TraceMeta, make_trace
-from tests.helpers_pipeline import build_tiny_store, no_leaks  # noqa: F401
+from tests.helpers_traces import tiny_trace
+from tests.helpers_pipeline import budgets, build_tiny_store, no_leaks  # noqa: F401
 
 # tiny preset: 3 MoE layers x 8 experts, top-2
 
@@ -23,23 +22,9 @@ def store(tmp_path_factory):
     return build_tiny_store(tmp_path_factory.mktemp("warm"), "mxfp4")
 
 
-def _budgets(store, vram_experts, ram_experts):
-    st = StoreCheckpoint(store)
-    read = max(x.read_length for x in st.index.experts)
-    return {"vram": VramArena.slot_bytes_for(st) * vram_experts, "ram": read * ram_experts, "vram_form": "dense"}, read
-
-
-def _trace(experts, phase):
-    experts = np.asarray(experts, dtype=np.int16)
-    T, L, K = experts.shape
-    meta = TraceMeta(format=FORMAT, model="hand", num_layers=L, num_experts=4, top_k=K, tokens=T)
-    return make_trace(experts, np.full(experts.shape, np.nan, np.float32), np.full(T, -1), phase,
-                      np.zeros(T), meta)
-
-
 def test_most_used_ranks_by_use_and_can_leave_out_the_prompt():
     # 2 layers, top-1: layer 0 uses 3, 3, 1 (prefill row first), layer 1 uses 2, 0, 0
-    trace = _trace([[[3], [2]], [[3], [0]], [[1], [0]]], phase=np.array([0, 1, 1]))
+    trace = tiny_trace([[[3], [2]], [[3], [0]], [[1], [0]]], phase=np.array([0, 1, 1]))
     assert most_used(trace, 3) == [(0, 3), (1, 0), (0, 1)]  # ties: lower (layer, expert) first
     assert most_used(trace, 10) == [(0, 3), (1, 0), (0, 1), (1, 2)]  # never an unused expert
     assert most_used(trace, 10, include_prefill=False) == [(1, 0), (0, 1), (0, 3)]
@@ -65,8 +50,8 @@ def test_warm_reads_the_chosen_experts_once_and_then_serves_them_without_the_dis
     spec = StoreCheckpoint(store).spec
     trace = generate(SyntheticConfig(layers=spec.num_layers, experts=spec.num_experts, top_k=spec.top_k,
                                      requests=2, prompt_tokens=3, decode_tokens=12, seed=2))
-    budgets, read = _budgets(store, 4, 12)
-    with ExpertPipeline.open(store, **budgets, device="cpu", readers=2, policy="lru") as pipe:
+    read = max(x.read_length for x in StoreCheckpoint(store).index.experts)
+    with ExpertPipeline.open(store, **budgets(store, 4, 12), device="cpu", readers=2, policy="lru") as pipe:
         hot = most_used(trace, pipe.stats().ram_slots)
         assert len(hot) == 12
         assert pipe.warm(hot) == 12
@@ -86,8 +71,9 @@ def test_warm_reads_the_chosen_experts_once_and_then_serves_them_without_the_dis
 
 
 async def test_awarm_fills_ram_with_each_layers_first_experts_by_default(store, no_leaks):  # noqa: F811
-    budgets, read = _budgets(store, 4, 13)
-    async with await ExpertPipeline.aopen(store, **budgets, device="cpu", readers=2, policy="lru") as pipe:
+    read = max(x.read_length for x in StoreCheckpoint(store).index.experts)
+    async with await ExpertPipeline.aopen(store, **budgets(store, 4, 13), device="cpu", readers=2,
+                                          policy="lru") as pipe:
         assert await pipe.awarm(width=1) == 13  # all that RAM holds (5 + 4 + 4), one per fetch
         sched = pipe.stats().scheduler
         assert sched.bytes_nvme == 13 * read and sched.fetches == 13
@@ -96,6 +82,7 @@ async def test_awarm_fills_ram_with_each_layers_first_experts_by_default(store, 
 
 
 def test_warm_by_default_fits_a_ram_smaller_than_top_k_per_layer(store, no_leaks):  # noqa: F811
-    budgets, read = _budgets(store, 2, 5)  # 5 < top_k 2 x 3 layers
-    with ExpertPipeline.open(store, **budgets, device="cpu", readers=1, policy="lru") as pipe:
+    read = max(x.read_length for x in StoreCheckpoint(store).index.experts)
+    # RAM 5 < top_k 2 x 3 layers
+    with ExpertPipeline.open(store, **budgets(store, 2, 5), device="cpu", readers=1, policy="lru") as pipe:
         assert pipe.warm() == 5 and pipe.stats().scheduler.bytes_nvme == 5 * read
