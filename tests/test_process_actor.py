@@ -143,6 +143,23 @@ async def test_publish_never_blocks_on_a_stalled_child_and_counts_what_it_drops(
     assert stats.state == "stopped" and _no_child(proc)
 
 
+async def test_a_child_that_dies_with_frames_waiting_fails_the_actor_and_lets_them_go():
+    # The backlog's writer finds the socket closed (EPIPE): what waited is dropped, nothing
+    # retries against a dead child, and the death is the actor's failure.
+    async with _stalled_child(queue_size=16) as pp:
+        proc = pp._proc
+        for ev in events(400):
+            pp.publish(ev)
+        for _ in range(10):
+            pp.forget(0, 0, 2)
+        assert pp._backlog
+        os.kill(proc.pid, signal.SIGKILL)
+    await _until(lambda: not pp._backlog and not pp._flushing and pp.state.value == "failed")
+    with pytest.raises(PolicyActorError, match="exit code|died|exited"):
+        await pp.stop()
+    assert _no_child(proc)
+
+
 async def test_a_consumer_that_raises_on_a_plan_fails_the_actor_with_where():
     def broken(stamped):
         raise RuntimeError("scheduler bug")
