@@ -316,6 +316,21 @@ def test_a_trace_with_nothing_to_replay_says_so_without_naming_warm_passes(setup
     assert "--warm-passes" not in err and len(err.strip().splitlines()) == 1 and not out.exists()
 
 
+@pytest.mark.parametrize("layers", ["4", "0", "x"])
+def test_gpu_replay_script_refuses_layers_the_trace_lacks_before_building(setup, tmp_path, layers):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    trace = setup[1]  # 3 layers
+    work = tmp_path / "work"
+    script = Path(__file__).resolve().parents[1] / "pipeline" / "bench" / "gpu_replay.sh"
+    res = subprocess.run(["bash", str(script), str(trace.parent), str(work), trace.stem], capture_output=True,
+                         text=True, env={**os.environ, "LAYERS": layers}, timeout=120)
+    assert res.returncode == 2 and f"LAYERS={layers} but {trace.stem} has 3 MoE layers; give 1..3" in res.stderr
+    assert list(work.iterdir()) == []  # nothing built
+
+
 def test_missing_store(setup, tmp_path, capsys):
     _, trace, _ = setup
     out = tmp_path / "r.json"
