@@ -128,6 +128,15 @@ async def _stalled_child(queue_size: int):
         os.kill(pid, signal.SIGCONT)
 
 
+def _fill_backlog(pp, feedback: int) -> None:
+    """400 events, then `feedback` forget frames, at a stalled child: more than its socket takes."""
+    for ev in events(400):
+        pp.publish(ev)
+    for _ in range(feedback):
+        pp.forget(0, 0, 2)  # feedback: never dropped, whatever the backlog holds
+    assert pp._backlog
+
+
 async def test_publish_never_blocks_on_a_stalled_child_and_counts_what_it_drops():
     async with _stalled_child(queue_size=32) as pp:
         proc = pp._proc
@@ -148,11 +157,7 @@ async def test_a_child_that_dies_with_frames_waiting_fails_the_actor_and_lets_th
     # retries against a dead child, and the death is the actor's failure.
     async with _stalled_child(queue_size=16) as pp:
         proc = pp._proc
-        for ev in events(400):
-            pp.publish(ev)
-        for _ in range(10):
-            pp.forget(0, 0, 2)
-        assert pp._backlog
+        _fill_backlog(pp, feedback=10)
         os.kill(proc.pid, signal.SIGKILL)
     await _until(lambda: not pp._backlog and not pp._flushing and pp.state.value == "failed")
     with pytest.raises(PolicyActorError, match="exit code|died|exited"):
@@ -178,11 +183,8 @@ async def test_what_waited_for_a_stalled_child_reaches_it_once_it_resumes():
     # feedback frame) is written out by the loop once the child reads again, in order.
     async with _stalled_child(queue_size=16) as pp:
         proc = pp._proc
-        for ev in events(400):
-            pp.publish(ev)
-        for _ in range(50):
-            pp.forget(0, 0, 2)  # feedback: never dropped, whatever the backlog holds
-        assert pp._backlog and pp._backlog_events <= 16
+        _fill_backlog(pp, feedback=50)
+        assert pp._backlog_events <= 16
         assert sum(not is_event for _, is_event in pp._backlog) == 50  # every feedback frame kept
     await _until(lambda: not pp._backlog)
     s = pp.stats()
