@@ -287,6 +287,7 @@ def test_layers_replays_a_deeper_traces_first_layers(setup, tmp_path, capsys):
     (["--vram", "0.1", "--vram-form", "stored"], "--vram-form dense"),
     (["--vram-form", "packed"], "--vram-form"),
     (["--expert-math", "mxfp4", "--vram-form", "dense"], "drop --vram-form dense"),
+    (["--repeat", "0"], "--repeat must be >= 1"),
     (["--warm-passes", "-1"], "--warm-passes must be >= 0"),
     (["--warm-passes", "500"], "lower --warm-passes"),
     (["--layers", "0"], "--layers must be in [1, 3]"),
@@ -397,6 +398,41 @@ def test_rows_run_once_carry_each_budgets_own_ratios(setup, tmp_path, capsys, mo
         assert b["oracle_basis"] == "dense"  # on the CPU vram_form auto keeps dense slots
         for r in b["methods"]:
             assert r["ratio_oracle"] == pytest.approx(r["tokens_per_s"] / b["oracle_tokens_per_s"]), (b["vram"], r)
+
+
+def test_repeat_runs_methods_in_rounds_and_reports_each_median_run(setup, tmp_path, capsys, monkeypatch):
+    """--repeat 3: every method is timed three times, in rounds of all methods (a slow spell
+    hits all of them alike); each row is its median run, with every run's tokens/s kept."""
+    import pipeline.bench.replay as rp
+
+    order = []
+    real = rp.run_method
+    monkeypatch.setattr(rp, "run_method", lambda store_dir, store, m, *a, **kw: (order.append(m.name),
+                                                                                   real(store_dir, store, m, *a, **kw))[1])
+    res, out = _replay(setup, tmp_path, capsys, "--vram", "0.25", "--vram", "0.75", "--methods",
+                       "on-demand,lru-lookahead", "--tokens", "4", "--repeat", "3")
+    # on-demand's budget is top_k slots whatever --vram says: it runs in the first budget only
+    assert order == ["on-demand", "lru-lookahead"] * 3 + ["lru-lookahead"] * 3
+    for b in res["budgets"]:
+        for r in b["methods"]:
+            runs = r["repeats"]["tokens_per_s"]
+            assert len(runs) == 3 and r["tokens_per_s"] == sorted(runs)[1], r
+            assert r["repeats"]["spread"] == pytest.approx(max(runs) / min(runs) - 1)
+    assert out.count("each row is the median run") == 2
+
+
+def test_median_row_is_a_real_run_and_ignores_skipped_ones():
+    from pipeline.bench.report import median_row
+
+    def row(tps, skipped=None):
+        return {"method": "m", "tokens_per_s": tps, "skipped": skipped}
+
+    assert median_row([row(3.0), row(1.0), row(2.0)])["tokens_per_s"] == 2.0
+    # an even count takes the lower middle run, not an average that no run measured
+    assert median_row([row(4.0), row(1.0), row(3.0), row(2.0)])["tokens_per_s"] == 2.0
+    picked = median_row([row(5.0), row(0.0, skipped="does not fit"), row(7.0)])
+    assert picked["tokens_per_s"] == 5.0 and picked["repeats"]["tokens_per_s"] == [5.0, 7.0]
+    assert median_row([row(0.0, skipped="does not fit")])["skipped"] == "does not fit"
 
 
 @pytest.mark.parametrize("flag, in_child", [(None, True), ("--policy-process", True), ("--no-policy-process", False)])

@@ -57,6 +57,9 @@ def add_arguments(p) -> None:
                    help="run the trace's first N forward passes untimed through each method, then time the next "
                    "--tokens: the tiers start with what real routing left in them, as on a server that has been "
                    "decoding (default 0: only the synthetic warm-up; matters most when RAM is below the store)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="time each method this many times, in interleaved rounds, and report the median run "
+                        "with every run's tokens/s (a single run on a shared machine can be off by 2x)")
     p.add_argument("--layers", type=int, help="replay only the trace's first N MoE layers, on a store made with "
                    "--layers N (full-size experts on a smaller disk)")
     p.add_argument("--include-prefill", action=argparse.BooleanOptionalAction, default=True,
@@ -204,6 +207,8 @@ def _validate(args):
         raise ValueError(f"--lookahead-recall must be in [0, 1], got {args.lookahead_recall}")
     if args.tokens is not None and args.tokens < 1:
         raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
+    if args.repeat < 1:
+        raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
     if args.warm_passes < 0:
         raise ValueError(f"--warm-passes must be >= 0, got {args.warm_passes}")
     if args.profile_passes < 0:
@@ -357,6 +362,10 @@ def run(args) -> int:
             print(f"  profile {m.name} @ {vram_text}: {describe(mr.profile)}")
         return row
 
+    def repeated(m, vram_slots, vram_text, compute_s_tok):
+        """The median of --repeat runs of one method (its only run without --repeat)."""
+        return R.median_row([run_one(m, vram_slots, vram_text, compute_s_tok) for _ in range(args.repeat)])
+
     def compute_only(label: str, whole_layers: bool = False) -> float:
         """Seconds per token of the math on top_k preloaded experts, nothing to move."""
         bar = R.progress_bar(len(passes), label, show)
@@ -374,7 +383,7 @@ def run(args) -> int:
     # Compute per token with everything resident: the resident method when it runs and fits,
     # else the math on top_k preloaded experts with nothing to move.
     resident = next((m for m in methods if m.name == "resident"), None)
-    row = run_one(resident, vrams[0][1], vrams[0][0], 0.0) if resident else None
+    row = repeated(resident, vrams[0][1], vrams[0][0], 0.0) if resident else None
     if row is not None and not row["skipped"]:
         fixed["resident"] = row
         compute_s_tok, source = row["seconds"] / row["tokens"], "resident method"
@@ -446,11 +455,18 @@ def run(args) -> int:
             # The same bytes hold more experts stored: the bound for what those caches can do
             # (same formula; it leaves out the decode each use then costs).
             budget["stored"] = bound(vram_slots_for(store, vram_slots * vslot, "stored", views)[0])
+        # Repeats run in rounds of every method, so a slow spell of the machine (another
+        # tenant, a throttled clock) falls on all of them rather than on one method's runs.
+        timed = [m for m in methods if m.name not in fixed]
+        runs: dict[str, list[dict]] = {m.name: [] for m in timed}
+        for _ in range(args.repeat):
+            for m in timed:
+                runs[m.name].append(run_one(m, vram_slots, vram_text, compute_s_tok))
         for m in methods:
             if m.name in fixed:  # a copy: its ratios are this budget's, not the last one's
                 budget["methods"].append(dict(fixed[m.name]))
                 continue
-            row = run_one(m, vram_slots, vram_text, compute_s_tok)
+            row = R.median_row(runs[m.name])
             if m.vram != "budget" and m.ram != "budget":
                 fixed[m.name] = row
             budget["methods"].append(row)

@@ -2,6 +2,7 @@
 
     progress_bar(total, desc, enabled) -> callable(n) with .close()   (tqdm on stderr)
     method_row(name, method, run, compute_s_per_token, slots) -> dict  the figures of one method
+    median_row(rows) -> dict                                            one method's repeated runs as one row
     add_ratios(rows, oracle_tokens_per_s)                               ratios to the oracle and on-demand
     print_table(budget, rows, file)                                     the table of one VRAM budget
     environment() -> dict                                               machine, card, driver, torch
@@ -102,6 +103,24 @@ def skipped_row(name: str, method, why: str) -> dict:
             "skipped": why}
 
 
+def median_row(rows: list[dict]) -> dict:
+    """The run of median tokens/s among one method's repeats (the lower middle of an even
+    count: a real run, never an average of two), with every run's tokens/s beside it.
+
+    One run of a method on a shared GPU machine can be off by 2x (stop 14 measured ours at
+    68 and 131 tok/s in two calls); the median of interleaved repeats is what a ratio between
+    methods can rest on, and the spread says how far it can be trusted."""
+    done = [r for r in rows if not r["skipped"]]
+    if not done:
+        return rows[0]
+    ranked = sorted(done, key=lambda r: r["tokens_per_s"])
+    row = dict(ranked[(len(ranked) - 1) // 2])
+    runs = [r["tokens_per_s"] for r in done]  # in run order
+    row["repeats"] = {"tokens_per_s": runs, "min": min(runs), "max": max(runs),
+                      "spread": max(runs) / min(runs) - 1.0 if min(runs) > 0 else None}
+    return row
+
+
 def oracle_bound(budget: dict) -> float:
     """The bound a budget's ratios are to (tokens/s): Belady at the slots its methods hold,
     the stored-slot one where VRAM holds the stored form (`oracle_basis`)."""
@@ -148,6 +167,13 @@ def print_table(budget: dict, rows: list[dict], file=None) -> None:
               f"{r['h2d_gbps']:8.2f} {r['nvme_gbps']:9.2f} {_f(r.get('ratio_oracle'), '7.2f')} "
               f"{_f(r.get('ratio_on_demand'), '7.2f')} {_f(r.get('prefill_s'), '9.3f')} "
               f"{_f(r.get('decode_ms_per_token'), '10.2f')}", file=file)
+    repeated = [r for r in rows if not r["skipped"] and len(r.get("repeats", {}).get("tokens_per_s", [])) > 1]
+    if repeated:
+        print("  each row is the median run; tokens/s of every run, in order:", file=file)
+        for r in repeated:
+            rep = r["repeats"]
+            spread = "" if rep["spread"] is None else f" (max/min - 1 = {rep['spread']:.0%})"
+            print(f"  {r['method']:22s} {' '.join(f'{x:.1f}' for x in rep['tokens_per_s'])}{spread}", file=file)
 
 
 def environment() -> dict:
