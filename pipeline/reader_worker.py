@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 
-from adapters.child import start_child
+from adapters.child import freeze_start_up_heap, start_child
 
 POLL_S = 0.5  # how often an idle reader checks that its parent is still there
 
@@ -218,6 +218,7 @@ def reader_main(conn, arena_path: str, arena_size: int, parent_pid: int, o_direc
     arena = memoryview(mm)
     files = _Files(o_direct)
     crc_thread = ThreadPoolExecutor(1, thread_name_prefix="crc32")
+    freeze_start_up_heap()
     conn.send_bytes(encode(Ready(os.getpid())))
     try:
         while True:

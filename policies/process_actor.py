@@ -41,7 +41,7 @@ import traceback
 
 import msgspec
 
-from adapters.child import start_child
+from adapters.child import freeze_start_up_heap, start_child
 
 from .actor import ActorState, ActorStats, PolicyActor, PolicyActorError, StampedPlan
 from .events import Activation, Tier
@@ -157,6 +157,7 @@ async def _child(conn, spec: PolicySpec) -> None:
     actor = PolicyActor(policy, on_plan=lambda st: send(_Planned(st, box[0].stats())), queue_size=spec.queue_size)
     box.append(actor)
     actor.start()
+    freeze_start_up_heap()
     send(_Ready())
     done: asyncio.Future = loop.create_future()
 

@@ -421,6 +421,41 @@ def test_repeat_runs_methods_in_rounds_and_reports_each_median_run(setup, tmp_pa
     assert out.count("each row is the median run") == 2
 
 
+def test_timed_windows_run_with_the_set_up_heap_frozen(setup, tmp_path, capsys, monkeypatch):
+    """Every timed window (each method's passes, the compute-only loop) runs with the heap of
+    the set-up frozen, and nothing stays frozen after it: a full collection inside one
+    method's window and not another's would reorder them."""
+    import gc
+
+    import pipeline.bench.replay as rp
+
+    seen = []
+    real = rp.run_loop
+
+    def spy(model, passes, fetch, **kw):
+        if kw.get("progress") is not None:  # the timed loops pass their progress bar
+            seen.append(gc.get_freeze_count())
+        return real(model, passes, fetch, **kw)
+
+    monkeypatch.setattr(rp, "run_loop", spy)
+    _replay(setup, tmp_path, capsys, "--methods", "on-demand,ours", "--tokens", "4")
+    assert len(seen) == 3 and all(n > 1000 for n in seen), seen  # compute-only, on-demand, ours
+    assert gc.get_freeze_count() == 0
+
+
+def test_freeze_start_up_heap_puts_live_objects_beyond_the_collector():
+    import gc
+
+    from adapters.child import freeze_start_up_heap
+
+    assert gc.get_freeze_count() == 0
+    try:
+        freeze_start_up_heap()
+        assert gc.get_freeze_count() > 1000  # the modules imported so far
+    finally:
+        gc.unfreeze()
+
+
 def test_median_row_is_a_real_run_and_ignores_skipped_ones():
     from pipeline.bench.report import median_row
 
