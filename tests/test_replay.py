@@ -96,6 +96,7 @@ def test_baselines_cpu(setup, tmp_path, capsys, no_leaks):  # noqa: F811
         assert set(r["setup_s"]) == {"open", "warm", "history"} and r["setup_s"]["open"] > 0, r["setup_s"]
         assert f"set-up {r['method']} @ 0.5: open" in text
     assert rows["resident"]["vram_hit_rate"] == 1.0 and rows["resident"]["gb_h2d"] == 0
+    assert all(r["allocator"] is None for r in rows.values())  # torch's CUDA allocator: off CUDA, none
     assert rows["on-demand"]["vram_hit_rate"] <= 0.05 and rows["on-demand"]["gb_nvme"] == 0
     assert rows["on-demand-disk"]["ram_hit_rate"] <= 0.05 and rows["on-demand-disk"]["gb_nvme"] > 0
     # disk reads are the loop thread's: on-demand-disk hops there, resident never does

@@ -237,6 +237,10 @@ class MethodRun(msgspec.Struct):
     # Untimed seconds before the timed passes: "open" (processes, pinned RAM, VRAM arena), "warm"
     # (the warm-up) and "history" (--warm-passes, and the policy actor catching up).
     setup_s: dict | None = None
+    # torch's CUDA allocator in the timed passes (after - before): device mallocs and frees,
+    # failed mallocs retried after freeing the cache, and the device syncs those cost. A
+    # steady decode loop should make none; each one stalls the decode thread.
+    allocator: dict | None = None
 
 
 def open_pipeline(store_dir, method, vram_bytes: int, ram_bytes: int, device: str, readers: int | None,
@@ -279,6 +283,18 @@ def _settle_actor(pipe, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while pipe.stats().actor.pending and time.monotonic() < deadline:
         time.sleep(0.001)
+
+
+ALLOCATOR_COUNTS = {"cuda_mallocs": "num_device_alloc", "cuda_frees": "num_device_free",
+                    "malloc_retries": "num_alloc_retries", "syncs": "num_sync_all_streams"}
+
+
+def allocator_counts(device: torch.device) -> dict | None:
+    """torch's CUDA allocator counters (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    st = torch.cuda.memory_stats(device)
+    return {k: int(st.get(name, 0)) for k, name in ALLOCATOR_COUNTS.items()}
 
 
 @contextlib.contextmanager
@@ -331,10 +347,14 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
         st0 = pipe.stats()
         before = st0.scheduler
         hints = hints if method.lookahead else None
+        alloc0 = allocator_counts(model.device)
         with frozen_heap():
             loop = run_loop(model, passes, fetch, hints=hints, hint_sink=sink, progress=progress,
                             keep_outputs=keep_outputs)
         st = pipe.stats()
+        alloc = allocator_counts(model.device)
+        if alloc is not None:
+            alloc = {k: alloc[k] - alloc0[k] for k in alloc}
         prof = None
         if profile_passes > 0 and model.device.type == "cuda":  # after the counters: they stay the timed run's
             from .gpu_profile import profile
@@ -351,7 +371,7 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
         actor = {k: getattr(end, k) - getattr(st0.actor, k) for k in ("received", "processed", "coalesced",
                                                                       "dropped")}
         return MethodRun(loop, before, st.scheduler, st.device, st.pinned, st.vram_slots, prof, model.graph_captures,
-                         form, actor, setup)
+                         form, actor, setup, alloc)
 
 
 def _stored_loader(store, device: torch.device, slots: int):

@@ -360,6 +360,10 @@ def run(args) -> int:
               f"{history_text} (untimed)")
         if mr.profile is not None:
             print(f"  profile {m.name} @ {vram_text}: {describe(mr.profile)}")
+        if mr.allocator and any(mr.allocator.values()):
+            print(f"  allocator {m.name} @ {vram_text}: the timed passes made {mr.allocator['cuda_mallocs']} CUDA "
+                  f"mallocs, {mr.allocator['cuda_frees']} frees, {mr.allocator['malloc_retries']} retries after "
+                  f"freeing the cache (each a device sync)")
         return row
 
     def repeated(m, vram_slots, vram_text, compute_s_tok):

@@ -94,6 +94,8 @@ def method_row(name: str, method, run, compute_s_per_token: float, vram_slots: i
         # The policy actor's events in the timed passes; a fast decode loop can outrun it, and
         # what it drops or merges the policy never sees.
         "actor_events": run.actor,
+        # torch's CUDA allocator in the timed passes (None off CUDA): see MethodRun.allocator
+        "allocator": run.allocator,
         "skipped": None,
     }
 
