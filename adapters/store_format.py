@@ -126,6 +126,11 @@ class StoreIndex(msgspec.Struct, frozen=True):
     layers: tuple[StoreLayer, ...]
     experts: tuple[StoreExpert, ...]
 
+    @property
+    def max_read_length(self) -> int:
+        """Bytes of the largest expert as read from disk: one RAM slot, one staging buffer."""
+        return max(x.read_length for x in self.experts)
+
 
 _meta_encoder = msgspec.json.Encoder()
 _meta_decoder = msgspec.json.Decoder(LayerMeta)

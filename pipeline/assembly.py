@@ -123,7 +123,7 @@ def plan_slots(cfg: PipelineConfig, store: StoreCheckpoint, form: str | None = N
         raise ValueError(f"vram_views=0 hands out the stored MXFP4 tensors, but vram_form={cfg.vram_form!r} keeps "
                          f"dense tensors in VRAM here; open with vram_form='stored'")
     n_vram, vram_slot, views = vram_slots_for(store, cfg.vram_bytes, form, cfg.vram_views)
-    ram_slot = max(x.read_length for x in store.index.experts)
+    ram_slot = store.index.max_read_length
     n_ram = min(cfg.ram_bytes // ram_slot, store.spec.num_layers * store.spec.num_experts)
     for tier, n, size, budget, extra in (("vram", n_vram, vram_slot, cfg.vram_bytes, views),
                                          ("ram", n_ram, ram_slot, cfg.ram_bytes, 0)):

@@ -104,7 +104,7 @@ class VramArena:
         self.num_slots = int(num_slots)
         self.form = effective_form(store, form)
         self.slot_bytes = self.slot_bytes_for(store, self.form)
-        self.read_length = max(x.read_length for x in store.index.experts)
+        self.read_length = store.index.max_read_length
         self.expert_length = max(x.length for x in store.index.experts)  # a copy needs at least this
         # The copy engine decodes into the slot (mxfp4 held dense), or copies the bytes as they are.
         self.decodes = store.dtype == "mxfp4" and self.form == "dense"
@@ -160,7 +160,7 @@ class VramArena:
         tensors; the whole padded read is copied); for mxfp4 the decoded dense tensors, each
         starting on a 256-byte boundary, or in the stored form the `read_length` rounded up to
         that boundary (the decode kernel's loads stay aligned)."""
-        read = max(x.read_length for x in store.index.experts)
+        read = store.index.max_read_length
         form = effective_form(store, form)
         if store.dtype != "mxfp4":
             return read

@@ -77,7 +77,7 @@ def budgets(store_dir: Path, vram_experts: int, ram_experts: int) -> dict:
     from pipeline.vram_arena import VramArena
 
     st = StoreCheckpoint(store_dir)
-    ram_slot = max(x.read_length for x in st.index.experts)
+    ram_slot = st.index.max_read_length
     # Counted in dense slots, so the form is dense (auto would hold more, stored, on a GPU)
     return {"vram": VramArena.slot_bytes_for(st) * vram_experts, "ram": ram_slot * ram_experts, "vram_form": "dense"}
 
@@ -110,7 +110,7 @@ def run_ours_on_stored_experts(store_dir, store, passes, model, device: str, per
 
     (m,) = select(baseline_methods(), ["ours"])
     vslot = VramArena.slot_bytes_for(store)
-    rslot = max(x.read_length for x in store.index.experts)
+    rslot = store.index.max_read_length
     return run_method(store_dir, store, m, 2 * vslot, 6 * rslot, passes, model,
                       emulate_hints(passes, store.spec.num_experts, 0.8, 0), device=device, readers=1,
                       keep_outputs=True, per_expert_waits=per_expert_waits, vram_form="stored", vram_views=0)

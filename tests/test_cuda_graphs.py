@@ -78,7 +78,7 @@ def test_graphed_replay_is_bit_identical_to_eager(setup):
     ref = run_loop(model, passes, direct_fetch(store, dev), keep_outputs=True).outputs
     hints = emulate_hints(passes, spec.num_experts, 0.8, 0)
     vslot = VramArena.slot_bytes_for(store)
-    rslot = max(x.read_length for x in store.index.experts)
+    rslot = store.index.max_read_length
     # (VRAM slots hold decoded tensors, or the stored MXFP4 decoded at each use into views)
     for name, form, vram in (("on-demand", "dense", 3 * vslot), ("lru-lookahead", "dense", 3 * vslot),
                              ("lru-lookahead", "stored", 4 * vslot)):
@@ -122,7 +122,7 @@ def test_stored_form_runs_a_layer_as_one_graph(setup):
     passes = build_passes(load_trace(trace), include_prefill=False)
     model = Model(store.spec, torch.device("cuda"), seed=3)
     vslot = VramArena.slot_bytes_for(store)
-    rslot = max(x.read_length for x in store.index.experts)
+    rslot = store.index.max_read_length
     (m,) = select(baseline_methods(), ["lru-lookahead"])
     runs = {form: run_method(store_dir, store, m, 4 * vslot, 24 * rslot, passes, model, None, device="cuda",
                              readers=1, vram_form=form) for form in ("stored", "dense")}

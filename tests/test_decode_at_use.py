@@ -28,7 +28,7 @@ def stores(tmp_path_factory) -> dict[str, Path]:
 
 def stored_budget(st: StoreCheckpoint, vram_experts: int, ram_experts: int) -> dict:
     """Budgets that hold exactly `vram_experts` stored-form slots next to one fetch's views."""
-    ram_slot = max(x.read_length for x in st.index.experts)
+    ram_slot = st.index.max_read_length
     return {"vram": view_bytes_for(st, st.spec.top_k) + VramArena.slot_bytes_for(st, "stored") * vram_experts,
             "ram": ram_slot * ram_experts, "vram_form": "stored"}
 
@@ -39,7 +39,7 @@ def _raw(st: StoreCheckpoint, layer: int, e: int) -> torch.Tensor:
 
 def test_stored_slots_are_the_read_length_and_refuse_dense_access(stores):
     st = StoreCheckpoint(stores["mxfp4"])
-    read = max(x.read_length for x in st.index.experts)
+    read = st.index.max_read_length
     stored, dense = VramArena.slot_bytes_for(st, "stored"), VramArena.slot_bytes_for(st, "dense")
     assert stored == -(-read // 256) * 256 and stored < dense
     arena = VramArena(st, 3, "cpu", form="stored")

@@ -410,7 +410,7 @@ def test_rows_reach_the_policy_and_it_chooses_the_vram_victims(stores, no_leaks)
     k = StoreCheckpoint(store).spec.top_k
     seen = []
     counts = {}
-    rslot = max(x.read_length for x in StoreCheckpoint(store).index.experts)
+    rslot = StoreCheckpoint(store).index.max_read_length
     for headroom in (2 * k, 0):
         # In-process (policy_process=False): the test wraps the policy object's own method.
         with ExpertPipeline.open(store, **budgets(store, 6 * k, 40), device="cpu", readers=1, policy="nextuse",
@@ -679,7 +679,7 @@ def test_policy_options_reach_the_policy_and_bad_ones_fail_before_allocating(sto
                              predictor="colayer", policy_options=options, policy_process=False) as pipe:
         config = pipe._p.policy.config
         assert (config.prefetch_min_prob, config.max_prefetch, config.lookahead) == (0.0, 2, 2)
-        assert config.vram_bytes == 4 * k * max(x.read_length for x in StoreCheckpoint(store).index.experts)
+        assert config.vram_bytes == 4 * k * StoreCheckpoint(store).index.max_read_length
         for layer, ids, token in trace_visits(store, tokens=4):
             pipe.fetch(layer, ids, token_id=token)
     with pytest.raises(ValueError, match="unknown field `prefetch_min_prb`"):

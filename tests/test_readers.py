@@ -45,7 +45,7 @@ def all_requests(st: StoreCheckpoint, arena: RamArena) -> list[ReadRequest]:
 
 
 def slot_bytes_for(st: StoreCheckpoint) -> int:
-    return max(x.read_length for x in st.index.experts)
+    return st.index.max_read_length
 
 
 def fs_allows_o_direct(path: Path) -> bool:

@@ -125,7 +125,7 @@ def test_pipeline_outputs_bit_identical_to_resident_reference(setup, per_expert_
     hints = emulate_hints(passes, spec.num_experts, 0.8, 0)
     (m,) = select(baseline_methods(), ["lru-lookahead"])
     vslot = VramArena.slot_bytes_for(store)
-    rslot = max(x.read_length for x in store.index.experts)
+    rslot = store.index.max_read_length
     run = run_method(store_dir, store, m, 4 * vslot, 6 * rslot, passes, model, hints, device="cpu",
                      readers=1, keep_outputs=True, per_expert_waits=per_expert_waits, vram_form=vram_form)
     assert run.after.vram_misses > 0  # experts really moved through the tiers
@@ -170,7 +170,7 @@ def test_history_leaves_the_tiers_holding_what_it_used(setup):
     hints = emulate_hints(passes, spec.num_experts, 0.8, 0)
     (lru,) = extra_methods(["lru"], None)
     vslot = VramArena.slot_bytes_for(store)
-    rslot = max(x.read_length for x in store.index.experts)
+    rslot = store.index.max_read_length
     model = Model(spec, torch.device("cpu"), seed=3)
     misses = {}
     for name, history in (("cold", None), ("history", (passes, hints))):
@@ -628,7 +628,7 @@ def test_profile_passes_measure_copies_and_compute_on_the_gpu(setup):
     model = Model(store.spec, torch.device("cuda"))
     (m,) = select(baseline_methods(), ["on-demand"])
     vslot = VramArena.slot_bytes_for(store)
-    rslot = max(x.read_length for x in store.index.experts)
+    rslot = store.index.max_read_length
     total = store.spec.num_layers * store.spec.num_experts
     mr = run_method(store_dir, store, m, store.spec.top_k * vslot, total * rslot, passes, model, None,
                     device="cuda", readers=1, profile_passes=3)
@@ -761,7 +761,7 @@ def test_warm_up_below_all_of_ram_warms_what_ram_holds_and_reads_each_once(setup
     store = StoreCheckpoint(store_dir)
     spec = store.spec  # 3 layers x 8 experts, top-2
     slot = VramArena.slot_bytes_for(store, "dense")
-    read = max(x.read_length for x in store.index.experts)
+    read = store.index.max_read_length
 
     from pipeline.bench.methods import extra_methods
 

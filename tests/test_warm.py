@@ -50,7 +50,7 @@ def test_warm_reads_the_chosen_experts_once_and_then_serves_them_without_the_dis
     spec = StoreCheckpoint(store).spec
     trace = generate(SyntheticConfig(layers=spec.num_layers, experts=spec.num_experts, top_k=spec.top_k,
                                      requests=2, prompt_tokens=3, decode_tokens=12, seed=2))
-    read = max(x.read_length for x in StoreCheckpoint(store).index.experts)
+    read = StoreCheckpoint(store).index.max_read_length
     with ExpertPipeline.open(store, **budgets(store, 4, 12), device="cpu", readers=2, policy="lru") as pipe:
         hot = most_used(trace, pipe.stats().ram_slots)
         assert len(hot) == 12
@@ -71,7 +71,7 @@ def test_warm_reads_the_chosen_experts_once_and_then_serves_them_without_the_dis
 
 
 async def test_awarm_fills_ram_with_each_layers_first_experts_by_default(store, no_leaks):  # noqa: F811
-    read = max(x.read_length for x in StoreCheckpoint(store).index.experts)
+    read = StoreCheckpoint(store).index.max_read_length
     async with await ExpertPipeline.aopen(store, **budgets(store, 4, 13), device="cpu", readers=2,
                                           policy="lru") as pipe:
         assert await pipe.awarm(width=1) == 13  # all that RAM holds (5 + 4 + 4), one per fetch
@@ -82,7 +82,7 @@ async def test_awarm_fills_ram_with_each_layers_first_experts_by_default(store, 
 
 
 def test_warm_by_default_fits_a_ram_smaller_than_top_k_per_layer(store, no_leaks):  # noqa: F811
-    read = max(x.read_length for x in StoreCheckpoint(store).index.experts)
+    read = StoreCheckpoint(store).index.max_read_length
     # RAM 5 < top_k 2 x 3 layers
     with ExpertPipeline.open(store, **budgets(store, 2, 5), device="cpu", readers=1, policy="lru") as pipe:
         assert pipe.warm() == 5 and pipe.stats().scheduler.bytes_nvme == 5 * read

@@ -101,7 +101,7 @@ async def pool_read_bandwidth(store_dir, num_readers: int, o_direct: bool = True
 
     st = StoreCheckpoint(store_dir)
     keys = [(x.layer, x.expert) for x in st.index.experts]
-    slot_bytes = max(x.read_length for x in st.index.experts)
+    slot_bytes = st.index.max_read_length
     drop_cache(sorted({st.root / x.file for x in st.index.experts}))
     with RamArena.create(min(64, len(keys)), slot_bytes) as arena:
         async with ReaderPool(arena.path, arena.size, num_readers=num_readers, o_direct=o_direct,
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"disk_probe: {e}", file=sys.stderr)
         return 2
     files = sorted({str(st.root / x.file) for x in st.index.experts})
-    block = max(x.read_length for x in st.index.experts)
+    block = st.index.max_read_length
     size = sum(os.path.getsize(f) for f in files)
     raw = raw_read_bandwidth(files, block, args.readers, o_direct=not args.no_direct)
     bw, stats = asyncio.run(pool_read_bandwidth(args.store, args.readers, o_direct=not args.no_direct))

@@ -143,7 +143,7 @@ def _scheduler_promotions(store_dir: str, store, batch: int, credits: int, round
     from ..vram_arena import VramArena
 
     keys = [(x.layer, x.expert) for x in store.index.experts]
-    ram_slot = max(x.read_length for x in store.index.experts)
+    ram_slot = store.index.max_read_length
     vram_slots = min(len(keys), batch + store.spec.top_k)
     cause = Activation(layer=0, experts=())
     seq = iter(range(10**9, 2 * 10**9))
@@ -191,7 +191,7 @@ def _fetch_overhead(store_dir: str, store, fetches: int) -> tuple[float, str]:
 
     spec = store.spec
     n = spec.num_layers * spec.num_experts
-    ram_slot = max(x.read_length for x in store.index.experts)
+    ram_slot = store.index.max_read_length
     with ExpertPipeline.open(store_dir, vram=VramArena.slot_bytes_for(store) * n, ram=ram_slot * n,
                              vram_form="dense") as pipe:
         calls = [(l, list(range(e, e + spec.top_k))) for l in range(spec.num_layers)
@@ -221,8 +221,8 @@ def run(args) -> int:
     files = sorted({str(store.root / x.file) for x in experts})
     ranges = [(str(store.root / x.file), x.offset, x.read_length) for x in experts]
     res: dict = {"store": str(args.store), "dtype": store.dtype, "experts": len(experts),
-                 "expert_read_bytes": max(x.read_length for x in experts), "readers": args.readers}
-    slot = max(x.read_length for x in experts)
+                 "expert_read_bytes": store.index.max_read_length, "readers": args.readers}
+    slot = store.index.max_read_length
     arena = RamArena.create(len(experts), slot)
     try:
         # Alternate raw and readers, best of two each: a virtual disk's throughput drifts by

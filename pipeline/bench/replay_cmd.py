@@ -157,7 +157,7 @@ def _limits(store, device, cap_bytes: int, seed: int) -> dict:
     from .limits_cmd import _drop_cache, raw_read_ranges
 
     experts = store.index.experts
-    size = max(x.read_length for x in experts)
+    size = store.index.max_read_length
     out = {}
     n = max(1, min(len(experts), cap_bytes // size))
     step = max(1, len(experts) // n)
@@ -220,7 +220,7 @@ def _validate(args):
     spec = store.spec
     total = spec.num_layers * spec.num_experts
     vslot = VramArena.slot_bytes_for(store)
-    rslot = max(x.read_length for x in store.index.experts)
+    rslot = store.index.max_read_length
     vrams = [(v, parse_budget(v, "vram", total, vslot, spec.top_k)) for v in (args.vram or ["0.1"])]
     ram = parse_budget(args.ram, "ram", total, rslot, spec.top_k)
     if args.vram_form not in VRAM_FORMS:
