@@ -12,13 +12,15 @@
 #          stores of N layers replaying the trace's first N, e.g. full size on a small disk),
 #          MXFP4_MATH (0; 1 adds --expert-math mxfp4 to the MXFP4 stores' replays only, so that
 #          DTYPES="mxfp4 bfloat16" compares the two on one checkpoint), REPEAT (1: runs per
-#          method, the median reported; 3 or more on a shared machine, see README stop 17)
+#          method, the median reported; 3 or more on a shared machine, see README stop 17),
+#          WARM (0: --warm-passes, untimed passes of the trace's own history before the timed
+#          ones, so each cache starts where real routing left it, as Belady's warm start does)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 traces=$1 work=$2
 shift 2
 out=${OUT:-$work}
-dim=${DIM:-512} tokens=${TOKENS:-300} dtypes=${DTYPES:-mxfp4} ram=${RAM:-0.5} extra=${EXTRA:-} repeat=${REPEAT:-1}
+dim=${DIM:-512} tokens=${TOKENS:-300} dtypes=${DTYPES:-mxfp4} ram=${RAM:-0.5} extra=${EXTRA:-} repeat=${REPEAT:-1} warm=${WARM:-0}
 models=${MODEL_DIR:-$work}
 dims=(--hidden "$dim" --intermediate "$dim")
 [ "$dim" = full ] && dims=()
@@ -49,7 +51,7 @@ for name in "$@"; do
     if [ "${MXFP4_MATH:-0}" = 1 ] && [ "$d" = mxfp4 ]; then math="--expert-math mxfp4"; fi
     echo "== replay $name ($d, ${L}x${E} top-$K, hidden=intermediate=$dim, $tokens passes per method)"
     $py bin/prefetch-bench replay --store "$store" --trace "$trace" --vram 0.1 --vram 0.25 --ram "$ram" \
-        --baselines --tokens "$tokens" --repeat "$repeat" --no-progress ${first[@]+"${first[@]}"} $extra $math \
+        --baselines --tokens "$tokens" --repeat "$repeat" --warm-passes "$warm" --no-progress ${first[@]+"${first[@]}"} $extra $math \
         --json "$out/replay-$name-$d.json" --plot "$out/replay-$name-$d.png"
   done
 done
