@@ -639,6 +639,35 @@ def test_profile_passes_measure_copies_and_compute_on_the_gpu(setup):
     assert p["busy_ms_per_token"] <= p["window_ms_per_token"] + 1e-9
 
 
+@pytest.mark.gpu
+def test_allocator_counts_cover_the_timed_passes_on_the_gpu(setup, monkeypatch):
+    """On CUDA each run counts torch's allocator over its timed passes: a tensor allocated in
+    them (patched into the loop) shows up as device mallocs, and nothing retried."""
+    import pipeline.bench.replay as rp
+
+    store_dir, trace_path, _ = setup
+    store = StoreCheckpoint(store_dir)
+    passes = build_passes(load_trace(trace_path), True, 4)
+    model = Model(store.spec, torch.device("cuda"))
+    (m,) = select(baseline_methods(), ["on-demand"])
+    vslot, rslot = VramArena.slot_bytes_for(store), store.index.max_read_length
+    total = store.spec.num_layers * store.spec.num_experts
+    args = (store_dir, store, m, store.spec.top_k * vslot, total * rslot, passes, model, None)
+    quiet = run_method(*args, device="cuda", readers=1)
+    assert set(quiet.allocator) == {"cuda_mallocs", "cuda_frees", "malloc_retries", "syncs"}
+    kept = []
+    real = rp.run_loop
+
+    def allocating(*a, **kw):
+        if kw.get("progress") is not None:  # the timed loop only
+            kept.append(torch.empty(3 << 30, dtype=torch.uint8, device="cuda"))  # beyond any cached block
+        return real(*a, **kw)
+
+    monkeypatch.setattr(rp, "run_loop", allocating)
+    loud = run_method(*args, device="cuda", readers=1, progress=lambda n=1: None)
+    assert loud.allocator["cuda_mallocs"] >= 1 and loud.allocator["malloc_retries"] == 0
+
+
 def test_a_prefill_layers_groups_share_one_input_and_add_once(setup):
     """Every group of a prefill layer's union reads the layer's normalised input (as in a real
     MoE layer), so the pass equals h + the sum over groups, each computed from the same x."""
