@@ -238,8 +238,8 @@ class MethodRun(msgspec.Struct):
     # (the warm-up) and "history" (--warm-passes, and the policy actor catching up).
     setup_s: dict | None = None
     # torch's CUDA allocator in the timed passes (after - before): device mallocs and frees,
-    # failed mallocs retried after freeing the cache, and the device syncs those cost. A
-    # steady decode loop should make none; each one stalls the decode thread.
+    # failed mallocs retried after freeing the cache, and the device syncs those cost. Each
+    # one stalls the decode thread; every window on the H100 made one malloc (stop 17).
     allocator: dict | None = None
 
 
@@ -303,8 +303,8 @@ def frozen_heap():
     reach (gc.freeze) until the window ends. The collector still runs on what the window
     allocates, but a full collection no longer walks the ~200k objects of torch, numpy and the
     set-up, which took up to 80 ms on this project's CPU: inside a 0.3 s window of one method
-    and not another's, that alone reorders methods. Servers freeze after start-up for the
-    same reason."""
+    and not another's, that can reorder methods. (It is not what spreads runs on the lent
+    H100: see README, stop 17.) Servers freeze after start-up for the same reason."""
     gc.collect()
     gc.freeze()
     try:
