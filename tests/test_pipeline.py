@@ -481,12 +481,18 @@ def test_hint_needs_routers_and_feeds_the_next_event(stores, no_leaks):
 def test_staged_fetch_is_bit_exact_expert_by_expert(stores, dtype, device, no_leaks):
     """fetch(wait=False) over a trace; each expert read right after ready(i), in `order`. On
     CUDA only expert i's copy is waited for before it is read (.to("cpu") on the current
-    stream), while the fetch's later copies may still be in flight."""
+    stream), while the fetch's later copies may still be in flight. The trace starts with
+    two fetches that share an expert, so at least one fetch mixes a hit with copies whatever
+    the timing: VRAM starts empty, has no headroom to keep at this size, and the policy has
+    nothing to prefetch yet, so nothing evicts the shared expert in between. (Mixes within
+    the trace alone depend on when the policy's plans land: under CPU contention CI once
+    saw none.)"""
     st = StoreCheckpoint(stores[dtype])
     checked = mixed = 0
+    shared = [(0, [0, 1], 0), (0, [1, 2], 0)]
     with ExpertPipeline.open(stores[dtype], **budgets(stores[dtype], st.spec.top_k + 2, st.spec.top_k + 3),
                              device=device, readers=2) as pipe:
-        for layer, ids, token in trace_visits(stores[dtype]):
+        for layer, ids, token in [*shared, *trace_visits(stores[dtype])]:
             staged = pipe.fetch(layer, ids, token_id=token, wait=False)
             assert isinstance(staged, StagedExperts) and len(staged) == len(ids)
             assert sorted(staged.order) == list(range(len(ids)))
