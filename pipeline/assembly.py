@@ -165,7 +165,8 @@ async def assemble(cfg: PipelineConfig, *, reader_hooks: dict | None = None) -> 
         engine = CopyEngine(device)
         stack.callback(engine.close)
         readers = ReaderPool(ram_arena.path, ram_arena.size, num_readers=cfg.readers,
-                             timeout_s=cfg.read_timeout_s, max_attempts=cfg.read_attempts, hooks=reader_hooks)
+                             timeout_s=cfg.read_timeout_s, max_attempts=cfg.read_attempts, o_direct=cfg.o_direct,
+                             hooks=reader_hooks)
         try:
             await readers.start()
         except BaseException:

@@ -64,6 +64,12 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     read_timeout_s: float = 10.0  # a read taking longer kills and replaces its reader
     read_attempts: int = 3  # tries of one read (fresh reader each time) before it is an error
     verify_checksums: bool = True  # readers check each expert's crc32 against store.json
+    # Read the store with O_DIRECT (default): disk reads cost what they cost, and the page
+    # cache keeps no second copy of experts the RAM tier already holds. False reads through the
+    # page cache, for a store read again and again with memory to hold it twice (a benchmark
+    # that opens a pipeline per method on a RAM tier holding every expert). The bytes are the
+    # same either way; stats().readers.reads_o_direct says which reads used O_DIRECT.
+    o_direct: bool = True
     prefetch_reads: int = 8  # prefetch disk reads in flight at once (credits)
     prefetch_copies: int = 4  # prefetch H2D copies in flight at once (credits)
     actor_queue: int = 256  # activation events queued for the policy actor (events)

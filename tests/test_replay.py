@@ -468,6 +468,23 @@ def test_freeze_start_up_heap_puts_live_objects_beyond_the_collector():
         gc.unfreeze()
 
 
+@pytest.mark.parametrize("ram, buffered", [("1.0", {"ours"}), ("0.5", set())])
+def test_only_methods_whose_ram_holds_every_expert_read_through_the_page_cache(setup, tmp_path, capsys,
+                                                                               monkeypatch, ram, buffered):
+    """Such a method reads the disk only in its untimed warm-up, which the page cache makes fast
+    from the second method on; on-demand-disk (RAM = top_k slots) reads while timed, and so does
+    any method at RAM 0.5: they keep O_DIRECT."""
+    import pipeline.bench.replay as rp
+
+    seen = {}
+    real = rp.run_method
+    monkeypatch.setattr(rp, "run_method", lambda store_dir, store, m, *a, **kw: (
+        seen.__setitem__(m.name, kw["o_direct"]), real(store_dir, store, m, *a, **kw))[1])
+    res, _ = _replay(setup, tmp_path, capsys, "--ram", ram, "--methods", "on-demand-disk,ours", "--tokens", "4")
+    assert {name for name, direct in seen.items() if not direct} == buffered and len(seen) == 2
+    assert {r["method"]: r["o_direct"] for r in res["budgets"][0]["methods"]} == seen
+
+
 def test_median_row_is_a_real_run_and_ignores_skipped_ones():
     from pipeline.bench.report import median_row
 

@@ -318,11 +318,14 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
                keep_outputs: bool = False, cuda_graphs: bool = True, per_expert_waits: bool = False,
                profile_passes: int = 0, prefetch_copies: int | None = None, vram_form: str = "dense",
                layer_graphs: bool = True, vram_views: int | None = None,
-               history: tuple[list[Pass], list] | None = None) -> MethodRun:
+               history: tuple[list[Pass], list] | None = None, o_direct: bool = True) -> MethodRun:
     """`vram_views=0` with vram_form="stored": the experts are handed out stored and computed
     from their MXFP4 bytes (pipeline/bench/stored_math.py). `history`: (passes, their hints) run
-    untimed after the warm-up, so the tiers hold what real routing left in them."""
-    extra = {} if prefetch_copies is None else {"prefetch_copies": prefetch_copies}
+    untimed after the warm-up, so the tiers hold what real routing left in them. `o_direct`:
+    PipelineConfig.o_direct (False only where RAM holds every expert, so no timed pass reads)."""
+    extra = {"o_direct": o_direct}
+    if prefetch_copies is not None:
+        extra["prefetch_copies"] = prefetch_copies
     if vram_views is not None:
         extra["vram_views"] = vram_views
     t_open = time.perf_counter()

@@ -343,17 +343,25 @@ def run(args) -> int:
             return R.skipped_row(m.name, m, f"does not fit: {why}")
         bar = R.progress_bar(len(passes), f"{m.name} @ {vram_text}", show)
         form = "dense" if fixed_size and not mxfp4_math else forms[vram_text]
+        # A method whose RAM holds every expert reads the disk only in its untimed warm-up, and
+        # each method's warm-up reads the whole store again: llama4 at full size took 25-42 s
+        # per method on the H100 host, about its 1.56 GB/s of O_DIRECT. Through the page cache
+        # the second warm-up on need not wait for the disk (not yet measured there: on this
+        # project's 2-core CPU the warm-up fills RAM at 0.5 GB/s either way, bound elsewhere).
+        # Any method that may read while timed keeps O_DIRECT: its reads cost a disk read.
+        o_direct = r < total
         try:
             mr = run_method(args.store, store, m, vbytes, r * rslot, passes, model, hints,
                             device=str(device), readers=args.readers, progress=bar,
                             policy_process=args.policy_process, cuda_graphs=graphs,
                             per_expert_waits=args.per_expert_waits, profile_passes=args.profile_passes,
                             prefetch_copies=args.prefetch_copies, vram_form=form, layer_graphs=args.layer_graphs,
-                            vram_views=views, history=(history, history_hints))
+                            vram_views=views, history=(history, history_hints), o_direct=o_direct)
         finally:
             bar.close()
         row = R.method_row(m.name, m, mr, compute_s_tok, mr.vram_slots, r)
         row["vram_form"] = mr.vram_form
+        row["o_direct"] = o_direct  # how its readers opened the store (see above)
         row["gpu_profile"] = mr.profile
         history_text = f", history {mr.setup_s['history']:.1f} s" if W else ""
         print(f"  set-up {m.name} @ {vram_text}: open {mr.setup_s['open']:.1f} s, warm-up {mr.setup_s['warm']:.1f} s"
