@@ -226,13 +226,18 @@ class ExpertPipeline:
         from .warm import fill_width, first_of_each_layer, warm_groups
 
         L, E, K = self.spec.num_layers, self.spec.num_experts, self.spec.top_k
-        st = self.stats()
-        most = fill_width(K, E, L, st.vram_slots, st.vram_views)
         if width is not None and width < 1:
             raise ValueError(f"warm: width must be >= 1, got {width}")
+        st = self.stats()
+        most = fill_width(K, E, L, st.vram_slots, st.vram_views)
         if experts is None:
             experts = first_of_each_layer(L, E, st.ram_slots)
-        return warm_groups(experts, L, E, st.ram_slots, most if width is None else min(width, most))
+        groups = warm_groups(experts, L, E, most if width is None else min(width, most))
+        n = sum(len(ids) for _, ids in groups)
+        if n > st.ram_slots:  # the first ones would be evicted by the last before decoding starts
+            raise ValueError(f"warm: {n} experts given but RAM holds {st.ram_slots}; give the ones to keep, "
+                             f"e.g. most_used(trace, pipe.stats().ram_slots)")
+        return groups
 
     def stats(self) -> PipelineStats:
         p = self._p

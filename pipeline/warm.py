@@ -33,23 +33,19 @@ def first_of_each_layer(num_layers: int, num_experts: int, ram_slots: int) -> li
     return [(layer, e) for layer in range(num_layers) for e in range(share + (layer < extra))]
 
 
-def warm_groups(experts: Iterable[tuple[int, int]], num_layers: int, num_experts: int, ram_slots: int,
+def warm_groups(experts: Iterable[tuple[int, int]], num_layers: int, num_experts: int,
                 width: int) -> list[tuple[int, list[int]]]:
     """`experts` as fetches: layer by layer, up to `width` of a layer per fetch, each expert
-    once. Refuses an expert out of range, or more experts than RAM holds (the first ones would
-    be evicted by the last before decoding starts)."""
-    chosen: dict[int, list[int]] = {}
-    seen = set()
-    for layer, e in experts:
-        layer, e = int(layer), int(e)
+    once, in the order given within a layer. Refuses an expert out of range before any fetch."""
+    chosen = dict.fromkeys((int(layer), int(e)) for layer, e in experts)  # ordered, without repeats
+    by_layer: dict[int, list[int]] = {}
+    for layer, e in chosen:
         if not (0 <= layer < num_layers and 0 <= e < num_experts):
             raise ValueError(f"warm: expert ({layer}, {e}) is out of range: layers 0..{num_layers - 1}, "
                              f"experts 0..{num_experts - 1}")
-        if (layer, e) not in seen:
-            seen.add((layer, e))
-            chosen.setdefault(layer, []).append(e)
-    if len(seen) > ram_slots:
-        raise ValueError(f"warm: {len(seen)} experts given but RAM holds {ram_slots}; give the ones to keep, "
-                         f"e.g. most_used(trace, pipe.stats().ram_slots)")
-    return [(layer, ids[i:i + width]) for layer in sorted(chosen) for ids in (chosen[layer],)
-            for i in range(0, len(ids), width)]
+        by_layer.setdefault(layer, []).append(e)
+    groups = []
+    for layer in sorted(by_layer):
+        ids = by_layer[layer]
+        groups += [(layer, ids[i:i + width]) for i in range(0, len(ids), width)]
+    return groups

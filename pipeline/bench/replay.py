@@ -268,7 +268,7 @@ def warm_up(pipe, spec, model: Model) -> None:
     h = model.embed_rows([0])
     for _ in range(2):
         last = None
-        for layer, ids in warm_groups(experts, L, E, len(experts), K):
+        for layer, ids in warm_groups(experts, L, E, K):
             if layer != last:  # a layer's non-expert work once, before its first group
                 model.non_expert(h)
                 last = layer
