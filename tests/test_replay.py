@@ -477,9 +477,14 @@ def test_only_methods_whose_ram_holds_every_expert_read_through_the_page_cache(s
     import pipeline.bench.replay as rp
 
     seen = {}
-    real = rp.run_method
-    monkeypatch.setattr(rp, "run_method", lambda store_dir, store, m, *a, **kw: (
-        seen.__setitem__(m.name, kw["o_direct"]), real(store_dir, store, m, *a, **kw))[1])
+    real = rp.open_pipeline
+
+    def recording(store_dir, method, *a, **kw):
+        pipe = real(store_dir, method, *a, **kw)
+        seen[method.name] = pipe.config.o_direct
+        return pipe
+
+    monkeypatch.setattr(rp, "open_pipeline", recording)
     res, _ = _replay(setup, tmp_path, capsys, "--ram", ram, "--methods", "on-demand-disk,ours", "--tokens", "4")
     assert {name for name, direct in seen.items() if not direct} == buffered and len(seen) == 2
     assert {r["method"]: r["o_direct"] for r in res["budgets"][0]["methods"]} == seen

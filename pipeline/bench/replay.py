@@ -33,6 +33,7 @@ import msgspec
 import numpy as np
 import torch
 
+from adapters.child import freeze_start_up_heap
 from policies.traces import PREFILL, Trace, decode_steps
 
 from ..warm import first_of_each_layer, warm_groups
@@ -305,8 +306,7 @@ def frozen_heap():
     set-up, which took up to 80 ms on this project's CPU: inside a 0.3 s window of one method
     and not another's, that can reorder methods. (It is not what spreads runs on the lent
     H100: see README, stop 17.) Servers freeze after start-up for the same reason."""
-    gc.collect()
-    gc.freeze()
+    freeze_start_up_heap()
     try:
         yield
     finally:

@@ -294,10 +294,12 @@ def run(args) -> int:
     everything = build_passes(trace, args.include_prefill, None if args.tokens is None else W + args.tokens)
     history, passes = everything[:W], everything[W:]
     if not passes:
-        what = f"{len(everything)} forward passes{'' if args.include_prefill else ' (decode rows)'}"
-        raise ValueError(f"trace {args.trace} has {what}, none left after --warm-passes {W}; lower --warm-passes"
-                         if W else f"trace {args.trace} has no forward passes to replay"
-                         f"{'' if args.include_prefill else ' (decode rows); try --include-prefill'}")
+        rows = "" if args.include_prefill else " (decode rows)"
+        if W:
+            raise ValueError(f"trace {args.trace} has {len(everything)} forward passes{rows}, none left after "
+                             f"--warm-passes {W}; lower --warm-passes")
+        raise ValueError(f"trace {args.trace} has no forward passes to replay"
+                         f"{rows + '; try --include-prefill' if rows else ''}")
     tokens = sum(p.n for p in passes)
     all_hints = emulate_hints(everything, spec.num_experts, args.lookahead_recall, args.seed)
     history_hints, hints = all_hints[:W], all_hints[W:]

@@ -119,7 +119,7 @@ def median_row(rows: list[dict]) -> dict:
     row = dict(ranked[(len(ranked) - 1) // 2])
     runs = [r["tokens_per_s"] for r in done]  # in run order
     row["repeats"] = {"tokens_per_s": runs, "decode_ms_per_token": [r["decode_ms_per_token"] for r in done],
-                      "prefill_s": [r["prefill_s"] for r in done], "min": min(runs), "max": max(runs),
+                      "prefill_s": [r["prefill_s"] for r in done],
                       "spread": max(runs) / min(runs) - 1.0 if min(runs) > 0 else None}
     return row
 
