@@ -37,11 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the results here (atomically)")
 
 
-def capacity_experts(text: str, num_experts_total: int) -> int:
-    """Experts that the fraction `text` of all experts holds, rounded as `simulate` rounds it
-    (so both commands compare with the same Belady count)."""
-    from .simulate_cmd import parse_capacity
-
+def capacity_fraction(text: str) -> float:
+    """The fraction of all experts that `--vram-capacity text` asks for; ValueError unless it is
+    strictly between 0 and 1."""
     try:
         frac = float(text)
     except ValueError:
@@ -49,12 +47,12 @@ def capacity_experts(text: str, num_experts_total: int) -> int:
     if not 0 < frac < 1:
         raise ValueError(f"--vram-capacity {text!r}: give a fraction of all experts strictly between 0 and 1 "
                          f"(e.g. 0.1); experts are unit-size here, so bytes and counts are not accepted")
-    return parse_capacity(text, what="--vram-capacity", expert_bytes=1, num_experts_total=num_experts_total)
+    return frac
 
 
 def run(args: argparse.Namespace) -> int:
     from policies.cache.belady import belady_min
-    from policies.horizon_bound import horizon_loads, trace_visits
+    from policies.horizon_bound import TIE_BREAKS, horizon_loads, trace_visits
     from policies.simulator import count_passes, truncate
     from policies.traces import load_trace
 
@@ -70,28 +68,26 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.json and not Path(args.json).resolve().parent.is_dir():  # found now, not after the runs
         raise ValueError(f"--json {args.json}: its folder does not exist; create it or write elsewhere")
-    fractions = args.vram_capacity or list(DEFAULT_CAPACITIES)
-    for text in fractions:
-        capacity_experts(text, 1)
+    fractions = [(text, capacity_fraction(text)) for text in args.vram_capacity or DEFAULT_CAPACITIES]
 
     trace = load_trace(args.trace)
     if args.max_tokens is not None:
         trace = truncate(trace, args.max_tokens)
     L, E, K = trace.num_layers, trace.num_experts, trace.top_k
     capacities = []
-    for text in fractions:
-        c = capacity_experts(text, L * E)
+    for text, frac in fractions:
+        c = int(frac * L * E)  # as `simulate` rounds a fraction, so both compare with the same Belady count
         if c < K:  # every expert of one visit must fit at once
             raise ValueError(f"--vram-capacity {text!r} holds {c} of {L * E} experts, fewer than one layer's "
                              f"top-{K} working set; give at least {K / (L * E):.4g}")
-        capacities.append((float(text), c))
+        capacities.append((frac, c))
     passes = count_passes(trace, args.include_prefill)
     if passes == 0:
         raise ValueError(f"{args.trace}: nothing to measure ({trace.tokens} rows, none of them decode"
                          f"{'' if args.include_prefill else '; add --include-prefill'}"
                          f"{' or raise --max-tokens' if args.max_tokens else ''})")
     visits = trace_visits(trace, args.include_prefill)
-    ties = ("lru", "freq") if args.tie_break == "best" else (args.tie_break,)
+    ties = TIE_BREAKS if args.tie_break == "best" else (args.tie_break,)
     report = {"trace": str(args.trace), "rows": trace.tokens, "passes": passes,
               "include_prefill": args.include_prefill, "accesses": int(visits.keys.size),
               "tie_break": args.tie_break, "capacities": []}
