@@ -114,8 +114,8 @@ def horizon_loads(visits: Visits, capacity: int, horizon: int | None, tie_break:
     state: dict[int, tuple[int, bool]] = {}
     in_heap: list[tuple[int, int, int]] = []  # (-next use, key, version): furthest next use on top
     out_lru: OrderedDict[int, int] = OrderedDict()  # lru: key -> version, least recently used first
-    out_heap: list[tuple[int, int, int, int]] = []  # freq: (visits so far, version, key, version)
-    count: dict[int, int] = {}  # key -> visits that needed it so far
+    out_heap: list[tuple[int, int, int]] = []  # freq: (visits so far, version, key); version breaks ties: LRU
+    count: dict[int, int] = {}  # freq: key -> visits that needed it so far
     enter: dict[int, list[tuple[int, int]]] = {}  # slot -> [(key, version)]: the window reaches their next use
 
     def evict() -> None:
@@ -125,7 +125,7 @@ def horizon_loads(visits: Visits, capacity: int, horizon: int | None, tie_break:
                 return
         else:
             while out_heap:
-                _, _, key, ver = heapq.heappop(out_heap)
+                _, ver, key = heapq.heappop(out_heap)
                 if state.get(key) == (ver, False):
                     del state[key]
                     return
@@ -161,15 +161,14 @@ def horizon_loads(visits: Visits, capacity: int, horizon: int | None, tie_break:
                 if use_lru and not entry[1]:
                     del out_lru[keys[i]]
         loads += misses
-        for _ in range(misses):
-            if len(state) + held >= capacity:
-                evict()
-            held += 1
+        for _ in range(len(state) + held + misses - capacity):  # room for the misses (none if it fits)
+            evict()
         for i in range(a, b):
             if nxt[i] < b:
                 continue
             key = keys[i]
-            count[key] = count.get(key, 0) + 1
+            if not use_lru:
+                count[key] = count.get(key, 0) + 1
             ns = nslot[i]
             if ns <= s + ahead:
                 state[key] = (i, True)
@@ -179,7 +178,7 @@ def horizon_loads(visits: Visits, capacity: int, horizon: int | None, tie_break:
                 if use_lru:
                     out_lru[key] = i
                 else:
-                    heapq.heappush(out_heap, (count[key], i, key, i))
+                    heapq.heappush(out_heap, (count[key], i, key))
                 if ns != _NEVER:
                     enter.setdefault(ns - ahead, []).append((key, i))
     return loads

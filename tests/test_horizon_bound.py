@@ -18,7 +18,7 @@ from pipeline.bench.cli import main as bench
 from policies.cache.belady import belady_min
 from policies.cache.registry import make_policy
 from policies.horizon_bound import TIE_BREAKS, horizon_loads, trace_visits
-from policies.simulator import access_sequence, layer_visits, simulate, truncate, visit_sequence
+from policies.simulator import access_sequence, count_passes, layer_visits, simulate, truncate, visit_sequence
 from policies.synthetic import SyntheticConfig, generate
 from policies.traces import decode_steps, load_trace, make_trace, save_trace
 from tests.helpers_traces import tiny_trace
@@ -97,6 +97,13 @@ def test_visits_are_the_simulators():
             assert np.array_equal(v.keys, access_sequence(trace, prefill))
             assert [tuple(v.keys[a:b].tolist()) for a, b in zip(v.starts[:-1], v.starts[1:])] \
                 == visit_sequence(trace, prefill)
+            # the window's clock, checked apart from how trace_visits builds it: pass * L + layer,
+            # never going back, the layer that of the visit's keys, one pass per forward pass
+            L, E = trace.num_layers, trace.num_experts
+            assert (np.diff(v.slot) >= 0).all()
+            nonempty = np.diff(v.starts) > 0
+            assert np.array_equal((v.slot % L)[nonempty], v.keys[v.starts[:-1][nonempty]] // E)
+            assert len(np.unique(v.slot // L)) == count_passes(trace, prefill)
 
 
 def test_narrated_one_token_ahead_keeps_the_expert_needed_next():
