@@ -134,11 +134,11 @@ CHUNK_BYTES = 4 << 20
 def _read(fd: int, arena: memoryview, req: ReadRequest, crc_thread) -> tuple[int, int | None]:
     """Read `req.read_length` bytes at `req.offset` into the arena; (bytes read, crc32 of the
     first `req.length` of them, or None when the request has no checksum). Stops at the end of
-    the file (a short count). With a checksum and `crc_thread`, in CHUNK_BYTES pieces, each but
-    the last folded on that thread while the next is read; else in one read."""
+    the file (a short count). With a checksum, in CHUNK_BYTES pieces, each but the last folded
+    on `crc_thread` (one thread) while the next is read; without one, in one read."""
     base, want = req.arena_offset, req.read_length
     checked = req.checksum is not None
-    step = CHUNK_BYTES if checked and crc_thread is not None else want
+    step = CHUNK_BYTES if checked else want
     crc, pending, n = [0], [], 0
 
     def fold(lo: int, hi: int) -> None:  # pieces in order: the helper is one thread
@@ -149,13 +149,14 @@ def _read(fd: int, arena: memoryview, req: ReadRequest, crc_thread) -> tuple[int
             size = min(step, want - n)
             got = os.preadv(fd, [arena[base + n:base + n + size]], req.offset + n)
             last = got < size or n + got == want  # the end of the file, or of the expert
-            if checked and min(n + got, req.length) > n:
+            hi = min(n + got, req.length)  # checksummed bytes end at the expert's length
+            if checked and hi > n:
                 if last:  # nothing left to read beside it: fold here, after the pieces before it
                     for f in pending:
                         f.result()
-                    fold(n, min(n + got, req.length))
+                    fold(n, hi)
                 else:
-                    pending.append(crc_thread.submit(fold, n, min(n + got, req.length)))
+                    pending.append(crc_thread.submit(fold, n, hi))
             n += got
             if last:
                 break
@@ -165,7 +166,7 @@ def _read(fd: int, arena: memoryview, req: ReadRequest, crc_thread) -> tuple[int
     return n, (crc[0] & 0xFFFFFFFF if checked else None)
 
 
-def _serve(req: ReadRequest, arena: memoryview, files: _Files, hooks: dict, crc_thread=None) -> ReadDone:
+def _serve(req: ReadRequest, arena: memoryview, files: _Files, hooks: dict, crc_thread) -> ReadDone:
     t0 = time.perf_counter()
     where = f"expert {req.layer}/{req.expert} (layer {req.layer}, expert {req.expert}) in {req.file}"
     end = req.arena_offset + req.read_length

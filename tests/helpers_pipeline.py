@@ -3,7 +3,9 @@ a test) and tiny packed stores built by the project's own make-model + precomput
 Shared by the pipeline engineers: append, do not rewrite."""
 from __future__ import annotations
 
+import errno
 import io
+import mmap
 import os
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -114,3 +116,24 @@ def run_ours_on_stored_experts(store_dir, store, passes, model, device: str, per
     return run_method(store_dir, store, m, 2 * vslot, 6 * rslot, passes, model,
                       emulate_hints(passes, store.spec.num_experts, 0.8, 0), device=device, readers=1,
                       keep_outputs=True, per_expert_waits=per_expert_waits, vram_form="stored", vram_views=0)
+
+
+def fs_allows_o_direct(path: Path) -> bool:
+    """Independent of the reader: can this file be read with O_DIRECT into an aligned buffer?"""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as e:
+        assert e.errno == errno.EINVAL
+        return False
+    try:
+        buf = mmap.mmap(-1, 4096)
+        try:
+            os.preadv(fd, [buf], 0)
+            return True
+        except OSError as e:
+            assert e.errno == errno.EINVAL
+            return False
+        finally:
+            buf.close()
+    finally:
+        os.close(fd)

@@ -12,6 +12,7 @@ import shutil
 import signal
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from adapters.store import StoreCheckpoint
 from pipeline import reader_worker
 from pipeline.ram_arena import RamArena
 from pipeline.readers import ReaderError, ReaderPool, ReadRequest, read_request
-from tests.helpers_pipeline import build_tiny_store, no_leaks  # noqa: F401  (fixture)
+from tests.helpers_pipeline import build_tiny_store, fs_allows_o_direct, no_leaks  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.usefixtures("no_leaks"), pytest.mark.timeout(30)]
 
@@ -46,27 +47,6 @@ def all_requests(st: StoreCheckpoint, arena: RamArena) -> list[ReadRequest]:
 
 def slot_bytes_for(st: StoreCheckpoint) -> int:
     return st.index.max_read_length
-
-
-def fs_allows_o_direct(path: Path) -> bool:
-    """Independent of the reader: can this file be read with O_DIRECT into an aligned buffer?"""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError as e:
-        assert e.errno == errno.EINVAL
-        return False
-    try:
-        buf = mmap.mmap(-1, 4096)
-        try:
-            os.preadv(fd, [buf], 0)
-            return True
-        except OSError as e:
-            assert e.errno == errno.EINVAL
-            return False
-        finally:
-            buf.close()
-    finally:
-        os.close(fd)
 
 
 def arena_for(st: StoreCheckpoint, slots: int | None = None) -> RamArena:
@@ -256,13 +236,18 @@ async def test_on_tmpfs_the_reader_uses_o_direct_exactly_when_tmpfs_allows_it(st
         shutil.rmtree(shm_dir)
 
 
-@pytest.mark.parametrize("refused_at", ["open", "read"])
+@pytest.mark.parametrize("refused_at", ["open", "read", "second piece"])
 def test_o_direct_refused_at_open_or_first_read_falls_back_to_a_normal_fd(stores, monkeypatch, refused_at):
-    """The reader's own code, in-process, on a file system that refuses O_DIRECT."""
+    """The reader's own code, in-process, on a file system that refuses O_DIRECT: at the open,
+    at the first read, or at the second piece of a checksummed read, whose first piece's crc32
+    was already handed to the helper thread (the fallback reads and folds the expert afresh)."""
     st = StoreCheckpoint(stores["bfloat16"])
+    monkeypatch.setattr(reader_worker, "CHUNK_BYTES", 8192)  # several pieces per expert
+    assert st.expert_range(0, 1).read_length > 2 * reader_worker.CHUNK_BYTES
     real_open, real_preadv = os.open, os.preadv
     direct_fds: set[int] = set()  # open O_DIRECT descriptors
     direct_opens = []
+    direct_reads: dict[int, int] = {}
 
     def fake_open(path, flags, *a):
         if flags & os.O_DIRECT and refused_at == "open":
@@ -277,25 +262,30 @@ def test_o_direct_refused_at_open_or_first_read_falls_back_to_a_normal_fd(stores
 
     def fake_preadv(fd, bufs, offset):
         if fd in direct_fds:
-            raise OSError(errno.EINVAL, "Invalid argument")
+            direct_reads[fd] = direct_reads.get(fd, 0) + 1
+            if refused_at != "second piece" or direct_reads[fd] == 2:
+                raise OSError(errno.EINVAL, "Invalid argument")
         return real_preadv(fd, bufs, offset)
 
     monkeypatch.setattr(reader_worker.os, "open", fake_open)
     monkeypatch.setattr(reader_worker.os, "preadv", fake_preadv)
-    arena = bytearray(2 * slot_bytes_for(st))
+    arena = mmap.mmap(-1, 2 * slot_bytes_for(st))  # page-aligned, as O_DIRECT needs: no EINVAL of its own
     files = reader_worker._Files(want_direct=True)
     try:
-        for i, (l, e) in enumerate([(0, 1), (2, 7)]):
-            r = read_request(st, l, e, i, i * slot_bytes_for(st))
-            done = reader_worker._serve(r, memoryview(arena), files, {})
-            assert done.ok and done.o_direct is False and done.nbytes == r.read_length, done
-            assert bytes(arena[r.arena_offset:r.arena_offset + r.length]) == st.read_expert(l, e)
+        with ThreadPoolExecutor(1) as crc_thread:
+            for i, (l, e) in enumerate([(0, 1), (2, 7)]):
+                r = read_request(st, l, e, i, i * slot_bytes_for(st))
+                done = reader_worker._serve(r, memoryview(arena), files, {}, crc_thread)
+                assert done.ok and done.o_direct is False and done.nbytes == r.read_length, done
+                assert bytes(arena[r.arena_offset:r.arena_offset + r.length]) == st.read_expert(l, e)
         assert all(not d for _, d in files.fds.values())
     finally:
         monkeypatch.undo()
         files.close()
     # one O_DIRECT attempt per file (two layers): refused, never tried again for that file
     assert len(direct_opens) == (0 if refused_at == "open" else 2)
+    if refused_at == "second piece":  # each file's first piece read direct, its second refused
+        assert sorted(direct_reads.values()) == [2, 2]
 
 
 async def test_o_direct_off_is_honoured_and_a_request_outside_the_arena_is_refused(stores):
@@ -379,7 +369,7 @@ async def test_a_wrong_arena_or_readers_that_cannot_start_fail_start_clearly(sto
     with pytest.raises(ValueError, match=r"/dev/shm/tlmc-missing cannot be opened .*arena\.path"):
         await ReaderPool("/dev/shm/tlmc-missing", 4096).start()
     with RamArena.create(1, 4096, pin=False) as arena:
-        with pytest.raises(ValueError, match=rf"holds 4096 bytes, the pool was told 8192"):
+        with pytest.raises(ValueError, match=r"holds 4096 bytes, the pool was told 8192"):
             await ReaderPool(arena.path, 8192).start()
         pool = ReaderPool(arena.path, arena.size, num_readers=1, hooks={"die_at_start": True})
         with pytest.raises(RuntimeError, match=r"3 reader processes in a row died before starting .*exit code 3"):
@@ -391,8 +381,6 @@ async def test_a_wrong_arena_or_readers_that_cannot_start_fail_start_clearly(sto
 def test_a_checked_read_goes_in_pieces_whose_crc32_is_folded_in_order(tmp_path, monkeypatch, case):
     """The reader's own code, in-process: pieces of CHUNK_BYTES, each crc32 folded on the helper
     thread while the next is read; the result equals one crc32 of the whole expert."""
-    from concurrent.futures import ThreadPoolExecutor
-
     chunk = 8192
     monkeypatch.setattr(reader_worker, "CHUNK_BYTES", chunk)
     length, read_length = 3 * chunk + 1000, 4 * chunk  # the padded read is longer than the expert
