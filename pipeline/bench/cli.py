@@ -9,8 +9,6 @@ import argparse
 import importlib
 import sys
 
-from policies.actor import PolicyActorError
-
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("pipeline.bench.simulate_cmd", "replay a routing trace through cache policies against Belady"),
@@ -44,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, OSError) as e:  # bad input: one line, non-zero exit
         print(f"prefetch-bench {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except PolicyActorError as e:  # e.g. the policy process could not start: its first line says why
+    except RuntimeError as e:
+        from policies.actor import PolicyActorError  # imported on failure only: every command loads this module
+
+        if not isinstance(e, PolicyActorError):
+            raise
+        # e.g. the policy process could not start: its first line says why
         print(f"prefetch-bench {args.command}: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
