@@ -881,3 +881,15 @@ def test_a_policy_process_that_cannot_start_is_one_line_naming_the_way_round(set
     assert rc == 1 and err.count("\n") == 1 and err.startswith("prefetch-bench replay: error:")
     assert "Resource temporarily unavailable" in err and "policy_process=False" in err
     _replay(setup, tmp_path, capsys, "--methods", "ours", "--tokens", "2", "--no-policy-process")  # the way round
+
+
+def test_launch_noise_times_every_round_and_refuses_empty_loops(capsys):
+    from pipeline.bench.launch_noise import main, round_rates
+
+    rates = round_rates(layers=2, rounds=3, tokens=4, pause_s=0.0, hidden=16, device="cpu")
+    assert len(rates) == 3 and all(r > 0 for r in rates)
+    assert main(["--layers", "2", "--rounds", "2", "--tokens", "3", "--pause", "0", "--hidden", "16"]) == 0
+    assert capsys.readouterr().out.startswith("pure torch loop tok/s per round:")
+    with pytest.raises(SystemExit) as e:
+        main(["--rounds", "0"])
+    assert e.value.code == 2 and "--rounds must be >= 1, got 0" in capsys.readouterr().err
