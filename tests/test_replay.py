@@ -25,8 +25,8 @@ from tests.helpers_pipeline import build_tiny_store, no_leaks, run_ours_on_store
 # tiny preset: 3 MoE layers x 8 experts, top-2, hidden 64
 
 
-def _trace(path, layers=3, experts=8, top_k=2, **kw):
-    cfg = SyntheticConfig(layers=layers, experts=experts, top_k=top_k, requests=1, prompt_tokens=3,
+def _trace(path, layers=3, experts=8, top_k=2, requests=1, **kw):
+    cfg = SyntheticConfig(layers=layers, experts=experts, top_k=top_k, requests=requests, prompt_tokens=3,
                           decode_tokens=10, seed=1, **kw)
     save_trace(generate(cfg), path)
     return path
@@ -893,3 +893,47 @@ def test_launch_noise_times_every_round_and_refuses_empty_loops(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--rounds", "0"])
     assert e.value.code == 2 and "--rounds must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_kernel_representatives_cover_every_launch_shape_once():
+    """One pass per new (prefill?, experts per launch) pair, in order; a pass whose launches
+    were all seen already is left out."""
+    from pipeline.bench.replay import Pass, kernel_representatives
+
+    def decode(*ids):
+        return Pass(1, 1, (0,), tuple((e,) if isinstance(e, int) else e for e in ids), (), None)
+
+    def prefill(*unions):
+        return Pass(0, 2, (0, 0), unions, (), tuple(((0,),) * len(u) for u in unions))
+
+    a, b = decode((1, 2), (3, 4)), decode((5, 6), (7, 8))  # two experts per launch, both
+    c = prefill((1, 2, 3, 4, 5), (1, 2))  # top_k 2: groups of 2, 2, 1 and 2
+    d = prefill((1, 2, 3), (4, 5))  # groups of 2 and 1: nothing new
+    e = decode((1,), (2, 3))  # a decode launch of one expert: new
+    f = prefill((1, 2, 3, 4), (9, 8, 7, 6))  # all groups of 2: nothing new
+    assert kernel_representatives([a, b, c, d, e, f], top_k=2) == [a, c, e]
+    assert kernel_representatives([d, c], top_k=2) == [d]  # d alone covers c's (prefill, 2) and (prefill, 1)
+
+
+def test_replay_warms_every_timed_launch_shape_before_timing(setup, tmp_path, capsys, monkeypatch):
+    """The first loop the replay runs is the untimed kernel warm-up, over kernel_representatives
+    of the timed passes: a prefill group size first met inside a timed loop would compile there."""
+    import pipeline.bench.replay as rp
+
+    loops = []
+    real = rp.run_loop
+
+    def spy(model, passes, fetch, **kw):
+        loops.append((list(passes), kw.get("progress") is not None))
+        return real(model, passes, fetch, **kw)
+
+    monkeypatch.setattr(rp, "run_loop", spy)
+    # Two requests of 1 prefill + 10 decode passes; the timed window, passes 5-14, starts with
+    # decode passes and meets the second request's prefill at pass 11.
+    trace = _trace(tmp_path / "two.npz", requests=2)
+    _replay(setup, tmp_path, capsys, "--trace", str(trace), "--methods", "on-demand", "--warm-passes", "5",
+            "--tokens", "10", "--include-prefill")
+    first, timed = loops[0]
+    assert not timed and any(p.rows is not None for p in first) and any(p.rows is None for p in first)
+    timed_passes = next(ps for ps, t in loops if t)
+    assert first == rp.kernel_representatives(timed_passes, top_k=StoreCheckpoint(setup[0]).spec.top_k)

@@ -194,9 +194,10 @@ def print_table(budget: dict, rows: list[dict], file=None) -> None:
             print(f"  {r['method']:22s} {' '.join(f'{x:.1f}' for x in rep['tokens_per_s'])}{spread}{best}", file=file)
     above = [r["method"] for r in rows if not r["skipped"] and (r.get("ratio_oracle") or 0) > 1.0]
     if above:
-        print(f"  note: {', '.join(above)} ran faster than the oracle bound, whose compute time is the resident "
-              f"method's fastest run: that run was slowed by the machine; --repeat 3 or more gives the bound "
-              f"a fair run", file=file)
+        print(f"  note: {', '.join(above)} ran faster than the oracle bound, so the compute time under the bound "
+              f"(the limits line) was measured in a slow spell of the machine (python -m "
+              f"pipeline.bench.launch_noise shows its spread); with --repeat 3 or more the bound takes the "
+              f"resident method's fastest run", file=file)
 
 
 def environment() -> dict:
