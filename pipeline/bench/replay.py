@@ -423,8 +423,10 @@ def kernel_representatives(passes: list[Pass], top_k: int) -> list[Pass]:
     """The fewest passes, in order, that launch the expert math in every way `passes` do.
 
     A launch's kernels depend on whether the pass is a prefill (no residual, no norm inside)
-    and on how many experts it takes at once: a decode row's count, or a prefill group's
-    (top_k, and the remainder of a union). Each new way compiles its Triton kernels on first
+    and on how many experts it takes at once: a decode row's count, a prefill group's (top_k,
+    or a union's remainder), or one where a group's experts see different rows. A pass is kept
+    when it brings a new (prefill?, group size) pair, which covers all three and may keep a
+    prefill pass more than needed. Each new way compiles its Triton kernels on first
     use, or loads them from Triton's disk cache: on a fresh H100 that cost 1.5 s inside the
     first timed loop that met a new prefill group size (the compute-only loop of stop 18's
     call 5 read 7.69 ms/token where the resident method ran 1.57). Running these passes once,
