@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
 import numpy as np
+
+from .atomic_file import replaced_atomically
 
 FORMAT = "moe-routing-trace/1"
 PREFILL, DECODE = 0, 1
@@ -198,15 +199,9 @@ def save_trace(trace: Trace, path: str | os.PathLike) -> None:
     path = Path(path)
     validate(trace, path)
     meta = np.array(msgspec.json.encode(trace.meta).decode())
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:  # a file object: savez would otherwise append ".npz"
-            np.savez_compressed(f, experts=trace.experts, weights=trace.weights, token_ids=trace.token_ids,
-                                phase=trace.phase, request=trace.request, meta=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replaced_atomically(path) as tmp, open(tmp, "wb") as f:  # a file object: savez would append ".npz"
+        np.savez_compressed(f, experts=trace.experts, weights=trace.weights, token_ids=trace.token_ids,
+                            phase=trace.phase, request=trace.request, meta=meta)
 
 
 def first_layers(trace: Trace, n: int) -> Trace:

@@ -49,3 +49,11 @@ def test_limits_refuses_a_missing_store_in_one_line(tmp_path, bin_env):
     res = subprocess.run([sys.executable, BENCH, "limits", "--store", str(tmp_path / "nope")],
                          capture_output=True, text=True, env=bin_env, timeout=60)
     assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1 and "nope" in res.stderr
+
+
+def test_limits_refuses_a_json_path_in_a_missing_folder_before_measuring(store, tmp_path, bin_env):
+    missing = tmp_path / "no-such-folder" / "limits.json"
+    res = subprocess.run([sys.executable, BENCH, "limits", "--store", str(store), "--json", str(missing)],
+                         capture_output=True, text=True, env=bin_env, timeout=60)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert f"--json {missing}: its folder" in res.stderr and not missing.parent.exists()

@@ -293,6 +293,8 @@ def test_layers_replays_a_deeper_traces_first_layers(setup, tmp_path, capsys):
     (["--warm-passes", "500"], "lower --warm-passes"),
     (["--layers", "0"], "--layers must be in [1, 3]"),
     (["--layers", "4"], "--layers must be in [1, 3]"),
+    (["--json", "/nonexistent-folder/r.json"], "--json /nonexistent-folder/r.json: its folder"),
+    (["--plot", "/nonexistent-folder/r.png"], "--plot /nonexistent-folder/r.png: its folder"),
 ])
 def test_bad_input_one_line_exit_2(setup, tmp_path, capsys, extra, needle):
     store, trace, _ = setup

@@ -51,6 +51,7 @@ def capacity_fraction(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    from policies.atomic_file import check_output_path
     from policies.cache.belady import belady_min
     from policies.horizon_bound import TIE_BREAKS, horizon_loads, trace_visits
     from policies.simulator import count_passes, truncate
@@ -66,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--horizon must be >= 0 tokens, got {horizons[0]}")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if args.json and not Path(args.json).resolve().parent.is_dir():  # found now, not after the runs
-        raise ValueError(f"--json {args.json}: its folder does not exist; create it or write elsewhere")
+    if args.json:  # found now, not after the runs
+        check_output_path(args.json, "--json")
     fractions = [(text, capacity_fraction(text)) for text in args.vram_capacity or DEFAULT_CAPACITIES]
 
     trace = load_trace(args.trace)

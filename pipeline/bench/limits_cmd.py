@@ -18,7 +18,8 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+
+from policies.atomic_file import check_output_path, replaced_atomically
 
 TARGETS = {"disk": 0.9, "h2d": 0.9, "fetch_us": 50.0}
 
@@ -216,6 +217,8 @@ def run(args) -> int:
 
     from ..ram_arena import RamArena
 
+    if args.json:
+        check_output_path(args.json, "--json")
     store = StoreCheckpoint(args.store)
     experts = store.index.experts
     files = sorted({str(store.root / x.file) for x in experts})
@@ -263,7 +266,6 @@ def run(args) -> int:
     print(f"{'fetch of resident experts':32s} {res['fetch_resident_us']:9.1f} {'':9s} {'':6s} "
           f"{'<' + str(int(TARGETS['fetch_us'])):>7s}  (us per call, top-{store.spec.top_k}, {res['fetch_device']})")
     if args.json:
-        tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=2))
-        os.replace(tmp, args.json)
+        with replaced_atomically(args.json) as tmp, open(tmp, "w") as f:
+            json.dump(res, f, indent=2)
     return 0

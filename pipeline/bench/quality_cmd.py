@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
-from pathlib import Path
+
+from policies.atomic_file import check_output_path, replaced_atomically
 
 DEFAULT_PREDICTORS = ("ewma", "lookahead", "fusion", "oracle")
 
@@ -31,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
     parsed = [parse_predictor_spec(spec) for spec in specs]  # e.g. scoutgate:weights_path=W.safetensors
     for name, _ in parsed:  # fail on a bad name before the (long) replays
         predictor_class(name)
+    if args.json_out:
+        check_output_path(args.json_out, "--json")
     trace = load_trace(args.trace)
     results = []
     for spec, (name, options) in zip(specs, parsed):
@@ -40,14 +41,7 @@ def run(args: argparse.Namespace) -> int:
           f"top-{trace.top_k}; decode visits scored online")
     print(format_table(results))
     if args.json_out:
-        out = Path(args.json_out)
         data = msgspec.json.encode({"trace": str(args.trace), "results": results})
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or ".")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with replaced_atomically(args.json_out) as tmp, open(tmp, "wb") as f:
+            f.write(data)
     return 0

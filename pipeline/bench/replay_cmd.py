@@ -23,6 +23,8 @@ import os
 import sys
 import time
 
+from policies.atomic_file import check_output_path
+
 DEFAULT_RECALL = 0.8
 
 
@@ -252,6 +254,9 @@ def _validate(args):
     if args.methods:
         methods = M.select(methods + [m for m in M.baseline_methods() if m not in methods],
                            [n.strip() for n in args.methods.split(",") if n.strip()])
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:  # a typo in a folder name found now, not when the run writes
+            check_output_path(path, flag)
     if args.plot:  # a missing matplotlib costs the plot, not the run
         from .report import check_plot_available
 

@@ -15,9 +15,9 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
+from policies.atomic_file import replaced_atomically
 from policies.traces import DECODE
 
 
@@ -224,15 +224,9 @@ def environment() -> dict:
 
 
 def write_json(path: str | Path, obj) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, allow_nan=False, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replaced_atomically(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, allow_nan=False, default=str)
+        f.write("\n")
 
 
 def check_plot_available() -> None:
@@ -267,7 +261,6 @@ def plot(path: str | Path, budgets: list[dict]) -> None:
     a2.set(xlabel="VRAM budget (expert slots)", ylabel="VRAM hit rate", title="VRAM hit rate", ylim=(0, 1.05))
     a1.legend(fontsize=7)
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp)
+    with replaced_atomically(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)

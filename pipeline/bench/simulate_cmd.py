@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-import tempfile
 import time
-from pathlib import Path
+
+from policies.atomic_file import check_output_path, replaced_atomically
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -55,22 +54,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the results here (atomically)")
 
 
-def _write_json_atomic(path: str, obj) -> None:
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it 0600; a report is an ordinary file
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run(args: argparse.Namespace) -> int:
     import msgspec
     from tqdm import tqdm
@@ -83,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
     from policies.simulator import access_sequence, count_passes, simulate, truncate, visit_sequence
     from policies.traces import load_trace
 
-    # Check every name and number before the (long) replay starts.
+    # Check every name, number and path before the (long) replay starts.
+    if args.json:
+        check_output_path(args.json, "--json")
     policies = args.policy or policy_names()
     classes = {spec: policy_class(parse_policy_spec(spec)[0]) for spec in policies}
     predictors = args.predictor or [DEFAULT_PREDICTOR]
@@ -177,7 +162,9 @@ def run(args: argparse.Namespace) -> int:
     }
     _print_table(report)
     if args.json:
-        _write_json_atomic(args.json, report)
+        with replaced_atomically(args.json) as tmp, open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
     return 0
 
 

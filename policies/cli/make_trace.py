@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    from ..atomic_file import check_output_path
     from ..synthetic import PRESETS, SyntheticConfig, generate
     from ..traces import save_trace
 
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if missing:
             raise ValueError(f"missing {', '.join(missing)} (or use --like NAME)")
+        check_output_path(args.out, "--out")
         cfg = SyntheticConfig(**settings)
         trace = generate(cfg, source=shlex.join(["make-trace", *argv]))
         save_trace(trace, args.out)

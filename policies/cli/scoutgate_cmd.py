@@ -66,12 +66,12 @@ def _table(title: str, scores: dict) -> str:
 
 
 def _train(args) -> int:
+    from policies.atomic_file import check_output_path
     from policies.predictors.scoutgate import save_scoutgate
     from policies.predictors.scoutgate_train import evaluate, require_token_ids, train_scoutgate
     from policies.traces import load_trace
 
-    if not args.out.parent.is_dir():  # fail before spending the training time
-        raise ValueError(f"--out {args.out}: folder {args.out.parent} does not exist")
+    check_output_path(args.out, "--out")  # fail before spending the training time
     trace = load_trace(args.trace)
     require_token_ids(trace, args.trace)
     train_sel, train_eval, held, how = _split(trace, args.train_frac, args.seed)

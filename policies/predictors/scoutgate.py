@@ -22,7 +22,6 @@ Everything runs on the CPU.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import deque
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from torch import nn
 from adapters.errors import CheckpointError
 from adapters.safetensors_io import read_header
 
+from ..atomic_file import replaced_atomically
 from ..events import Activation
 from .base import Predictor
 
@@ -160,14 +160,8 @@ def save_scoutgate(model: ScoutGateModel, path: str | os.PathLike) -> None:
     path = Path(path)
     tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
     meta = {_META_KEY: msgspec.json.encode(model.config).decode()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with replaced_atomically(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_scoutgate(path: str | os.PathLike) -> ScoutGateModel:
