@@ -260,7 +260,8 @@ def test_cli_from_bin_with_one_tie_break(bin_env, synthetic_trace_file, tmp_path
     (["--tie-break", "mru"], "--tie-break 'mru' is unknown; valid: best, freq, lru"),
     (["--max-tokens", "0"], "--max-tokens must be >= 1"),
     (["--max-tokens", "2"], "nothing to measure"),
-    (["--json", "/nonexistent-folder/h.json"], "--json /nonexistent-folder/h.json: its folder /nonexistent-folder does not exist"),
+    (["--json", "/nonexistent-folder/h.json"],
+     "--json /nonexistent-folder/h.json: its folder /nonexistent-folder does not exist"),
 ])
 def test_cli_bad_input_is_one_line_exit_2_no_json(synthetic_trace_file, tmp_path, capsys, args, message):
     out = tmp_path / "h.json"
