@@ -30,6 +30,9 @@ def parse_size(value: int | str, what: str = "size") -> int:
             raise ValueError(f"{what} {value!r} does not parse; write bytes or a number with a unit "
                              f"such as 512MiB, 6GiB, 24GB")
         n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        if n == 0 and float(m.group(1)) > 0:  # e.g. "0.5": a fraction of all experts, meant for prefetch-bench
+            raise ValueError(f"{what} {value!r} is less than one byte; give bytes or a size such as 512MiB or 6GiB "
+                             f"(fractions of all experts are prefetch-bench's --vram/--ram)")
     if n <= 0:
         raise ValueError(f"{what} must be positive, got {value!r}")
     return n

@@ -34,6 +34,7 @@ import heapq
 import itertools
 import multiprocessing
 import os
+import sys
 from dataclasses import dataclass, field
 
 import msgspec
@@ -113,6 +114,17 @@ class _Reader:
     watched: list[int] = field(default_factory=list)  # fds registered with the loop
 
 
+def _script_hint() -> str:
+    """The likeliest cause when the process runs a script: spawned readers re-run the main
+    module's top level, so a script that opens the pipeline there without a main guard makes
+    every reader try to open one of its own and die."""
+    script = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not script:
+        return ""
+    return (f"; if {script} opens the pipeline at its top level, put that under "
+            f"`if __name__ == \"__main__\":` (readers are spawned, and a spawned process runs it again)")
+
+
 class ReaderPool:
     """Reader processes that read store experts into the shared RAM arena (see module doc)."""
 
@@ -168,7 +180,7 @@ class ReaderPool:
         if self._broken:
             cause = self._broken
             await self.close()
-            raise RuntimeError(f"reader processes cannot start: {cause}")
+            raise RuntimeError(f"reader processes cannot start: {cause}{_script_hint()}")
 
     def _spawn(self) -> None:
         parent, child = self._ctx.Pipe(duplex=True)

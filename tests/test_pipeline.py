@@ -398,6 +398,8 @@ def test_impossible_budgets_and_unknown_names_fail_before_allocating(stores, no_
         ExpertPipeline.open(store, vram="1GiB", ram="1GiB", policy="fifo", device="cpu")
     with pytest.raises(ValueError, match="does not parse"):
         ExpertPipeline.open(store, vram="lots", ram="1GiB", device="cpu")
+    with pytest.raises(ValueError, match=r"vram '0.5' is less than one byte; .*fractions of all experts are"):
+        ExpertPipeline.open(store, vram="0.5", ram="1GiB", device="cpu")  # prefetch-bench's form, not the API's
     with pytest.raises(CheckpointError, match="store.json"):
         ExpertPipeline.open(store.parent, vram="1GiB", ram="1GiB", device="cpu")
     n_vram, _, n_ram, _ = plan_slots(PipelineConfig(store=str(store), vram="1MiB", ram="1MiB"), st)

@@ -411,3 +411,23 @@ def test_a_checked_read_goes_in_pieces_whose_crc32_is_folded_in_order(tmp_path, 
         assert not done.ok and done.kind == "short" and done.nbytes == 2 * chunk + 100
     else:
         assert not done.ok and done.kind == "checksum" and "crc32" in done.error
+
+
+def test_a_script_without_a_main_guard_is_told_what_to_change(stores, tmp_path, bin_env):
+    """Spawned readers re-run a script's top level; one that opens the pipeline there without
+    `if __name__ == "__main__":` makes every reader die, and the error names the fix."""
+    import subprocess
+    import sys
+
+    opening = f"ExpertPipeline.open({str(stores['bfloat16'])!r}, vram='200KiB', ram='1MiB', device='cpu')"
+    script = tmp_path / "decode.py"
+    script.write_text(f"from pipeline.api import ExpertPipeline\npipe = {opening}\npipe.close()\n")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=bin_env, timeout=120)
+    assert res.returncode != 0
+    assert "reader processes cannot start" in res.stderr, res.stderr[-2000:]
+    assert f"if {script} opens the pipeline at its top level" in res.stderr
+    guarded = tmp_path / "guarded.py"
+    guarded.write_text("from pipeline.api import ExpertPipeline\n\nif __name__ == '__main__':\n"
+                       f"    pipe = {opening}\n    pipe.close()\n")
+    ok = subprocess.run([sys.executable, str(guarded)], capture_output=True, text=True, env=bin_env, timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
