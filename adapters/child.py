@@ -24,6 +24,21 @@ def start_child(parent_pid: int) -> bool:
     return os.getppid() == parent_pid
 
 
+def end_child(code: int = 0) -> None:
+    """Leave a worker that has finished its work, skipping interpreter teardown.
+
+    A spawned worker re-imports the main module of a user's script, and with it whatever that
+    imports (torch, Triton). Tearing those down at exit printed ~20 lines of nanobind "leaked"
+    warnings from Triton per worker into the user's terminal, and every worker has already
+    released what it holds (its files, mappings and threads) by the time it calls this."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    os._exit(code)
+
+
 def freeze_start_up_heap() -> None:
     """Once a worker is set up and before it serves: collect, then put every object alive now
     (the imported modules, the policy's arrays) beyond the collector's reach for the process's

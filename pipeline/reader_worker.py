@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 
-from adapters.child import freeze_start_up_heap, start_child
+from adapters.child import end_child, freeze_start_up_heap, start_child
 
 POLL_S = 0.5  # how often an idle reader checks that its parent is still there
 
@@ -203,9 +203,15 @@ def _serve(req: ReadRequest, arena: memoryview, files: _Files, hooks: dict, crc_
 
 def reader_main(conn, arena_path: str, arena_size: int, parent_pid: int, o_direct: bool = True,
                 hooks: dict | None = None) -> None:
-    """Loop of one reader process (module level so that "spawn" can start it)."""
-    if not start_child(parent_pid):  # the parent died before PDEATHSIG was armed
-        return
+    """One reader process (module level so that "spawn" can start it): serve, then leave
+    without interpreter teardown (adapters.child.end_child)."""
+    if start_child(parent_pid):  # else the parent died before PDEATHSIG was armed
+        _serve_until_stopped(conn, arena_path, arena_size, parent_pid, o_direct, hooks)
+    end_child()
+
+
+def _serve_until_stopped(conn, arena_path: str, arena_size: int, parent_pid: int, o_direct: bool,
+                         hooks: dict | None) -> None:
     hooks = dict(hooks or {})
     if hooks.get("die_at_start"):
         os._exit(3)

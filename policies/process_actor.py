@@ -41,7 +41,7 @@ import traceback
 
 import msgspec
 
-from adapters.child import freeze_start_up_heap, start_child
+from adapters.child import end_child, freeze_start_up_heap, start_child
 
 from .actor import ActorState, ActorStats, PolicyActor, PolicyActorError, StampedPlan
 from .events import Activation, Tier
@@ -130,12 +130,12 @@ def build_policy(spec: PolicySpec):
 # ---- the child ------------------------------------------------------------------------------
 def policy_main(conn, spec_bytes: bytes, parent_pid: int) -> None:
     """Entry point of the policy process."""
-    if not start_child(parent_pid):
-        return
-    try:
-        asyncio.run(_child(conn, msgspec.msgpack.decode(spec_bytes, type=PolicySpec)))
-    except (EOFError, BrokenPipeError, ConnectionResetError):
-        pass  # the parent is gone
+    if start_child(parent_pid):
+        try:
+            asyncio.run(_child(conn, msgspec.msgpack.decode(spec_bytes, type=PolicySpec)))
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            pass  # the parent is gone
+    end_child()  # no interpreter teardown: see adapters.child.end_child
 
 
 async def _child(conn, spec: PolicySpec) -> None:
