@@ -307,7 +307,9 @@ def write_model(fmt: str, d: Dims, seed: int, out: str | os.PathLike, shards: in
     out = Path(out)
     sub, cfg, tensors = plan(fmt, d)
     groups = split_shards(tensors, shards)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; --out names the checkpoint folder to make, choose a new one")
+    if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not an empty directory; choose a new --out or delete it")
     need = needed_bytes(fmt, d, shards)
     probe = out

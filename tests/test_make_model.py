@@ -104,6 +104,10 @@ def test_refuses_non_empty_out(tmp_path, capsys):
     assert main(["--format", "gpt-oss", "--out", str(tmp_path / "m")]) == 2
     assert "not an empty directory" in capsys.readouterr().err
     assert (tmp_path / "m" / "keep.txt").read_text() == "mine"
+    (tmp_path / "f").write_text("mine")
+    assert main(["--format", "gpt-oss", "--out", str(tmp_path / "f")]) == 2
+    assert "is a file; --out names the checkpoint folder to make" in capsys.readouterr().err
+    assert (tmp_path / "f").read_text() == "mine"
 
 
 def test_refuses_without_disk_space(tmp_path, capsys, monkeypatch):

@@ -191,14 +191,17 @@ def test_refuses_when_the_disk_is_too_small(tiny, tmp_path, capsys, monkeypatch)
     (["stats", "--store", "{missing}"], "store.json: missing"),
     (["--model", "{tiny}", "--bogus"], "unrecognized arguments: --bogus"),
     ([], "the following arguments are required: --model"),
+    (["--model", "{tiny}", "--out", "{file}"], "is a file, not a store folder; choose a new --out"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, argv, needle):
-    argv = [a.format(tiny=tiny, missing=tmp_path / "nothing") for a in argv]
+    (tmp_path / "a-file").write_text("mine")
+    argv = [a.format(tiny=tiny, missing=tmp_path / "nothing", file=tmp_path / "a-file") for a in argv]
     before = sorted(p.name for p in tiny.iterdir())
     rc, _, err = run(argv, capsys)
     assert rc == 2 and needle in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert sorted(p.name for p in tiny.iterdir()) == before and not (tmp_path / "nothing").exists()
+    assert (tmp_path / "a-file").read_text() == "mine"
 
 
 @pytest.mark.parametrize("fmt", ["mixtral", "qwen-moe", "fused"])

@@ -894,7 +894,9 @@ def test_launch_noise_times_every_round_and_refuses_empty_loops(capsys):
     rates = round_rates(layers=2, rounds=3, tokens=4, pause_s=0.0, hidden=16, device="cpu")
     assert len(rates) == 3 and all(r > 0 for r in rates)
     assert main(["--layers", "2", "--rounds", "2", "--tokens", "3", "--pause", "0", "--hidden", "16"]) == 0
-    assert capsys.readouterr().out.startswith("pure torch loop tok/s per round:")
+    printed = capsys.readouterr()
+    assert printed.out.startswith("pure torch loop tok/s per round:")
+    assert "ms the spread says more about the pause than the machine; raise --tokens" in printed.err  # microseconds
     with pytest.raises(SystemExit) as e:
         main(["--rounds", "0"])
     assert e.value.code == 2 and "--rounds must be >= 1, got 0" in capsys.readouterr().err

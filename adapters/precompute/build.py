@@ -116,6 +116,8 @@ def precompute(cfg: PrecomputeConfig, source: Checkpoint, log=print) -> int:
     CheckpointError or WorkerError with a one-line message for the CLI."""
     check_dtype(cfg.dtype)
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise RefusedError(f"--out {out} is a file, not a store folder; choose a new --out (a folder is made)")
     spec = source.spec
     tensors = store_tensors(source, cfg.dtype)
     identity = source_identity(source)
