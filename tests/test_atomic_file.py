@@ -55,23 +55,21 @@ def test_check_output_path_refuses_a_read_only_folder(tmp_path):
         check_output_path(ro / "r.json", "--json")
 
 
-def test_saved_traces_are_ordinary_files(tmp_path):
-    old = os.umask(0o022)
-    try:
-        path = tmp_path / "t.npz"
-        save_trace(generate(SyntheticConfig(layers=2, experts=4, top_k=1, requests=1, prompt_tokens=2,
-                                            decode_tokens=3, seed=0)), path)
-    finally:
-        os.umask(old)
-    assert _mode(path) == 0o644 and load_trace(path).num_layers == 2
-
-
 @pytest.fixture
 def trace_file(tmp_path):
+    """A small synthetic trace, saved under umask 022."""
     path = tmp_path / "t.npz"
-    save_trace(generate(SyntheticConfig(layers=2, experts=4, top_k=1, requests=1, prompt_tokens=2,
-                                        decode_tokens=6, seed=0)), path)
+    old = os.umask(0o022)
+    try:
+        save_trace(generate(SyntheticConfig(layers=2, experts=4, top_k=1, requests=1, prompt_tokens=2,
+                                            decode_tokens=6, seed=0)), path)
+    finally:
+        os.umask(old)
     return path
+
+
+def test_saved_traces_are_ordinary_files(trace_file):
+    assert _mode(trace_file) == 0o644 and load_trace(trace_file).num_layers == 2
 
 
 @pytest.mark.parametrize("command", [
