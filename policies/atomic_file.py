@@ -20,6 +20,15 @@ from pathlib import Path
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (setting it to read
+    it would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -44,7 +53,7 @@ def replaced_atomically(path: str | os.PathLike) -> Iterator[str]:
 def check_output_path(path: str | os.PathLike, flag: str) -> None:
     """Refuse, in one line naming `flag` and the fix, an output path that cannot be written."""
     p = Path(path)
-    folder = p.resolve().parent
+    folder = Path(os.path.abspath(p)).parent  # where the writer puts its temporary: a link's own folder
     if p.is_dir():
         raise ValueError(f"{flag} {path}: is a folder; give a file name inside it")
     if not folder.is_dir():

@@ -47,6 +47,17 @@ def test_check_output_path_names_the_flag_and_the_fix(tmp_path):
         check_output_path(tmp_path, "--out")
 
 
+def test_a_link_is_checked_where_the_writer_writes_its_folder(tmp_path):
+    """The temporary goes beside the link, and the rename replaces the link itself: the link's
+    own folder is the one to check, not its target's."""
+    link = tmp_path / "r.json"
+    link.symlink_to(tmp_path / "missing-folder" / "r.json")  # dangling
+    check_output_path(link, "--json")
+    with replaced_atomically(link) as tmp, open(tmp, "w") as f:
+        f.write("{}")
+    assert not link.is_symlink() and link.read_text() == "{}"
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into any folder")
 def test_check_output_path_refuses_a_read_only_folder(tmp_path):
     ro = tmp_path / "ro"

@@ -888,6 +888,20 @@ def test_a_policy_process_that_cannot_start_is_one_line_naming_the_way_round(set
     _replay(setup, tmp_path, capsys, "--methods", "ours", "--tokens", "2", "--no-policy-process")  # the way round
 
 
+def test_a_fixed_size_row_copied_into_two_budgets_keeps_each_budgets_fastest_ratio():
+    """replay copies a fixed-size method's row (resident, on-demand) into every budget with
+    dict(); each budget's bound differs, so each copy must keep its own repeats ratios."""
+    from pipeline.bench.report import add_ratios, median_row
+
+    row = median_row([{"method": "resident", "tokens_per_s": t, "decode_ms_per_token": 1.0, "prefill_s": 0.1,
+                       "skipped": None} for t in (100.0, 120.0)])
+    first, second = dict(row), dict(row)
+    add_ratios([first], oracle_tokens_per_s=200.0)
+    add_ratios([second], oracle_tokens_per_s=50.0)
+    assert first["repeats"]["best_ratio_oracle"] == pytest.approx(0.6)
+    assert second["repeats"]["best_ratio_oracle"] == pytest.approx(2.4)
+
+
 def test_launch_noise_times_every_round_and_refuses_empty_loops(capsys):
     from pipeline.bench.launch_noise import main, round_rates
 

@@ -335,7 +335,7 @@ def run(args) -> int:
     print(f"  compute: {compute_text}"
           f"{', each expert after its own copy (--per-expert-waits)' if args.per_expert_waits else ''}, "
           f"the same math for every method")
-    with model.graphs(graphs):  # warm-up: every kernel the timed passes launch, and the allocator
+    with model.graphs(graphs):  # warm-up: every launch shape of the timed passes' expert math, the allocator
         run_loop(model, kernel_representatives(passes, spec.top_k), compute_only_fetch(store, device, mxfp4_math))
     fixed: dict[str, dict] = {}  # methods whose budgets do not depend on --vram run once
 

@@ -146,6 +146,9 @@ def add_ratios(rows: list[dict], oracle_tokens_per_s: float) -> None:
         r["ratio_on_demand"] = r["tokens_per_s"] / base["tokens_per_s"] if base and base["tokens_per_s"] else None
         rep = r.get("repeats")
         if rep and len(rep["tokens_per_s"]) > 1:
+            # A fixed-size method's row is shallow-copied into every budget: its own dict, so
+            # one budget's ratios do not overwrite another's.
+            rep = r["repeats"] = dict(rep)
             best = max(rep["tokens_per_s"])
             rep["best_ratio_oracle"] = best / oracle_tokens_per_s if oracle_tokens_per_s > 0 else None
             rep["best_ratio_on_demand"] = best / base_best if base_best else None
@@ -199,8 +202,8 @@ def print_table(budget: dict, rows: list[dict], file=None) -> None:
     if above:
         print(f"  note: {', '.join(above)} ran faster than the oracle bound, so the compute time under the bound "
               f"(the limits line) was measured in a slow spell of the machine (python -m "
-              f"pipeline.bench.launch_noise shows its spread); with --repeat 3 or more the bound takes the "
-              f"resident method's fastest run", file=file)
+              f"pipeline.bench.launch_noise shows its spread); with --repeat N the bound takes the resident "
+              f"method's fastest run (N >= 3 advised)", file=file)
 
 
 def environment() -> dict:
