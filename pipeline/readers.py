@@ -114,12 +114,15 @@ class _Reader:
     watched: list[int] = field(default_factory=list)  # fds registered with the loop
 
 
+_OWN_BIN = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "bin")
+
+
 def _script_hint() -> str:
     """The likeliest cause when the process runs a script: spawned readers re-run the main
     module's top level, so a script that opens the pipeline there without a main guard makes
     every reader try to open one of its own and die."""
     script = getattr(sys.modules.get("__main__"), "__file__", None)
-    if not script:
+    if not script or os.path.dirname(os.path.realpath(script)) == _OWN_BIN:  # our launchers have the guard
         return ""
     return (f"; if {script} opens the pipeline at its top level, put that under "
             f"`if __name__ == \"__main__\":` (readers are spawned, and a spawned process runs it again)")
