@@ -20,7 +20,7 @@ from policies.cache.registry import make_policy
 from policies.horizon_bound import TIE_BREAKS, horizon_loads, trace_visits
 from policies.simulator import access_sequence, count_passes, layer_visits, simulate, truncate, visit_sequence
 from policies.synthetic import SyntheticConfig, generate
-from policies.traces import decode_steps, load_trace, make_trace, save_trace
+from policies.traces import decode_steps, first_layers, load_trace, make_trace, save_trace
 from tests.helpers_traces import tiny_trace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -235,6 +235,18 @@ def test_cli_prints_the_table_and_writes_the_figures(synthetic_trace_file, tmp_p
             assert f"{h['x_belady']:.3f}" in printed.out
 
 
+def test_cli_layers_measures_the_first_layers_as_replay_replays_them(synthetic_trace_file, tmp_path, capsys):
+    out = tmp_path / "h.json"
+    rc = bench(["horizon", "--trace", str(synthetic_trace_file), "--layers", "2", "--vram-capacity", "0.5",
+                "--horizon", "1", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads(out.read_text())
+    v = trace_visits(first_layers(load_trace(synthetic_trace_file), 2))
+    (row,) = rep["capacities"]
+    assert rep["layers"] == 2 and rep["accesses"] == v.keys.size and row["capacity_experts"] == 8  # 0.5 x 2 x 8
+    assert row["horizons"][0]["loads"] == min(horizon_loads(v, 8, 1, t) for t in ("lru", "freq"))
+
+
 def test_cli_from_bin_with_one_tie_break(bin_env, synthetic_trace_file, tmp_path):
     out = tmp_path / "h.json"
     res = subprocess.run([sys.executable, str(ROOT / "bin" / "prefetch-bench"), "horizon", "--trace",
@@ -259,6 +271,7 @@ def test_cli_from_bin_with_one_tie_break(bin_env, synthetic_trace_file, tmp_path
     (["--horizon", "-1"], "--horizon must be >= 0"),
     (["--tie-break", "mru"], "--tie-break 'mru' is unknown; valid: best, freq, lru"),
     (["--max-tokens", "0"], "--max-tokens must be >= 1"),
+    (["--layers", "4"], "--layers must be in [1, 3]"),
     (["--max-tokens", "2"], "nothing to measure"),
     (["--json", "/nonexistent-folder/h.json"],
      "--json /nonexistent-folder/h.json: its folder /nonexistent-folder does not exist"),

@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="order of cached experts with no use in the window: lru, freq (fewest visits "
                         "so far), or best (run both, report the fewer loads; default)")
     p.add_argument("--max-tokens", type=int, help="measure only the first N trace rows")
+    p.add_argument("--layers", type=int, help="only the trace's first N MoE layers, as `replay --layers N` "
+                   "replays them")
     p.add_argument("--include-prefill", action="store_true")
     p.add_argument("--json", help="write the results here (atomically)")
 
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from policies.cache.belady import belady_min
     from policies.horizon_bound import TIE_BREAKS, horizon_loads, trace_visits
     from policies.simulator import count_passes, truncate
-    from policies.traces import load_trace
+    from policies.traces import first_layers, load_trace
 
     from .report import write_json
 
@@ -72,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     fractions = [(text, capacity_fraction(text)) for text in args.vram_capacity or DEFAULT_CAPACITIES]
 
     trace = load_trace(args.trace)
+    if args.layers is not None:
+        trace = first_layers(trace, args.layers)
     if args.max_tokens is not None:
         trace = truncate(trace, args.max_tokens)
     L, E, K = trace.num_layers, trace.num_experts, trace.top_k
@@ -89,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
                          f"{' or raise --max-tokens' if args.max_tokens else ''})")
     visits = trace_visits(trace, args.include_prefill)
     ties = TIE_BREAKS if args.tie_break == "best" else (args.tie_break,)
-    report = {"trace": str(args.trace), "rows": trace.tokens, "passes": passes,
+    report = {"trace": str(args.trace), "layers": trace.num_layers, "rows": trace.tokens, "passes": passes,
               "include_prefill": args.include_prefill, "accesses": int(visits.keys.size),
               "tie_break": args.tie_break, "capacities": []}
     _print_header(report, trace, horizons)
