@@ -890,12 +890,12 @@ def test_a_policy_process_that_cannot_start_is_one_line_naming_the_way_round(set
 
 def test_a_fixed_size_row_copied_into_two_budgets_keeps_each_budgets_fastest_ratio():
     """replay copies a fixed-size method's row (resident, on-demand) into every budget with
-    dict(); each budget's bound differs, so each copy must keep its own repeats ratios."""
-    from pipeline.bench.report import add_ratios, median_row
+    budget_copy; each budget's bound differs, so each copy must keep its own repeats ratios."""
+    from pipeline.bench.report import add_ratios, budget_copy, median_row
 
     row = median_row([{"method": "resident", "tokens_per_s": t, "decode_ms_per_token": 1.0, "prefill_s": 0.1,
                        "skipped": None} for t in (100.0, 120.0)])
-    first, second = dict(row), dict(row)
+    first, second = budget_copy(row), budget_copy(row)
     add_ratios([first], oracle_tokens_per_s=200.0)
     add_ratios([second], oracle_tokens_per_s=50.0)
     assert first["repeats"]["best_ratio_oracle"] == pytest.approx(0.6)
@@ -958,3 +958,6 @@ def test_replay_warms_every_timed_launch_shape_before_timing(setup, tmp_path, ca
     assert not timed and any(p.rows is not None for p in first) and any(p.rows is None for p in first)
     timed_passes = next(ps for ps, t in loops if t)
     assert first == rp.kernel_representatives(timed_passes, top_k=StoreCheckpoint(setup[0]).spec.top_k)
+    # The compute-only bound (no resident method here) captures its graphs on the same passes.
+    i = next(i for i, (_, t) in enumerate(loops) if t)
+    assert i >= 2 and loops[i - 1] == (first, False)

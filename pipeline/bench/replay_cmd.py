@@ -390,7 +390,7 @@ def run(args) -> int:
         bar = R.progress_bar(len(passes), label, show)
         with model.graphs(graphs, whole_layers=whole_layers):
             fetch = compute_only_fetch(store, device, mxfp4_math)
-            run_loop(model, passes[:2], fetch)  # captures its graphs untimed
+            run_loop(model, kernel_representatives(passes, spec.top_k), fetch)  # captures its graphs untimed
             with frozen_heap():
                 comp = run_loop(model, passes, fetch, progress=bar)
         bar.close()
@@ -488,7 +488,7 @@ def run(args) -> int:
                 runs[m.name].append(run_one(m, vram_slots, vram_text, compute_s_tok))
         for m in methods:
             if m.name in fixed:  # a copy: its ratios are this budget's, not the last one's
-                budget["methods"].append(dict(fixed[m.name]))
+                budget["methods"].append(R.budget_copy(fixed[m.name]))
                 continue
             row = R.median_row(runs[m.name])
             if m.vram != "budget" and m.ram != "budget":

@@ -3,6 +3,7 @@
     progress_bar(total, desc, enabled) -> callable(n) with .close()   (tqdm on stderr)
     method_row(name, method, run, compute_s_per_token, slots) -> dict  the figures of one method
     median_row(rows) -> dict                                            one method's repeated runs as one row
+    budget_copy(row) -> dict                                            a fixed-size method's row for another budget
     add_ratios(rows, oracle_tokens_per_s)                               ratios to the oracle and on-demand
     print_table(budget, rows, file)                                     the table of one VRAM budget
     environment() -> dict                                               machine, card, driver, torch
@@ -124,6 +125,15 @@ def median_row(rows: list[dict]) -> dict:
     return row
 
 
+def budget_copy(row: dict) -> dict:
+    """A fixed-size method's row (measured once) for another VRAM budget: add_ratios writes
+    that budget's ratios into the row and into its `repeats`, so both are its own."""
+    out = dict(row)
+    if "repeats" in out:
+        out["repeats"] = dict(out["repeats"])
+    return out
+
+
 def oracle_bound(budget: dict) -> float:
     """The bound a budget's ratios are to (tokens/s): Belady at the slots its methods hold,
     the stored-slot one where VRAM holds the stored form (`oracle_basis`)."""
@@ -146,9 +156,6 @@ def add_ratios(rows: list[dict], oracle_tokens_per_s: float) -> None:
         r["ratio_on_demand"] = r["tokens_per_s"] / base["tokens_per_s"] if base and base["tokens_per_s"] else None
         rep = r.get("repeats")
         if rep and len(rep["tokens_per_s"]) > 1:
-            # A fixed-size method's row is shallow-copied into every budget: its own dict, so
-            # one budget's ratios do not overwrite another's.
-            rep = r["repeats"] = dict(rep)
             best = max(rep["tokens_per_s"])
             rep["best_ratio_oracle"] = best / oracle_tokens_per_s if oracle_tokens_per_s > 0 else None
             rep["best_ratio_on_demand"] = best / base_best if base_best else None
