@@ -23,7 +23,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from .atomic_file import replaced_atomically
+from adapters.atomic_file import replaced_atomically
 
 FORMAT = "moe-routing-trace/1"
 PREFILL, DECODE = 0, 1

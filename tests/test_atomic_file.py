@@ -1,5 +1,5 @@
 """Output files appear whole or not at all, as ordinary files, and an unwritable output path
-is refused before the long work starts (policies/atomic_file.py and every command using it)."""
+is refused before the long work starts (adapters/atomic_file.py and every command using it)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from pipeline.bench.cli import main as bench
-from policies.atomic_file import check_output_path, replaced_atomically
+from adapters.atomic_file import check_output_path, replaced_atomically
 from policies.synthetic import SyntheticConfig, generate
 from policies.traces import load_trace, save_trace
 

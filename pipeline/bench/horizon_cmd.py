@@ -53,7 +53,7 @@ def capacity_fraction(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from policies.atomic_file import check_output_path
+    from adapters.atomic_file import check_output_path
     from policies.cache.belady import belady_min
     from policies.horizon_bound import TIE_BREAKS, horizon_loads, trace_visits
     from policies.simulator import count_passes, truncate

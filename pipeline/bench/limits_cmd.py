@@ -19,7 +19,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from policies.atomic_file import check_output_path, replaced_atomically
+from adapters.atomic_file import check_output_path, replaced_atomically
 
 TARGETS = {"disk": 0.9, "h2d": 0.9, "fetch_us": 50.0}
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from policies.atomic_file import check_output_path, replaced_atomically
+from adapters.atomic_file import check_output_path, replaced_atomically
 
 DEFAULT_PREDICTORS = ("ewma", "lookahead", "fusion", "oracle")
 

@@ -23,7 +23,7 @@ import os
 import sys
 import time
 
-from policies.atomic_file import check_output_path
+from adapters.atomic_file import check_output_path
 
 DEFAULT_RECALL = 0.8
 

@@ -18,7 +18,7 @@ import platform
 import sys
 from pathlib import Path
 
-from policies.atomic_file import replaced_atomically
+from adapters.atomic_file import replaced_atomically
 from policies.traces import DECODE
 
 

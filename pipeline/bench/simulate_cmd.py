@@ -13,7 +13,7 @@ import re
 import sys
 import time
 
-from policies.atomic_file import check_output_path, replaced_atomically
+from adapters.atomic_file import check_output_path, replaced_atomically
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

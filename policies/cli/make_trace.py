@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    from ..atomic_file import check_output_path
+    from adapters.atomic_file import check_output_path
+
     from ..synthetic import PRESETS, SyntheticConfig, generate
     from ..traces import save_trace
 

@@ -66,7 +66,7 @@ def _table(title: str, scores: dict) -> str:
 
 
 def _train(args) -> int:
-    from policies.atomic_file import check_output_path
+    from adapters.atomic_file import check_output_path
     from policies.predictors.scoutgate import save_scoutgate
     from policies.predictors.scoutgate_train import evaluate, require_token_ids, train_scoutgate
     from policies.traces import load_trace

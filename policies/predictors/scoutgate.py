@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from adapters.atomic_file import replaced_atomically
 from adapters.errors import CheckpointError
 from adapters.safetensors_io import read_header
 
-from ..atomic_file import replaced_atomically
 from ..events import Activation
 from .base import Predictor
 

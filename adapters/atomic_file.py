@@ -9,6 +9,11 @@ Ctrl-C never leaves half a file under the real name, and the file gets the permi
 any file the user creates (0666 less the umask; `mkstemp` alone would leave it 0600).
 `check_output_path` runs before the long work, so a typo in a folder name costs a second,
 not the run (a replay or simulation of many minutes used to fail only when it wrote).
+
+It lives here, the lowest layer, because adapters, policies and pipeline all write files.
+The packed store keeps its own writer (`adapters.store_format.write_atomic`): its temporary
+names are the `.partial` files that precompute finds and removes when it resumes, and it
+fsyncs, because a store is built once and read for a long time.
 """
 from __future__ import annotations
 
