@@ -61,7 +61,7 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # (a prefill fetching the union of its rows' experts needs more than top_k); None = top_k.
     # 0: no dense views and no decode: fetch hands out each expert's stored tensors (MXFP4
     # blocks and scales, biases: views of its VRAM slot), for math that reads MXFP4 itself
-    # (pipeline/bench/mxfp4_kernel.py); the whole budget is slots.
+    # (pipeline/kernels/mxfp4_kernel.py); the whole budget is slots.
     vram_views: int | None = None
     readers: int | None = None  # reader processes; None = the pool's default for the disk
     read_timeout_s: float = 10.0  # a read taking longer kills and replaces its reader

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pipeline.bench.expert_mlp import expert_forward, moe_forward, router_weights, weighted_sum
+from pipeline.kernels.expert_mlp import expert_forward, moe_forward, router_weights, weighted_sum
 
 H, I, N = 12, 10, 3
 
@@ -94,7 +94,7 @@ def test_unknown_family_is_named():
 def test_moe_compute_order_changes_nothing_and_waits_before_each_expert(monkeypatch):
     """`order` + `ready`: each expert computed after its own ready(i), in that order; the sum
     stays in router order, so bf16 results equal the router-order run bit for bit."""
-    from pipeline.bench import expert_mlp
+    from pipeline.kernels import expert_mlp
 
     g = torch.Generator().manual_seed(3)
     experts = [{k: v.to(torch.bfloat16) for k, v in _tensors("qwen-moe", g).items()} for _ in range(4)]

@@ -1,4 +1,4 @@
-"""The fused GPT-OSS activation (pipeline/bench/glu_kernel.py): its math in Triton's CPU
+"""The fused GPT-OSS activation (pipeline/kernels/glu_kernel.py): its math in Triton's CPU
 interpreter, when it is used, and on the GPU against the same formula in float32."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.bench import glu_kernel
-from pipeline.bench.expert_mlp import GPT_OSS_ALPHA, GPT_OSS_LIMIT, expert_forward
+from pipeline.kernels import glu_kernel
+from pipeline.kernels.expert_mlp import GPT_OSS_ALPHA, GPT_OSS_LIMIT, expert_forward
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def reference(h: torch.Tensor) -> torch.Tensor:
 
 INTERPRETED = """
 import torch
-from pipeline.bench import glu_kernel as G
+from pipeline.kernels import glu_kernel as G
 torch.manual_seed(0)
 h = (torch.randn(5, 2 * 1500) * 4).to(torch.bfloat16)   # beyond one block; clamps exercised
 out = torch.empty(5, 1500, dtype=torch.float32)         # float32 out: the interpreter's own

@@ -1,4 +1,4 @@
-"""The MoE layer computed from stored MXFP4 bytes (pipeline/bench/mxfp4_kernel.py): its math in
+"""The MoE layer computed from stored MXFP4 bytes (pipeline/kernels/mxfp4_kernel.py): its math in
 Triton's CPU interpreter and on the GPU against float64 maths on the decoded weights, its
 refusals, and on the GPU a pipeline handing out stored experts against the resident reference."""
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.bench import mxfp4_kernel
+from pipeline.kernels import mxfp4_kernel
 from pipeline.bench.mxfp4_tune import synthetic_experts
-from pipeline.bench.stored_math import dense_of
+from pipeline.kernels.stored_math import dense_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ INTERPRETED = """
 import torch
 from pipeline.bench.mxfp4_tune import synthetic_experts
 from tests.test_mxfp4_kernel import reference
-from pipeline.bench import mxfp4_kernel as K
+from pipeline.kernels import mxfp4_kernel as K
 truncate = lambda v: (v.view(torch.int32) & -65536).view(torch.float32)
 worst = 0.0
 cases = ((96, 64, 3, 2, True, True, 32), (64, 96, 1, 3, False, False, 16), (64, 64, 4, 1, True, True, None))

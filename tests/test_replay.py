@@ -183,7 +183,7 @@ def test_history_leaves_the_tiers_holding_what_it_used(setup):
 @pytest.mark.parametrize("per_expert_waits", [False, True])
 def test_experts_handed_out_stored_compute_the_resident_values(setup, per_expert_waits):
     """vram_views=0: fetch hands out each expert's stored MXFP4 tensors and the replay computes
-    from them (pipeline/bench/stored_math.py). On the CPU that is an exact decode and the dense
+    from them (pipeline/kernels/stored_math.py). On the CPU that is an exact decode and the dense
     math, so the outputs equal both the stored resident reference and the dense one bit for bit."""
     store_dir, trace_path, _ = setup
     store = StoreCheckpoint(store_dir)
@@ -724,7 +724,7 @@ def test_allocator_counts_cover_the_timed_passes_on_the_gpu(setup, monkeypatch):
 def test_a_prefill_layers_groups_share_one_input_and_add_once(setup):
     """Every group of a prefill layer's union reads the layer's normalised input (as in a real
     MoE layer), so the pass equals h + the sum over groups, each computed from the same x."""
-    from pipeline.bench.expert_mlp import moe_forward
+    from pipeline.kernels.expert_mlp import moe_forward
     from pipeline.bench.replay import Pass
 
     store_dir, _, _ = setup

@@ -12,7 +12,7 @@ non-expert work, the experts' MLPs and their router-weighted sum, eager or as CU
                                                  the weighted sum of experts on x (rows[i]: the
                                                  rows expert i sees), float32 [n, H], eager
       graph_captures                             graphs captured in the current scope
-Experts handed out in their stored MXFP4 form (pipeline/bench/stored_math.py) are computed
+Experts handed out in their stored MXFP4 form (pipeline/kernels/stored_math.py) are computed
 from those bytes: on CUDA a decode layer is two kernels, outside the graphs.
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ import contextlib
 
 import torch
 
-from . import stored_math
+from ..kernels import stored_math
 from .cuda_graphs import GraphCache, kernel_copy
-from .expert_mlp import expert_forward, moe_forward, rms_norm, weighted_sum
+from ..kernels.expert_mlp import expert_forward, moe_forward, rms_norm, weighted_sum
 
 NORM_EPS = 1e-6
 

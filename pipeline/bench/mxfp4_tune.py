@@ -1,4 +1,4 @@
-"""Time the MXFP4 expert kernels (pipeline/bench/mxfp4_kernel.py) on this GPU, block sizes swept.
+"""Time the MXFP4 expert kernels (pipeline/kernels/mxfp4_kernel.py) on this GPU, block sizes swept.
 
     python -m pipeline.bench.mxfp4_tune [--hidden 2880] [--inter 2880] [--top-k 4]
 
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from . import mxfp4_kernel as K
+from ..kernels import mxfp4_kernel as K
 
 
 def synthetic_experts(H: int, inter: int, k: int, device, seed: int = 0, stride: int = 0):

@@ -320,7 +320,7 @@ def run_method(store_dir, store, method, vram_bytes: int, ram_bytes: int, passes
                layer_graphs: bool = True, vram_views: int | None = None,
                history: tuple[list[Pass], list] | None = None, o_direct: bool = True) -> MethodRun:
     """`vram_views=0` with vram_form="stored": the experts are handed out stored and computed
-    from their MXFP4 bytes (pipeline/bench/stored_math.py). `history`: (passes, their hints) run
+    from their MXFP4 bytes (pipeline/kernels/stored_math.py). `history`: (passes, their hints) run
     untimed after the warm-up, so the tiers hold what real routing left in them. `o_direct`:
     PipelineConfig.o_direct (False only where RAM holds every expert, so no timed pass reads)."""
     extra = {"o_direct": o_direct}

@@ -7,10 +7,10 @@ vram_form="stored", vram_views=0, or `replay.direct_fetch(..., stored=True)`).
     group_sum(family, x, experts, weights, rows=None, ready=None, order=None) -> float32 [n, H]
                                              sum_i w_i expert_i(x[rows[i]]), scattered back
 
-GPT-OSS experts on CUDA run pipeline/bench/mxfp4_kernel.py: two kernels per layer that read
+GPT-OSS experts on CUDA run pipeline/kernels/mxfp4_kernel.py: two kernels per layer that read
 the stored bytes, the normalisation folded into the first. Elsewhere (the CPU, other families,
 MOE_CACHE_MXFP4_KERNEL=0) each expert is decoded, exactly, and the dense math runs
-(pipeline/bench/expert_mlp.py), so on the CPU the values are the dense path's bit for bit.
+(pipeline/kernels/expert_mlp.py), so on the CPU the values are the dense path's bit for bit.
 Either way a pipeline and a resident reference given the same experts agree bit for bit.
 """
 from __future__ import annotations

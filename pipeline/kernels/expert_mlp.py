@@ -31,7 +31,7 @@ FAMILIES = ("gpt-oss", "fused", "mixtral", "qwen-moe")
 
 
 def _gpt_oss_glu(h: torch.Tensor) -> torch.Tensor:
-    if glu_kernel.supported(h):  # CUDA: one kernel (pipeline/bench/glu_kernel.py)
+    if glu_kernel.supported(h):  # CUDA: one kernel (pipeline/kernels/glu_kernel.py)
         return glu_kernel.gpt_oss_glu(h, GPT_OSS_ALPHA, GPT_OSS_LIMIT)
     gate, linear = h[..., ::2], h[..., 1::2]
     gate = gate.clamp(max=GPT_OSS_LIMIT)
