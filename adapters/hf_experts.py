@@ -132,7 +132,8 @@ class _PerExpertCheckpoint(Checkpoint):
 class MixtralCheckpoint(_PerExpertCheckpoint):
     looks_for = "config.json with model.layers.*.block_sparse_moe.experts.* tensors"
     family = "mixtral"
-    roles = ("w1", "w2", "w3")
+    # w1 (gate) beside w3 (up): in a store they are then one [2I, H] range, transformers' gate_up_proj
+    roles = ("w1", "w3", "w2")
     marker = ".block_sparse_moe.experts."
 
     def __init__(self, path: str | Path):

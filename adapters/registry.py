@@ -16,7 +16,8 @@ from .errors import CheckpointError, UnknownNameError
 
 # Detection tries adapters in this order: GPT-OSS `original/` first, because a GPT-OSS
 # Hugging Face download also holds top-level HF weights next to it.
-_ADAPTER_MODULES = ["adapters.gpt_oss", "adapters.hf_experts", "adapters.hf_fused", "adapters.store"]
+_ADAPTER_MODULES = ["adapters.gpt_oss", "adapters.gpt_oss_hf", "adapters.hf_experts", "adapters.hf_fused",
+                    "adapters.store"]
 
 _ADAPTERS: dict[str, type[Checkpoint]] = {}
 _loaded = False

@@ -174,6 +174,10 @@ def _piece(seed: int, p: Planned, piece: int, shape: tuple[int, ...]) -> torch.T
     if p.kind == "scales":
         # 2**-8 .. 2**-3 times FP4 magnitudes up to 6: weight-sized, never overflowing.
         return torch.randint(119, 125, shape, generator=g, dtype=torch.uint8)
+    if p.kind == "ones":  # norm weights: a random norm would make every layer's scale arbitrary
+        return torch.ones(shape, dtype=_TORCH[p.dtype])
+    if p.kind == "zeros":
+        return torch.zeros(shape, dtype=_TORCH[p.dtype])
     return (torch.randn(shape, generator=g) * 0.02).to(_TORCH[p.dtype])
 
 
@@ -240,7 +244,10 @@ def shard_names(shards: int) -> list[str]:
 
 def needed_bytes(fmt: str, d: Dims, shards: int = 1) -> int:
     """Bytes the model takes on disk, headers included (an upper bound)."""
-    _, _, tensors = plan(fmt, d)
+    return planned_bytes(plan(fmt, d)[2], shards)
+
+
+def planned_bytes(tensors: list[Planned], shards: int = 1) -> int:
     return sum(p.nbytes + len(p.name) + 100 for p in tensors) + shards * 8 + (1 << 16)
 
 
@@ -302,16 +309,22 @@ def write_model(fmt: str, d: Dims, seed: int, out: str | os.PathLike, shards: in
     Raises ValueError for bad dimensions, a non-empty `out`, too little free disk space or
     workers < 1.
     """
+    return write_planned(plan(fmt, d), seed, out, shards, workers)
+
+
+def write_planned(planned: tuple[str, dict, list[Planned]], seed: int, out: str | os.PathLike, shards: int = 1,
+                  workers: int = 1) -> Written:
+    """`write_model` of a plan made elsewhere (adapters.hf_models.plan_hf): (sub-directory, config, tensors)."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     out = Path(out)
-    sub, cfg, tensors = plan(fmt, d)
+    sub, cfg, tensors = planned
     groups = split_shards(tensors, shards)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; --out names the checkpoint folder to make, choose a new one")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not an empty directory; choose a new --out or delete it")
-    need = needed_bytes(fmt, d, shards)
+    need = planned_bytes(tensors, shards)
     probe = out
     while not probe.exists():
         probe = probe.parent

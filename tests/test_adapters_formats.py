@@ -202,7 +202,7 @@ def test_truncated_shard_is_named(tmp_path):
 # --- Hugging Face per-expert layouts ----------------------------------------------------
 
 HF_NAMES = {
-    "mixtral": (("w1", "w2", "w3"), "model.layers.{l}.block_sparse_moe.experts.{e}.{r}.weight"),
+    "mixtral": (("w1", "w3", "w2"), "model.layers.{l}.block_sparse_moe.experts.{e}.{r}.weight"),
     "qwen-moe": (("gate_proj", "up_proj", "down_proj"), "model.layers.{l}.mlp.experts.{e}.{r}.weight"),
 }
 

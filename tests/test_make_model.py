@@ -69,7 +69,7 @@ def test_presets_carry_real_dimensions():
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--format", "gguf"], "unknown format 'gguf'; valid: fused, gpt-oss, mixtral, qwen-moe"),
+    (["--format", "gguf"], "unknown format 'gguf'; valid: fused, gpt-oss, hf, mixtral, qwen-moe"),
     (["--format", "gpt-oss", "--preset", "llama"], "unknown preset 'llama'; valid: gpt-oss-120b, gpt-oss-20b"),
     (["--format", "gpt-oss", "--hidden", "48"], "--hidden 48 and --intermediate 64 must be multiples of 32"),
     (["--format", "gpt-oss", "--experts", "0"], "--experts must be positive"),
