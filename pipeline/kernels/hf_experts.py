@@ -1,0 +1,93 @@
+"""transformers' experts math on experts handed out by the pipeline, bit for bit its eager forward.
+
+    as_transformers(family, tensors) -> ExpertWeights      a fetched expert's dense tensors in the
+                                         layout of one slice of the experts module's parameters
+    add_expert(module, final, x, top_k_index, top_k_weights, expert, weights)
+                                         final += expert's weighted output on its rows, the ops and
+                                         their order those of the modeling file's own loop
+
+Why the eager loop: it is the one transformers implementation that touches one expert at a time,
+so it runs on just the experts a step needs, in any number of groups, and a model with every expert
+resident (`experts_implementation="eager"`) computes the same bits. The layouts differ by family:
+  mixtral, qwen-moe : gate_up_proj [2I, H] = gate rows then up rows, down_proj [H, I]; a store keeps
+                      gate and up adjacent, so gate_up is one view of both, no copy
+  gpt-oss           : gate_up_proj [H, 2I] (rows of mlp1 interleaved gate/linear), down_proj [I, H],
+                      biases; the module holds the transposes contiguous and a matmul's bits depend on
+                      strides, so the decoded [2I, H] and [H, I] are copied transposed per use
+  fused             : transformers' own bf16 GPT-OSS layout, as stored
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class ExpertWeights(NamedTuple):
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    gate_up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+
+def joined_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[a; b] along dim 0: a view when b starts where a ends in one storage, else a copy."""
+    if (a.is_contiguous() and b.is_contiguous() and a.dtype == b.dtype and a.shape[1:] == b.shape[1:]
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and b.storage_offset() == a.storage_offset() + a.numel()):
+        return a.as_strided((a.shape[0] + b.shape[0], *a.shape[1:]), a.stride())
+    return torch.cat([a, b])
+
+
+def _per_expert_roles(gate: str, up: str, down: str):
+    def layout(t: dict[str, torch.Tensor]) -> ExpertWeights:
+        return ExpertWeights(joined_rows(t[gate], t[up]), t[down])
+    return layout
+
+
+def _gpt_oss(t: dict[str, torch.Tensor]) -> ExpertWeights:
+    return ExpertWeights(t["mlp1_weight"].t().contiguous(), t["mlp2_weight"].t().contiguous(),
+                         t["mlp1_bias"], t["mlp2_bias"])
+
+
+def _fused(t: dict[str, torch.Tensor]) -> ExpertWeights:
+    return ExpertWeights(t["gate_up_proj"], t["down_proj"], t.get("gate_up_proj_bias"), t.get("down_proj_bias"))
+
+
+LAYOUTS = {
+    "mixtral": _per_expert_roles("w1", "w3", "w2"),
+    "qwen-moe": _per_expert_roles("gate_proj", "up_proj", "down_proj"),
+    "gpt-oss": _gpt_oss,
+    "fused": _fused,
+}
+
+
+def as_transformers(family: str, tensors: dict[str, torch.Tensor]) -> ExpertWeights:
+    try:
+        layout = LAYOUTS[family]
+    except KeyError:
+        raise ValueError(f"transformers experts: store family {family!r} unknown; valid: {', '.join(LAYOUTS)}") from None
+    return layout(tensors)
+
+
+def add_expert(module, final: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor,
+               top_k_weights: torch.Tensor, expert: int, w: ExpertWeights) -> None:
+    """The eager loop's body for one expert: its rows of x through it, weighted, added into final."""
+    top_k_pos, token_idx = torch.where(top_k_index.t() == expert)  # the order of the loop's one_hot mask
+    current = x[token_idx]
+    if module.is_transposed:
+        gate_up = current @ w.gate_up
+        if w.gate_up_bias is not None:
+            gate_up = gate_up + w.gate_up_bias
+        out = module._apply_gate(gate_up) @ w.down
+        if w.down_bias is not None:
+            out = out + w.down_bias
+    else:
+        gate, up = F.linear(current, w.gate_up).chunk(2, dim=-1)
+        out = F.linear(module.act_fn(gate) * up, w.down)
+    out = out * top_k_weights[token_idx, top_k_pos, None]
+    final.index_add_(0, token_idx, out.to(final.dtype))
+
+
+__all__ = ["ExpertWeights", "LAYOUTS", "add_expert", "as_transformers", "joined_rows"]
