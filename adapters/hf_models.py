@@ -89,6 +89,8 @@ def _arch_fields(arch: Arch, d: Dims, attention: dict) -> dict:
     elif arch.model_type == "deepseek_v3":
         hd = attention["head_dim"]
         groups = 2 if E % 2 == 0 else 1
+        # MLA attends with every head's own keys: no grouped key/value heads
+        f.update(num_key_value_heads=attention["heads"])
         f.update(moe_intermediate_size=I, intermediate_size=S, first_k_dense_replace=d.dense_layers,
                  n_shared_experts=1 if d.shared_expert else 0, n_group=groups, topk_group=1,
                  q_lora_rank=max(32, hd * 2), kv_lora_rank=max(16, hd), qk_rope_head_dim=hd // 2,
@@ -101,11 +103,12 @@ def hf_config(model_type: str, d: Dims, *, heads: int, kv_heads: int, head_dim: 
     arch = arch_of(model_type)
     from transformers import AutoConfig
 
-    attention = {"head_dim": head_dim}
+    attention = {"head_dim": head_dim, "heads": heads}
     fields = dict(num_hidden_layers=d.layers, hidden_size=d.hidden, num_attention_heads=heads,
                   num_key_value_heads=kv_heads, vocab_size=vocab, num_experts_per_tok=d.top_k,
                   max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
-                  pad_token_id=None, dtype="bfloat16", **_arch_fields(arch, d, attention))
+                  pad_token_id=None, dtype="bfloat16")
+    fields.update(_arch_fields(arch, d, attention))
     return AutoConfig.for_model(model_type, **fields)
 
 

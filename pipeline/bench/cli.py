@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "limits": ("pipeline.bench.limits_cmd", "the pipeline's hops against raw disk / H2D limits, fetch overhead"),
     "horizon": ("pipeline.bench.horizon_cmd", "tokens of exact future routing a demand cache needs to near Belady"),
     "replay": ("pipeline.bench.replay_cmd", "end-to-end decode benchmark: methods vs baselines vs the oracle bound"),
+    "generate": ("pipeline.bench.generate_cmd", "a transformers model's generate(): ours vs resident, on-demand, accelerate"),
 }
 DEFAULT_SUBCOMMAND = "default"
 

@@ -1,0 +1,206 @@
+"""`prefetch-bench generate`: a transformers MoE model's generate(), every method on the same model,
+prompts and device in one run.
+
+  prefetch-bench generate --model DIR [--store DIR] --vram X [--vram Y ...] --ram Z
+                          --prompt-tokens N --new-tokens M [--batch B] [--baselines] [--repeat R]
+                          [--json OUT] [--plot OUT.png]
+
+--vram is a share of all experts' stored bytes (0.1) or a size (2GiB). Methods: `ours` always;
+--baselines adds resident, ours-no-lookahead, on-demand and accelerate (pipeline.bench.generate_method
+says what each is). Budget-free methods (resident, on-demand) run once. Each method runs in a fresh
+process (its peak RSS and VRAM are its own), one after another; --repeat times each one's generation
+R times in that process and reports the median (the spread is in the JSON).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+
+from .generate_method import MethodResult, MethodRun
+
+BUDGET_FREE = ("resident", "on-demand")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="transformers checkpoint folder (make-model --format hf writes one)")
+    p.add_argument("--store", help="expert store (default MODEL/expert_store, made by precompute when missing)")
+    p.add_argument("--vram", action="append", required=True,
+                   help="experts' VRAM budget: a share of all experts (0.25) or a size (2GiB); repeatable")
+    p.add_argument("--ram", default="1.0", help="pinned RAM budget: a share of all experts or a size (default 1.0)")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--accelerate-new-tokens", type=int, default=None,
+                   help="accelerate's new tokens (default --new-tokens): its offload copies a layer's experts per "
+                        "token, slow enough to cap")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=1, help="timed generations per method (median reported)")
+    p.add_argument("--baselines", action="store_true", help="also resident, ours-no-lookahead, on-demand, accelerate")
+    p.add_argument("--methods", nargs="+", help="run exactly these methods instead")
+    p.add_argument("--json", help="write every figure here")
+    p.add_argument("--plot", help="write a bar chart of decode tokens/s here (needs matplotlib)")
+
+
+def _share_or_size(value: str, total: int, flag: str) -> int:
+    from ..config import parse_size
+
+    try:
+        share = float(value)
+    except ValueError:
+        return parse_size(value, flag)
+    if not 0 < share <= 1:
+        raise ValueError(f"{flag} {value}: a share of all experts must be in (0, 1]; or give a size such as 2GiB")
+    return max(1, int(share * total))
+
+
+def _non_expert_bytes(model_dir: Path) -> int:
+    from adapters.hf_experts import open_hf_index
+
+    index = open_hf_index(model_dir)
+    return sum(e.length for name, (_, e) in index.entries.items() if ".experts." not in name)
+
+
+def _store_of(args) -> Path:
+    from pipeline.hf.load import _default_store
+    from pipeline.hf.support import supported_arch
+    from transformers import AutoConfig
+
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        raise ValueError(f"--model {model}: no config.json; give a transformers checkpoint folder")
+    if args.store:
+        return Path(args.store)
+    return _default_store(model, supported_arch(AutoConfig.from_pretrained(model)), progress=True)
+
+
+def run_one(run: MethodRun) -> MethodResult:
+    proc = subprocess.run([sys.executable, "-m", "pipeline.bench.generate_method", msgspec.json.encode(run).decode()],
+                          capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return msgspec.json.decode(line[7:].encode(), type=MethodResult)
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return MethodResult(run.method, f"failed (exit {proc.returncode}): {tail[:200]}")
+
+
+def _methods(args) -> list[str]:
+    from .generate_method import METHODS
+
+    if args.methods:
+        bad = [m for m in args.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"--methods {' '.join(bad)} unknown; valid: {', '.join(METHODS)}")
+        return args.methods
+    return list(METHODS) if args.baselines else ["ours"]
+
+
+def run(args) -> int:
+    from adapters.atomic_file import check_output_path
+    from adapters.store import StoreCheckpoint
+
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_output_path(path, flag)
+    for flag in ("prompt_tokens", "new_tokens", "batch", "repeat"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    methods = _methods(args)
+    store = _store_of(args)
+    spec = StoreCheckpoint(store).spec
+    total = spec.num_layers * spec.num_experts * spec.expert_bytes
+    budgets = [(v, _share_or_size(v, total, "--vram")) for v in args.vram]
+    ram = str(_share_or_size(args.ram, total, "--ram"))
+    base = dict(model=str(args.model), store=str(store), ram=ram, prompt_tokens=args.prompt_tokens,
+                batch=args.batch, repeat=args.repeat, non_expert_bytes=_non_expert_bytes(Path(args.model)))
+    rows: list[dict] = []
+    once: dict[str, MethodResult] = {}
+    for label, vram in budgets:
+        for m in methods:
+            if m in once:
+                res = once[m]
+            elif m == "accelerate" and vram >= total:
+                res = MethodResult(m, "skipped: the budget holds every expert (that is resident)")
+            else:
+                new = args.accelerate_new_tokens or args.new_tokens if m == "accelerate" else args.new_tokens
+                print(f"  {m} at vram {label} ...", file=sys.stderr, flush=True)
+                res = run_one(MethodRun(method=m, vram_bytes=vram, new_tokens=new, **base))
+                if m in BUDGET_FREE:
+                    once[m] = res
+            rows.append({"vram": label, "vram_bytes": vram, **msgspec.to_builtins(res)})
+    _compare(rows)
+    print(_table(rows, spec))
+    report = {"command": "prefetch-bench generate " + " ".join(sys.argv[2:]), "machine": _machine(),
+              "model": str(args.model), "store": str(store), "experts_bytes": total, "rows": rows}
+    if args.json:
+        from adapters.atomic_file import replaced_atomically
+
+        with replaced_atomically(args.json) as tmp:
+            Path(tmp).write_text(json.dumps(report, indent=1) + "\n")
+    if args.plot:
+        _plot(rows, args.plot)
+    failed = [r["method"] for r in rows if r["status"].startswith("failed")]
+    return 1 if failed else 0
+
+
+def _compare(rows: list[dict]) -> None:
+    """Each row's tokens against resident's (their common prefix length when a method made fewer)."""
+    ref = next((r["tokens"] for r in rows if r["method"] == "resident" and r["status"] == "ok"), None)
+    for r in rows:
+        r["tokens_equal_resident"] = None
+        if ref is not None and r["status"] == "ok":
+            n = min(len(ref[0]), len(r["tokens"][0])) if r["tokens"] else 0
+            r["tokens_equal_resident"] = all(a[:n] == b[:n] for a, b in zip(ref, r["tokens"])) and n > 0
+        rr = next((x for x in rows if x["method"] == "resident" and x.get("decode_tok_s")), None)
+        r["vs_resident"] = (r["decode_tok_s"] / rr["decode_tok_s"]) if rr and r.get("decode_tok_s") else None
+
+
+def _table(rows: list[dict], spec) -> str:
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    head = f"{'vram':>6} {'method':<18} {'prefill s':>9} {'decode tok/s':>12} {'x resident':>10} {'VRAM GB':>8} " \
+           f"{'RSS GB':>7} {'moved GB':>8} {'hit':>5} {'same':>5}"
+    lines = [f"generate: {spec.num_layers} MoE layers x {spec.num_experts} experts (top-{spec.top_k}), "
+             f"{spec.expert_bytes / 1e6:.2f} MB each as stored", head]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"{r['vram']:>6} {r['method']:<18} {r['status']}")
+            continue
+        same = {None: "-", True: "yes", False: "NO"}[r["tokens_equal_resident"]]
+        lines.append(f"{r['vram']:>6} {r['method']:<18} {f(r['prefill_s'], '9.3f')} {f(r['decode_tok_s'], '12.2f')} "
+                     f"{f(r['vs_resident'], '10.2f')} {f(r['peak_vram_bytes'] and r['peak_vram_bytes'] / 1e9, '8.2f')} "
+                     f"{f(r['peak_rss_bytes'] / 1e9, '7.2f')} "
+                     f"{f(r['bytes_moved'] is not None and r['bytes_moved'] / 1e9 or None, '8.2f')} "
+                     f"{f(r['vram_hit_rate'], '5.2f')} {same:>5}")
+    return "\n".join(lines)
+
+
+def _machine() -> dict:
+    import torch
+
+    return {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "python": platform.python_version(),
+            "transformers": __import__("transformers").__version__}
+
+
+def _plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from adapters.atomic_file import replaced_atomically
+
+    ok = [r for r in rows if r["status"] == "ok" and r.get("decode_tok_s")]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [f"{r['method']}\n@{r['vram']}" for r in ok]
+    ax.bar(range(len(ok)), [r["decode_tok_s"] for r in ok])
+    ax.set_xticks(range(len(ok)), labels, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("decode tokens/s")
+    fig.tight_layout()
+    with replaced_atomically(path) as tmp:
+        fig.savefig(tmp, format="png")
