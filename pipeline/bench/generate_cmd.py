@@ -17,6 +17,7 @@ import json
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import msgspec
@@ -118,6 +119,7 @@ def run(args) -> int:
                 batch=args.batch, repeat=args.repeat, non_expert_bytes=_non_expert_bytes(Path(args.model)))
     rows: list[dict] = []
     once: dict[str, MethodResult] = {}
+    machine = _machine()
     for label, vram in budgets:
         for m in methods:
             if m in once:
@@ -126,24 +128,30 @@ def run(args) -> int:
                 res = MethodResult(m, "skipped: the budget holds every expert (that is resident)")
             else:
                 new = args.accelerate_new_tokens or args.new_tokens if m == "accelerate" else args.new_tokens
-                print(f"  {m} at vram {label} ...", file=sys.stderr, flush=True)
+                t0 = time.perf_counter()
                 res = run_one(MethodRun(method=m, vram_bytes=vram, new_tokens=new, **base))
+                print(f"  {m} at vram {label}: {res.status}, prefill {res.prefill_s} s, decode {res.decode_tok_s} "
+                      f"tok/s ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
                 if m in BUDGET_FREE:
                     once[m] = res
             rows.append({"vram": label, "vram_bytes": vram, **msgspec.to_builtins(res)})
-    _compare(rows)
+            _compare(rows)
+            if args.json:  # after every method: a run stopped midway keeps what it measured
+                _write_json(args.json, {"command": "prefetch-bench generate " + " ".join(sys.argv[2:]),
+                                        "machine": machine, "model": str(args.model), "store": str(store),
+                                        "experts_bytes": total, "rows": rows})
     print(_table(rows, spec))
-    report = {"command": "prefetch-bench generate " + " ".join(sys.argv[2:]), "machine": _machine(),
-              "model": str(args.model), "store": str(store), "experts_bytes": total, "rows": rows}
-    if args.json:
-        from adapters.atomic_file import replaced_atomically
-
-        with replaced_atomically(args.json) as tmp:
-            Path(tmp).write_text(json.dumps(report, indent=1) + "\n")
     if args.plot:
         _plot(rows, args.plot)
     failed = [r["method"] for r in rows if r["status"].startswith("failed")]
     return 1 if failed else 0
+
+
+def _write_json(path: str, report: dict) -> None:
+    from adapters.atomic_file import replaced_atomically
+
+    with replaced_atomically(path) as tmp:
+        Path(tmp).write_text(json.dumps(report, indent=1) + "\n")
 
 
 def _compare(rows: list[dict]) -> None:
