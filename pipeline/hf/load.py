@@ -129,17 +129,32 @@ def _check_store_matches(spec, model, modules: dict, store) -> None:
 
 
 def _check_store_source(store: Path, model_dir: Path) -> None:
-    """A store made from another checkpoint is refused, naming the source it records."""
+    """A store made from another checkpoint is refused, naming the source it records. The files'
+    names, sizes and headers must match, and so must the bytes of a layer's first and last expert
+    (two random checkpoints of one shape have equal headers)."""
+    from adapters.precompute.convert import bit_equal, expected_dense
+    from adapters.registry import open_checkpoint
+    from adapters.store import StoreCheckpoint
     from adapters.store_format import header_sha256
-    from adapters.store import read_index
 
-    ident = read_index(store).source
+    st = StoreCheckpoint(store)
+    ident = st.index.source
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(f"store {store} was made from {ident.path}, not {model_dir} ({why}); pass that "
+                          f"checkpoint, or run `precompute --model {model_dir} --out NEW_DIR` and give store=NEW_DIR")
+
     for f in ident.files:
         p = model_dir / f.name
         if not p.is_file() or p.stat().st_size != f.size or header_sha256(p) != f.header_sha256:
-            raise ValueError(f"store {store} was made from {ident.path}, not {model_dir} ({f.name} differs); "
-                             f"pass that checkpoint, or run `precompute --model {model_dir} --out NEW_DIR` and "
-                             f"give store=NEW_DIR")
+            raise refuse(f"{f.name} differs")
+    source = open_checkpoint(model_dir, ident.adapter)
+    s = st.spec
+    for layer, expert in ((0, 0), (s.num_layers - 1, s.num_experts - 1)):
+        want = expected_dense(source, layer, expert, st.index.dtype)
+        got = st.load_expert(layer, expert)
+        if any(not bit_equal(want[r], got[r]) for r in want):
+            raise refuse(f"expert {layer}/{expert} differs")
 
 
 def _default_store(model_dir: Path, arch, progress: bool) -> Path:

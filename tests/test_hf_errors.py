@@ -1,0 +1,123 @@
+"""Bad input to the transformers integration: each is one line naming the thing and the fix, raised before
+a pipeline or a model is built; and `prefetch-bench generate` end to end on the CPU."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from pipeline.hf import load_offloaded  # noqa: E402
+from pipeline.hf.load import _default_store  # noqa: E402
+from adapters.hf_models import ARCHS  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
+from tests.helpers_models import make_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf-errors")
+    a = make_tiny(root / "a", "hf", "--arch", "qwen3_moe", seed=1)
+    b = make_tiny(root / "b", "hf", "--arch", "qwen3_moe", seed=2)
+    _default_store(a, ARCHS["qwen3_moe"], progress=False)
+    return a, b
+
+
+def one_line(e: BaseException) -> str:
+    msg = str(e)
+    assert "\n" not in msg
+    return msg
+
+
+def test_a_store_made_from_another_checkpoint_names_its_source(two_models):
+    a, b = two_models
+    with pytest.raises(ValueError) as e:
+        load_offloaded(b, store=a / "expert_store", vram="1MiB", ram="1MiB", progress=False)
+    msg = one_line(e.value)
+    assert f"was made from {a.resolve()}" in msg and str(b) in msg and "precompute --model" in msg
+
+
+def test_a_model_without_moe_layers_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
+                                                       "num_hidden_layers": 2}))
+    with pytest.raises(ValueError) as e:
+        load_offloaded(tmp_path, vram="1MiB", ram="1MiB")
+    msg = one_line(e.value)
+    assert "'llama' is not a Mixture-of-Experts model" in msg and "supported: gpt_oss, mixtral" in msg
+
+
+def test_an_unsupported_moe_architecture_lists_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "jamba", "num_experts": 16}))
+    with pytest.raises(ValueError) as e:
+        load_offloaded(tmp_path, vram="1MiB", ram="1MiB")
+    assert "'jamba' is not a supported MoE architecture; supported: gpt_oss, mixtral, qwen2_moe" in one_line(e.value)
+
+
+def test_a_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no config.json; give the folder of a transformers checkpoint"):
+        load_offloaded(tmp_path, vram="1MiB", ram="1MiB")
+
+
+@pytest.mark.parametrize("version", ["5.10.0", "6.0.0", "4.57.1"])
+def test_a_transformers_version_outside_the_range_is_refused(two_models, monkeypatch, version):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    with pytest.raises(ImportError) as e:
+        load_offloaded(two_models[0], vram="1MiB", ram="1MiB")
+    msg = one_line(e.value)
+    assert f"transformers {version} is outside the tested range >=5.17,<6" in msg and "pip install" in msg
+
+
+def test_a_budget_below_one_layers_working_set_is_refused_with_the_numbers(two_models):
+    from adapters.store import StoreCheckpoint
+
+    store = StoreCheckpoint(two_models[0] / "expert_store")
+    one_expert = store.spec.expert_bytes + 4096
+    with pytest.raises(ValueError) as e:
+        load_offloaded(two_models[0], vram=one_expert, ram="1MiB", progress=False)
+    msg = one_line(e.value)
+    assert f"top-{store.spec.top_k} working set" in msg and "give vram at least" in msg
+
+
+def test_make_model_hf_needs_an_arch_and_names_the_valid_ones(tmp_path):
+    from adapters.cli.make_model import main
+
+    assert main(["--format", "hf", "--out", str(tmp_path / "x")]) == 2
+    assert main(["--format", "hf", "--arch", "bert", "--out", str(tmp_path / "y")]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_generate_benchmark_runs_every_method_on_the_cpu(two_models, tmp_path, bin_env):
+    out = tmp_path / "gen.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bin" / "prefetch-bench"), "generate", "--model", str(two_models[0]),
+                        "--vram", "0.5", "--ram", "1.0", "--prompt-tokens", "12", "--new-tokens", "4", "--batch", "1",
+                        "--baselines", "--json", str(out)], capture_output=True, text=True, env=bin_env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = {row["method"]: row for row in report["rows"]}
+    assert set(rows) == {"resident", "ours", "ours-no-lookahead", "on-demand", "accelerate"}
+    assert rows["accelerate"]["status"].startswith("skipped: accelerate offloads to a GPU")
+    for name in ("resident", "ours", "ours-no-lookahead", "on-demand"):
+        row = rows[name]
+        assert row["status"] == "ok", row["status"]
+        for field in ("prefill_s", "decode_tok_s", "peak_rss_bytes", "tokens_equal_resident"):
+            assert row[field] is not None, (name, field)
+        assert row["peak_vram_bytes"] is None  # no GPU
+        assert row["tokens_equal_resident"] is True
+        assert len(row["tokens"]) == 1 and len(row["tokens"][0]) == 4
+    for name in ("ours", "ours-no-lookahead", "on-demand"):
+        assert rows[name]["bytes_moved"] > 0 and rows[name]["vram_hit_rate"] is not None
+    assert rows["ours"]["lookahead_recall"] is not None and rows["ours-no-lookahead"]["lookahead_recall"] is None
+    assert "decode tok/s" in r.stdout and "ours-no-lookahead" in r.stdout
+
+
+def test_generate_refuses_a_share_above_one(two_models, tmp_path, bin_env):
+    r = subprocess.run([sys.executable, str(ROOT / "bin" / "prefetch-bench"), "generate", "--model", str(two_models[0]),
+                        "--vram", "1.5"], capture_output=True, text=True, env=bin_env, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0
+    assert "--vram 1.5: a share of all experts must be in (0, 1]" in r.stderr
