@@ -9,7 +9,7 @@
 
 Checkpoint layouts written (and read by the adapters named):
   mixtral                    model.layers.{l}.block_sparse_moe.experts.{e}.w1/w2/w3.weight   (mixtral)
-  qwen2_moe, qwen3_moe, olmoe, deepseek_v3
+  qwen2_moe, qwen3_moe, olmoe, deepseek_v3, glm4_moe
                              model.layers.{l}.mlp.experts.{e}.gate/up/down_proj.weight        (qwen-moe)
   gpt_oss                    model.layers.{l}.mlp.experts.{gate_up,down}_proj_{blocks,scales,bias}
                              MXFP4 blocks and E8M0 scales, the main folder of the download (gpt-oss-hf)
@@ -46,6 +46,8 @@ ARCHS: dict[str, Arch] = {a.model_type: a for a in (
     Arch("qwen3_moe", "per-expert", "qwen-moe", "num_experts", "moe_intermediate_size"),
     Arch("olmoe", "per-expert", "qwen-moe", "num_experts", "intermediate_size"),
     Arch("deepseek_v3", "per-expert", "qwen-moe", "n_routed_experts", "moe_intermediate_size"),
+    # No code of its own: transformers' experts interface and the qwen-moe layout cover it.
+    Arch("glm4_moe", "per-expert", "qwen-moe", "n_routed_experts", "moe_intermediate_size"),
 )}
 
 
@@ -86,6 +88,9 @@ def _arch_fields(arch: Arch, d: Dims, attention: dict) -> dict:
                  mlp_only_layers=list(range(d.dense_layers)), decoder_sparse_step=1)
     elif arch.model_type == "olmoe":
         f.update(intermediate_size=I)
+    elif arch.model_type == "glm4_moe":
+        f.update(moe_intermediate_size=I, intermediate_size=S, first_k_dense_replace=d.dense_layers,
+                 n_shared_experts=1 if d.shared_expert else 0, n_group=1, topk_group=1, head_dim=attention["head_dim"])
     elif arch.model_type == "deepseek_v3":
         hd = attention["head_dim"]
         groups = 2 if E % 2 == 0 else 1

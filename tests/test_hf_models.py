@@ -22,7 +22,8 @@ from tests.helpers_models import make_tiny  # noqa: E402
 PROMPT, NEW = 40, 32
 # CUDA where there is one: the same comparison then runs the GPU's kernels on both sides
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ARCH_EXTRA = {"deepseek_v3": ("--dense-layers", "1", "--shared-expert"), "qwen2_moe": ("--shards", "3")}
+ARCH_EXTRA = {"deepseek_v3": ("--dense-layers", "1", "--shared-expert"), "qwen2_moe": ("--shards", "3"),
+              "glm4_moe": ("--dense-layers", "1", "--shared-expert")}
 
 
 def resident(model_dir):
