@@ -111,6 +111,7 @@ def test_generate_benchmark_runs_every_method_on_the_cpu(two_models, tmp_path, b
         assert len(row["tokens"]) == 1 and len(row["tokens"][0]) == 4
     for name in ("ours", "ours-no-lookahead", "on-demand"):
         assert rows[name]["bytes_moved"] > 0 and rows[name]["vram_hit_rate"] is not None
+        assert rows[name]["stall_s"] >= 0
     assert rows["ours"]["lookahead_recall"] is not None and rows["ours-no-lookahead"]["lookahead_recall"] is None
     assert "decode tok/s" in r.stdout and "ours-no-lookahead" in r.stdout
 

@@ -46,6 +46,7 @@ class MethodResult(msgspec.Struct):
     bytes_moved: int | None = None  # disk -> RAM -> VRAM bytes during the timed runs (pipeline methods)
     vram_hit_rate: float | None = None
     lookahead_recall: float | None = None
+    stall_s: float | None = None  # decode-loop time spent waiting for experts (pipeline methods)
     tokens: list[list[int]] = []  # the first timed run's new tokens, per row
     load_s: float | None = None
 
@@ -163,6 +164,7 @@ def run_method(run: MethodRun) -> MethodResult:
         hits, misses = s.vram_hits - before.vram_hits, s.vram_misses - before.vram_misses
         res.vram_hit_rate = hits / (hits + misses) if hits + misses else None
         res.lookahead_recall = st.lookahead_recall
+        res.stall_s = s.stall_seconds - before.stall_seconds
         cache.close()
     return res
 
