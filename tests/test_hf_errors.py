@@ -116,9 +116,9 @@ def test_generate_benchmark_runs_every_method_on_the_cpu(two_models, tmp_path, b
     assert "decode tok/s" in r.stdout and "ours-no-lookahead" in r.stdout
 
 
-def test_generate_refuses_a_share_above_one(two_models, tmp_path, bin_env):
+def test_generate_refuses_a_budget_below_top_k_with_the_fix(two_models, tmp_path, bin_env):
     r = subprocess.run([sys.executable, str(ROOT / "bin" / "prefetch-bench"), "generate", "--model", str(two_models[0]),
                         "--vram", "1.5"], capture_output=True, text=True, env=bin_env, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0
-    assert "--vram 1.5: a share of all experts must be in (0, 1]" in r.stderr
+    assert "--vram 1.5 holds 0 experts" in r.stderr and "or a fraction >=" in r.stderr

@@ -5,7 +5,7 @@ prompts and device in one run.
                           --prompt-tokens N --new-tokens M [--batch B] [--baselines] [--repeat R]
                           [--json OUT] [--plot OUT.png]
 
---vram is a share of all experts' stored bytes (0.1) or a size (2GiB). Methods: `ours` always;
+--vram is a share of all experts (0.1) or a size (2GiB), counted in experts as stored. Methods: `ours` always;
 --baselines adds resident, ours-no-lookahead, on-demand and accelerate (pipeline.bench.generate_method
 says what each is). Budget-free methods (resident, on-demand) run once. Each method runs in a fresh
 process (its peak RSS and VRAM are its own), one after another; --repeat times each one's generation
@@ -13,8 +13,6 @@ R times in that process and reports the median (the spread is in the JSON).
 """
 from __future__ import annotations
 
-import json
-import platform
 import subprocess
 import sys
 import time
@@ -23,6 +21,7 @@ from pathlib import Path
 import msgspec
 
 from .generate_method import MethodResult, MethodRun
+from .report import check_plot_available, environment, write_json
 
 BUDGET_FREE = ("resident", "on-demand")
 
@@ -44,18 +43,6 @@ def add_arguments(p) -> None:
     p.add_argument("--methods", nargs="+", help="run exactly these methods instead")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--plot", help="write a bar chart of decode tokens/s here (needs matplotlib)")
-
-
-def _share_or_size(value: str, total: int, flag: str) -> int:
-    from ..config import parse_size
-
-    try:
-        share = float(value)
-    except ValueError:
-        return parse_size(value, flag)
-    if not 0 < share <= 1:
-        raise ValueError(f"{flag} {value}: a share of all experts must be in (0, 1]; or give a size such as 2GiB")
-    return max(1, int(share * total))
 
 
 def _non_expert_bytes(model_dir: Path) -> int:
@@ -106,15 +93,20 @@ def run(args) -> int:
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
             check_output_path(path, flag)
+    if args.plot:
+        check_plot_available()
     for flag in ("prompt_tokens", "new_tokens", "batch", "repeat"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     methods = _methods(args)
     store = _store_of(args)
+    from .replay_cmd import parse_budget
+
     spec = StoreCheckpoint(store).spec
-    total = spec.num_layers * spec.num_experts * spec.expert_bytes
-    budgets = [(v, _share_or_size(v, total, "--vram")) for v in args.vram]
-    ram = str(_share_or_size(args.ram, total, "--ram"))
+    experts, size = spec.num_layers * spec.num_experts, spec.expert_bytes
+    total = experts * size
+    budgets = [(v, parse_budget(v, "vram", experts, size, spec.top_k) * size) for v in args.vram]
+    ram = str(parse_budget(args.ram, "ram", experts, size, spec.top_k) * size)
     base = dict(model=str(args.model), store=str(store), ram=ram, prompt_tokens=args.prompt_tokens,
                 batch=args.batch, repeat=args.repeat, non_expert_bytes=_non_expert_bytes(Path(args.model)))
     rows: list[dict] = []
@@ -137,7 +129,7 @@ def run(args) -> int:
             rows.append({"vram": label, "vram_bytes": vram, **msgspec.to_builtins(res)})
             _compare(rows)
             if args.json:  # after every method: a run stopped midway keeps what it measured
-                _write_json(args.json, {"command": "prefetch-bench generate " + " ".join(sys.argv[2:]),
+                write_json(args.json, {"command": "prefetch-bench generate " + " ".join(sys.argv[2:]),
                                         "machine": machine, "model": str(args.model), "store": str(store),
                                         "experts_bytes": total, "rows": rows})
     print(_table(rows, spec))
@@ -145,13 +137,6 @@ def run(args) -> int:
         _plot(rows, args.plot)
     failed = [r["method"] for r in rows if r["status"].startswith("failed")]
     return 1 if failed else 0
-
-
-def _write_json(path: str, report: dict) -> None:
-    from adapters.atomic_file import replaced_atomically
-
-    with replaced_atomically(path) as tmp:
-        Path(tmp).write_text(json.dumps(report, indent=1) + "\n")
 
 
 def _compare(rows: list[dict]) -> None:
@@ -188,11 +173,9 @@ def _table(rows: list[dict], spec) -> str:
 
 
 def _machine() -> dict:
-    import torch
+    import transformers
 
-    return {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__, "python": platform.python_version(),
-            "transformers": __import__("transformers").__version__}
+    return {**environment(), "transformers": transformers.__version__}
 
 
 def _plot(rows: list[dict], path: str) -> None:
