@@ -204,7 +204,7 @@ async def assemble(cfg: PipelineConfig, *, reader_hooks: dict | None = None) -> 
 async def _start_actor(actor, cfg: PipelineConfig) -> None:
     """Start the policy actor; a policy process must be ready before open() returns, so one that
     cannot start fails open(), not a later fetch. Names and options were checked before, so such
-    a failure is the process itself (the default since stop 15): the error says how to do
+    a failure is the process itself: the error says how to do
     without one, in one line (the child's own report stays its cause)."""
     if not cfg.policy_process:
         actor.start()

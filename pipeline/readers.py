@@ -18,7 +18,7 @@ Pending requests wait in one priority queue (demand before prefetch, then FIFO);
 takes one request at a time and only once it has reported Ready, so a timeout measures the
 read, not a process start-up.
 
-Failures (DESIGN.md: a reader may die at any moment):
+Failures (docs/architecture.md: a reader may die at any moment):
 - a reader that dies, or whose request exceeds `timeout_s` (it is SIGKILLed), is replaced by
   a fresh process and the request is queued again (at the front of its class);
 - an OSError in the reader (e.g. a missing file) is retried likewise;
@@ -46,7 +46,7 @@ from .reader_worker import FromReader, Ready, ReadDone, ReadRequest, Stop, reade
 __all__ = ["ReadRequest", "ReadDone", "ReaderError", "ReaderPool", "ReaderStats", "read_request",
            "DEFAULT_NUM_READERS"]
 
-# DESIGN.md's disk (a virtual NVMe on the lent H100 host) read fastest with 4 threads of
+# The H100 host's disk (a virtual NVMe, docs/architecture.md) read fastest with 4 threads of
 # O_DIRECT 16 MiB reads (1.95 GB/s vs 1.57 with 1 and 1.62 with 8); more readers only add
 # seeks and processes. Measure with pipeline/bench/disk_probe.py and pass num_readers.
 DEFAULT_NUM_READERS = 4

@@ -1,5 +1,5 @@
 """What should be where: predictors, cache policies, the policy actor, the trace simulator.
 
 Runs on plain numbers: it never touches expert files, device tensors, or CUDA, and it
-imports without a GPU (see DESIGN.md).
+imports without a GPU (see docs/architecture.md).
 """

@@ -11,7 +11,7 @@ The bound counts EVENTS (one `Activation` = one layer visit), not bytes or exper
 The new event itself is always kept: it carries the newest information.
 
 Why losing events is acceptable: the pipeline serves demand misses itself (step 3 of
-"The flow of one decode step" in DESIGN.md), so an event that never reaches the policy
+"The flow of one decode step" in docs/architecture.md), so an event that never reaches the policy
 only costs prediction quality, never correctness. It is never lost silently: every
 merge and drop is counted, and `received == processed + coalesced + dropped + pending`
 holds at all times (the owner counts `processed`).

@@ -19,7 +19,7 @@
 
 Requests have `prompt_tokens` prefill rows (phase 0) then `decode_tokens` decode rows
 (phase 1); token ids are uniform over a 32k vocabulary. `PRESETS` hold settings tuned so
-that `policies.trace_stats` of the result resembles the shared real traces (`--like`).
+that `policies.trace_stats` of the result resembles the real traces in data/traces (`--like`).
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ class SyntheticConfig(msgspec.Struct, frozen=True, kw_only=True):
                 raise ValueError(f"synthetic trace: {problem}")
 
 
-# name -> settings that resemble a shared trace (shape and size copied, statistics tuned)
+# name -> settings that resemble a real trace (shape and size copied, statistics tuned)
 PRESETS: dict[str, dict] = {
     "llama4-maverick": dict(layers=24, experts=128, top_k=1, requests=235, prompt_tokens=20, decode_tokens=126,
                             skew=1.3, reuse=0.2, layer_corr=0.12, phases=10, topic_strength=1.6,

@@ -1,4 +1,4 @@
-"""Routing traces in the `moe-routing-trace/1` format (see shared/traces/FORMAT.md).
+"""Routing traces in the `moe-routing-trace/1` format (see data/traces/FORMAT.md).
 
 Offers:
 - `TraceMeta`: the JSON `meta` object as a frozen msgspec struct.

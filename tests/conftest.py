@@ -1,4 +1,4 @@
-"""Shared test set-up: GPU tests are skipped without CUDA; paths to the shared traces."""
+"""Shared test set-up: GPU tests are skipped without CUDA; the real routing traces in data/traces."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_TRACES = ROOT.parent / "shared" / "traces"
+TRACES = ROOT / "data" / "traces"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -31,11 +31,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
-def shared_traces() -> Path:
-    if not SHARED_TRACES.is_dir():
-        pytest.skip(f"no shared traces at {SHARED_TRACES}")
-    return SHARED_TRACES
+@pytest.fixture(scope="package")
+def real_traces() -> Path:
+    assert TRACES.is_dir(), f"the project's traces are missing: {TRACES}"
+    return TRACES
 
 
 @pytest.fixture

@@ -400,10 +400,10 @@ def _lru_for(trace, predictor: str | None = None):
                        vram_bytes=L * E // 10, ram_bytes=L * E // 4)
 
 
-async def test_real_lru_through_the_actor_matches_direct_calls(shared_traces):
+async def test_real_lru_through_the_actor_matches_direct_calls(real_traces):
     from policies.traces import load_trace
 
-    trace = load_trace(shared_traces / "qwen1.5-moe-a2.7b-chat.npz")
+    trace = load_trace(real_traces / "qwen1.5-moe-a2.7b-chat.npz")
     events = _trace_events(trace, steps=20)  # 20 decode tokens x 24 layers
     reference, ref_plans = _lru_for(trace, "ewma"), []
     on_ref = _completing(reference.complete, ref_plans)
@@ -431,10 +431,10 @@ async def test_real_lru_through_the_actor_matches_direct_calls(shared_traces):
     policy.check()
 
 
-async def test_real_lru_survives_an_overflowing_queue(shared_traces):
+async def test_real_lru_survives_an_overflowing_queue(real_traces):
     from policies.traces import load_trace
 
-    trace = load_trace(shared_traces / "qwen1.5-moe-a2.7b-chat.npz")
+    trace = load_trace(real_traces / "qwen1.5-moe-a2.7b-chat.npz")
     events = _trace_events(trace, steps=20)
     policy, plans, seen = _lru_for(trace), [], []
     real_call = policy.on_activation

@@ -72,8 +72,8 @@ REFERENCE = {
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
-def test_belady_reproduces_reference_figures(shared_traces, name):
-    trace = load_trace(shared_traces / f"{name}.npz")
+def test_belady_reproduces_reference_figures(real_traces, name):
+    trace = load_trace(real_traces / f"{name}.npz")
     keys, _ = _decode_keys(trace)
     for frac, (_, bel) in REFERENCE[name].items():
         hits, loads = belady_min(keys, int(frac * trace.num_layers * trace.num_experts))
@@ -98,15 +98,15 @@ def _lru_hit_rate(trace, frac):
 
 
 @pytest.mark.parametrize("name", ["qwen1.5-moe-a2.7b-chat", "qwen3.6-35b-a3b"])
-def test_lru_reproduces_reference_figures(shared_traces, name):
-    trace = load_trace(shared_traces / f"{name}.npz")
+def test_lru_reproduces_reference_figures(real_traces, name):
+    trace = load_trace(real_traces / f"{name}.npz")
     for frac in (0.10, 0.25):
         assert abs(_lru_hit_rate(trace, frac) - REFERENCE[name][frac][0]) <= 0.002
 
 
 @pytest.mark.slow
-def test_lru_reproduces_llama4_reference(shared_traces):
-    trace = load_trace(shared_traces / "llama4-maverick-mmlu.npz")
+def test_lru_reproduces_llama4_reference(real_traces):
+    trace = load_trace(real_traces / "llama4-maverick-mmlu.npz")
     assert abs(_lru_hit_rate(trace, 0.10) - REFERENCE["llama4-maverick-mmlu"][0.10][0]) <= 0.0015
 
 

@@ -1,6 +1,6 @@
 """The h-token horizon rule (`policies.horizon_bound`) and `prefetch-bench horizon`: the fast rule
 against an O(n * C) brute force, h = 0 against the project's LRU, the whole-trace window against
-set-constrained Belady, the CLI contract, and one check on a real shared trace."""
+set-constrained Belady, the CLI contract, and one check on a real trace."""
 from __future__ import annotations
 
 import json
@@ -296,8 +296,8 @@ def test_cli_malformed_trace(tmp_path, capsys):
 
 
 # ---- a real trace ------------------------------------------------------------------------------
-def test_one_token_of_foresight_lies_between_belady_and_lru_on_qwen15(shared_traces):
-    trace = truncate(load_trace(shared_traces / "qwen1.5-moe-a2.7b-chat.npz"), 300)
+def test_one_token_of_foresight_lies_between_belady_and_lru_on_qwen15(real_traces):
+    trace = truncate(load_trace(real_traces / "qwen1.5-moe-a2.7b-chat.npz"), 300)
     v = trace_visits(trace)
     capacity = int(0.1 * trace.num_layers * trace.num_experts)
     _, belady = belady_min(v.keys, capacity)

@@ -212,10 +212,10 @@ def test_without_containment_ram_drops_copies_of_vram_experts_first():
     assert vram == {0, 1, 3} and ram - vram, (vram, ram)
 
 
-def test_watermark_never_exceeds_capacity_on_shared_traces(shared_traces):
+def test_watermark_never_exceeds_capacity_on_real_traces(real_traces):
     from policies.traces import load_trace
 
-    for path in sorted(shared_traces.glob("*.npz")):
+    for path in sorted(real_traces.glob("*.npz")):
         trace = load_trace(path)
         L, E, K = trace.num_layers, trace.num_experts, trace.top_k
         policy = make_policy("watermark", EwmaPredictor(L, E, K), num_layers=L, num_experts=E, top_k=K,

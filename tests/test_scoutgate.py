@@ -2,7 +2,7 @@
 round-trips through safetensors, refuses what it cannot use, and serves online predictions.
 
 Tiny synthetic traces (4 layers x 16 experts, top-2) keep each test to a few seconds; one
-slow test runs on a shared Qwen trace.
+slow test runs on a real Qwen trace.
 """
 from __future__ import annotations
 
@@ -229,12 +229,12 @@ def test_importing_policies_does_not_import_torch():
 
 
 @pytest.mark.slow
-def test_shared_qwen_trace_beats_prior_and_llama_is_refused(shared_traces):
+def test_real_qwen_trace_beats_prior_and_llama_is_refused(real_traces):
     from policies.traces import load_trace
 
     with pytest.raises(ValueError, match="has no token ids; ScoutGate needs them"):
-        train_scoutgate(load_trace(shared_traces / "llama4-maverick-mmlu.npz"), train_requests=(0,))
-    trace = load_trace(shared_traces / "qwen1.5-moe-a2.7b-chat.npz")
+        train_scoutgate(load_trace(real_traces / "llama4-maverick-mmlu.npz"), train_requests=(0,))
+    trace = load_trace(real_traces / "qwen1.5-moe-a2.7b-chat.npz")
     train, held = split_requests(trace, 0.7, 0)
     model = train_scoutgate(trace, train_requests=train, seed=0)
     scores = evaluate(model, trace, held)

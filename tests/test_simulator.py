@@ -229,12 +229,12 @@ TARGET_TRACES = [("qwen3.6-35b-a3b", None), ("qwen1.5-moe-a2.7b-chat", 300), ("l
 
 
 @pytest.fixture(scope="module")
-def ratios(shared_traces):
+def ratios(real_traces):
     """{(trace, frac): (default policy's loads / Belady, LRU's loads / Belady)}; prefixes of the
     two long traces keep this under a few seconds (full-trace figures: the final report)."""
     out = {}
     for trace_name, rows in TARGET_TRACES:
-        trace = load_trace(shared_traces / f"{trace_name}.npz")
+        trace = load_trace(real_traces / f"{trace_name}.npz")
         if rows:
             trace = truncate(trace, rows)
         for frac in (0.10, 0.25):
@@ -244,14 +244,14 @@ def ratios(shared_traces):
 
 
 @pytest.mark.slow
-def test_default_policy_beats_lru_on_shared_traces(ratios):
+def test_default_policy_beats_lru_on_real_traces(ratios):
     for key, (default, lru_ratio) in ratios.items():
         assert default < lru_ratio, (key, default, lru_ratio)
         assert 1.0 <= default  # nothing beats Belady on demand loads
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="brief's target (<= 1.25x Belady VRAM loads) not reached: "
+@pytest.mark.xfail(strict=True, reason="the target of <= 1.25x Belady's VRAM loads is not reached: "
                    "the default policy measures 1.45-2.04x on the full traces at 10%/25% (LRU 1.50-2.20x); "
                    "prefetch-bench horizon's rule, knowing the next token's routing exactly, still "
                    "needs 1.32-2.19x")

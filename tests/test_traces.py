@@ -137,8 +137,8 @@ def test_missing_file(tmp_path):
 
 
 @pytest.mark.parametrize("name", SHARED)
-def test_loads_shared_traces(shared_traces, name):
-    t = load_trace(shared_traces / name)
+def test_loads_real_traces(real_traces, name):
+    t = load_trace(real_traces / name)
     assert t.tokens == t.meta.tokens and t.experts.shape == (t.tokens, t.num_layers, t.top_k)
     # decode rows per FORMAT.md's table
     expected_decode = {"llama4-maverick-mmlu.npz": 29684, "qwen1.5-moe-a2.7b-chat.npz": 768,

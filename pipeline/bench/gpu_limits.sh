@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The pipeline's GPU check in one run (issue 4): builds a store with GPT-OSS-20B's expert
+# The pipeline's GPU check in one run: builds a store with GPT-OSS-20B's expert
 # dimensions (2 MoE layers x 32 experts, bf16 and mxfp4), runs the GPU-marked tests, then
 # `prefetch-bench limits` on each store: disk and H2D hops against their raw limits measured
 # in the same run, and fetch overhead for resident experts. Short table last.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The end-to-end GPU benchmark of issue 5: for each named shared trace, a GPT-OSS-format store
+# The end-to-end GPU benchmark of the replay: for each named real trace, a GPT-OSS-format store
 # whose layers, experts and top-k match the trace (expert dims scaled to hidden = intermediate
 # = $DIM so every store fits the disk), then `prefetch-bench replay --baselines` at VRAM 10% and
 # 25% of all experts, RAM 50%. Figures as JSON (+ PNG) under $OUT (or WORKDIR).
@@ -12,7 +12,7 @@
 #          stores of N layers replaying the trace's first N, e.g. full size on a small disk),
 #          MXFP4_MATH (0; 1 adds --expert-math mxfp4 to the MXFP4 stores' replays only, so that
 #          DTYPES="mxfp4 bfloat16" compares the two on one checkpoint), REPEAT (1: runs per
-#          method, the median reported; 3 or more on a shared machine, see README stop 17),
+#          method, the median reported; 3 or more on a shared machine, see docs/benchmarking.md),
 #          WARM (0: --warm-passes, untimed passes of the trace's own history before the timed
 #          ones, so each cache starts where real routing left it, as Belady's warm start does)
 set -euo pipefail

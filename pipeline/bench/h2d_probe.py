@@ -3,7 +3,7 @@
     raw_h2d_bandwidth(nbytes, repeats, device=None) -> float   bytes per second (best of `repeats`)
 
 The GPU benchmark reports expert-copy throughput against this figure measured in the same
-run (DESIGN.md: "measure against the physical limits in the same run"). Not a test.
+run (docs/architecture.md: "measure against the physical limits in the same run"). Not a test.
 """
 from __future__ import annotations
 

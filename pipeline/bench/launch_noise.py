@@ -6,7 +6,7 @@ pipeline, no threads and no other process, timed in rounds as the replay times i
 Each token runs, per layer, a [1,H]x[H,H] matmul, an activation, a residual add and an RMS
 norm (about eight kernels, what a host-bound batch-1 decode launches). If this loop's
 tokens/s spreads as much as the replay's resident method does, the spread is the host's
-(stop 18, H100: 291-331 then 199-253 tok/s over nine rounds, 66%), not the pipeline's.
+(an H100 at cc7ed26: 291-331 then 199-253 tok/s over nine rounds, 66%), not the pipeline's.
 """
 from __future__ import annotations
 

@@ -229,7 +229,7 @@ def run(args) -> int:
     arena = RamArena.create(len(experts), slot)
     try:
         # Alternate raw and readers, best of two each: a virtual disk's throughput drifts by
-        # 10-30% between back-to-back runs (seen on the lent H100 machine), more than the gap
+        # 10-30% between back-to-back runs (seen on an H100 host's virtual disk), more than the gap
         # being measured.
         raw_bw, bw = 0.0, 0.0
         for _ in range(2):

@@ -66,7 +66,7 @@ def baseline_methods() -> list[Method]:
         # A variant fuses that predictor with the router lookahead. Fusion raises the VRAM hit
         # rate (qwen1.5 on an H100, RAM 1.0: 0.49 vs 0.13 at 10%), yet it was the slower of the
         # two in every GPU replay (GPT-OSS-20B dims, qwen1.5 at 10%: 39.9 vs 54.5 tok/s at
-        # 84d8d16, 33.6 vs 55.5 in stop 8). A hint comes one layer ahead, 0.3 ms of math, for
+        # 84d8d16, 33.6 vs 55.5 in an earlier run). A hint comes one layer ahead, 0.3 ms of math, for
         # about 0.8 ms of copies, and its wrong guesses take link time from the demand copies.
         Method(name="ours", policy=DEFAULT_POLICY, predictor=ours_pred, predictor_options=ours_opts,
                note=f"{DEFAULT_POLICY} + {DEFAULT_PREDICTOR} (the defaults)"),

@@ -6,7 +6,7 @@ One decode layer (one row, top_k experts of random stored bytes at GPT-OSS-20B's
 default): each kernel is timed alone for every (block, bytes per step, warps) in the sweep,
 then the fastest pair for the whole layer, with the host's time per layer. The last line is
 MOE_CACHE_MXFP4_TUNE=... to run the replay with that pair; mxfp4_kernel.UP / DOWN hold the
-pair measured on an H100 (stop 14). CUDA only.
+pair measured on an H100 (docs/results). CUDA only.
 
     synthetic_experts(H, I, k, device, seed=0) -> [stored tensors]   k experts in one buffer
 """

@@ -240,7 +240,7 @@ class MethodRun(msgspec.Struct):
     setup_s: dict | None = None
     # torch's CUDA allocator in the timed passes (after - before): device mallocs and frees,
     # failed mallocs retried after freeing the cache, and the device syncs those cost. Each
-    # one stalls the decode thread; every window on the H100 made one malloc (stop 17).
+    # one stalls the decode thread; every window on the H100 made one malloc (docs/results).
     allocator: dict | None = None
 
 
@@ -304,8 +304,8 @@ def frozen_heap():
     reach (gc.freeze) until the window ends. The collector still runs on what the window
     allocates, but a full collection no longer walks the ~200k objects of torch, numpy and the
     set-up, which took up to 80 ms on this project's CPU: inside a 0.3 s window of one method
-    and not another's, that can reorder methods. (It is not what spreads runs on the lent
-    H100: see README, stop 17.) Servers freeze after start-up for the same reason."""
+    and not another's, that can reorder methods. (It is not what spreads runs on the
+    H100: see docs/benchmarking.md.) Servers freeze after start-up for the same reason."""
     freeze_start_up_heap()
     try:
         yield
@@ -428,8 +428,8 @@ def kernel_representatives(passes: list[Pass], top_k: int) -> list[Pass]:
     when it brings a new (prefill?, group size) pair, which covers all three and may keep a
     prefill pass more than needed. Each new way compiles its Triton kernels on first
     use, or loads them from Triton's disk cache: on a fresh H100 that cost 1.5 s inside the
-    first timed loop that met a new prefill group size (the compute-only loop of stop 18's
-    call 5 read 7.69 ms/token where the resident method ran 1.57). Running these passes once,
+    first timed loop that met a new prefill group size (the compute-only loop of one run at
+    5551074's parent read 7.69 ms/token where the resident method ran 1.57). Running these passes once,
     untimed, before any timing keeps those costs out of every timed window."""
     seen: set[tuple[bool, int]] = set()
     out = []

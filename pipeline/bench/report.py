@@ -110,8 +110,8 @@ def median_row(rows: list[dict]) -> dict:
     """The run of median tokens/s among one method's repeats (the lower middle of an even
     count: a real run, never an average of two), with every run's tokens/s beside it.
 
-    One run of a method on a shared GPU machine can be off by 2x (stop 14 measured ours at
-    68 and 131 tok/s in two calls); the median of interleaved repeats is what a ratio between
+    One run of a method on a shared GPU machine can be off by 2x (ours once measured
+    68 and 131 tok/s in two runs); the median of interleaved repeats is what a ratio between
     methods can rest on, and the spread says how far it can be trusted."""
     done = [r for r in rows if not r["skipped"]]
     if not done:
@@ -145,7 +145,7 @@ def add_ratios(rows: list[dict], oracle_tokens_per_s: float) -> None:
     fastest run (`repeats.best_ratio_oracle`, `repeats.best_ratio_on_demand`, the latter to
     on-demand's fastest): the bound is built from the fastest resident run, so best against
     best is the like-for-like ratio, and the median row's ratio the conservative one. A pure
-    torch loop with no pipeline spread 66% over nine rounds on the lent H100 (stop 18), so
+    torch loop with no pipeline spread 66% over nine rounds on an H100 (cc7ed26), so
     slow runs are the machine's."""
     base = next((r for r in rows if r["method"] == "on-demand" and not r["skipped"]), None)
     base_best = max(base.get("repeats", {}).get("tokens_per_s") or [base["tokens_per_s"]]) if base else None

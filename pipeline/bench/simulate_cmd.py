@@ -47,8 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-bytes", type=int, help="bytes of one expert (default: the trace's "
                    "meta expert_bytes_bf16)")
     p.add_argument("--compute-ms-per-layer", type=float, default=0.5)
-    p.add_argument("--h2d-gbps", type=float, default=50.0, help="RAM->VRAM GB/s (DESIGN.md: ~50 on H100)")
-    p.add_argument("--disk-gbps", type=float, default=1.6, help="NVMe->RAM GB/s (DESIGN.md: ~1.6)")
+    p.add_argument("--h2d-gbps", type=float, default=50.0, help="RAM->VRAM GB/s (docs/architecture.md: ~50 on H100)")
+    p.add_argument("--disk-gbps", type=float, default=1.6, help="NVMe->RAM GB/s (docs/architecture.md: ~1.6)")
     p.add_argument("--include-prefill", action="store_true")
     p.add_argument("--max-tokens", type=int, help="replay only the first N trace rows")
     p.add_argument("--json", help="write the results here (atomically)")

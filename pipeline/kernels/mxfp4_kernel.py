@@ -56,7 +56,7 @@ MAX_EXPERTS = 8  # experts per launch: a layer's top-k (GPT-OSS: 4)
 UNIT = 256  # experts' places are counted in these bytes (the VRAM arena's slot alignment)
 BLOCK_H = 1024
 # (block of outputs, stored bytes per step, warps) of each kernel, the fastest of 18 each in a
-# sweep on an H100 at GPT-OSS-20B dims, k=4, one row (pipeline/bench/mxfp4_tune.py, stop 14: up 27.0
+# sweep on an H100 at GPT-OSS-20B dims, k=4, one row (pipeline/bench/mxfp4_tune.py: up 27.0
 # us, down 22.2 us per layer; blocks of 16 x 128 gave 32.2 and 28.5).
 # MOE_CACHE_MXFP4_TUNE="J,B,W,R,B,W" overrides them (tuning runs).
 UP, DOWN = (32, 256, 4), (16, 256, 4)

@@ -14,7 +14,7 @@ in Hawkeye. RAM keeps plain LRU: the target is VRAM loads, and OPTgen models one
 Demand loads only.
 
 Measured (prefetch-bench simulate, decode rows, VRAM 10% / 25%, RAM 50%): OPTgen is exact,
-but on the shared traces whether OPT keeps an expert is barely predictable from these
+but on the real traces (data/traces) whether OPT keeps an expert is barely predictable from these
 features (per-expert OPT-keep rates sit mostly between 0.3 and 0.7 on qwen1.5), so Hawkeye
 lands at LRU's level (1.48-2.24x Belady's VRAM loads), behind `nextuse`.
 """

@@ -6,7 +6,7 @@ l runs next and q = probability that (l, e) is used at a visit of layer l. Belad
 largest true next-use distance; this policy evicts the largest expected one.
 
 q blends the predictor's short-memory estimate (recency, the current request's experts)
-with the long-run frequency of (l, e) per visit of layer l; on the shared traces neither
+with the long-run frequency of (l, e) per visit of layer l; on the real traces (data/traces) neither
 alone is as good as the blend (see the simulator report).
 
 A prefill pass (events with `rows` = n > 1) needs, at each later layer of the same pass,

@@ -27,7 +27,7 @@ POLICIES: dict[str, str] = {
 }
 DEFAULT_POLICY = "nextuse"
 # The default pair: EWMA with a slow decay, blended in `nextuse` with the long-run frequency
-# (alpha 0.05 / frequency_weight 0.2 beat the registry's alpha 0.2 on all three shared traces).
+# (alpha 0.05 / frequency_weight 0.2 beat the registry's alpha 0.2 on all three real traces).
 DEFAULT_PREDICTOR = "ewma:alpha=0.05"
 
 

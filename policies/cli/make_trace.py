@@ -1,7 +1,7 @@
 """`make-trace`: write a synthetic routing trace (`moe-routing-trace/1`) to an .npz file.
 
 The routing model and every parameter are described in `policies.synthetic`. `--like NAME`
-starts from a preset resembling a shared real trace; explicit flags override it.
+starts from a preset resembling a real trace; explicit flags override it.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--phases topics that re-weight it by exp(topic_strength * N(0,1)); layer l+1 is biased towards "
                "a fixed random image of layer l's experts (layer-corr); each expert of the previous token at the "
                "same layer is kept with probability reuse.")
-    p.add_argument("--like", choices=sorted(PRESETS), help="start from settings resembling a shared trace")
+    p.add_argument("--like", choices=sorted(PRESETS), help="start from settings resembling a real trace")
     p.add_argument("--layers", type=int, help="MoE layers L")
     p.add_argument("--experts", type=int, help="routed experts per layer E")
     p.add_argument("--top-k", type=int, help="experts chosen per token and layer K")

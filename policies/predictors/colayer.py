@@ -1,6 +1,6 @@
 """Co-layer predictor: the experts a token chose at earlier layers predict its later layers.
 
-A token's route through the layers is strongly correlated: on the shared traces the experts
+A token's route through the layers is strongly correlated: on the real traces (data/traces) the experts
 most often seen at layer l+d after this token's layer-l experts cover 39-45% of its true
 layer-(l+d) experts for d = 1..6 on Qwen1.5 and Qwen3.6 (32% on Llama-4), where the previous
 token's choice at l+d covers 17-34%. The predictor learns those pair counts online, so it

@@ -34,7 +34,7 @@ class FusionPredictor(Predictor):
         from .registry import make_predictor  # the registry imports this module lazily
 
         # A live router-lookahead hint is far more informative than activation history (the
-        # next-layer gate's recall is ~0.8; EWMA's recall@k is 0.15-0.35 on the shared traces).
+        # next-layer gate's recall is ~0.8; EWMA's recall@k is 0.15-0.35 on the real traces (data/traces)).
         # At equal weights a hinted expert blends to ~0.5 and a policy's prefetch threshold
         # rejects it; 3:1 lets the hint decide where there is one (unhinted layers fall back
         # to the lookahead member's own EWMA, so there the blend stays an EWMA).
