@@ -27,10 +27,11 @@ def start_child(parent_pid: int) -> bool:
 def end_child(code: int = 0) -> None:
     """Leave a worker that has finished its work, skipping interpreter teardown.
 
-    A spawned worker re-imports the main module of a user's script, and with it whatever that
-    imports (torch, Triton). Tearing those down at exit printed ~20 lines of nanobind "leaked"
-    warnings from Triton per worker into the user's terminal, and every worker has already
-    released what it holds (its files, mappings and threads) by the time it calls this."""
+    A worker may have imported torch and Triton (a precompute worker started by multiprocessing
+    re-imports the user's script with its imports). Tearing those down at exit printed ~20 lines
+    of nanobind "leaked" warnings from Triton per worker into the user's terminal, and every
+    worker has already released what it holds (its files, mappings and threads) by the time it
+    calls this."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -11,8 +11,10 @@ Request ids are the caller's (e.g. a slot number or a counter) and must be uniqu
 pending reads. Readers keep each store file open once opened: a store rewritten in place
 (`precompute --force`) needs a new pool.
 
-Readers (pipeline.reader_worker) are started with the "spawn" context (never fork: the parent
-holds CUDA and asyncio state). Everything is event-driven: `loop.add_reader` on each reader's
+Readers (pipeline.reader_worker) are fresh interpreters that import only the reader's module
+(adapters.worker_process): never a fork (the parent holds CUDA and asyncio state), and never a
+re-run of the caller's script, so a pipeline opens the same from a script's top level, `python
+-c`, standard input or a notebook. Everything is event-driven: `loop.add_reader` on each reader's
 pipe for replies and on its process sentinel for its death; timeouts are `call_later` timers.
 Pending requests wait in one priority queue (demand before prefetch, then FIFO); a reader
 takes one request at a time and only once it has reported Ready, so a timeout measures the
@@ -32,16 +34,16 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import multiprocessing
 import os
-import sys
 from dataclasses import dataclass, field
 
 import msgspec
 
 from adapters.errors import CheckpointError
 
-from .reader_worker import FromReader, Ready, ReadDone, ReadRequest, Stop, reader_main
+from adapters.worker_process import WorkerProcess
+
+from .reader_worker import FromReader, Ready, ReadDone, ReadRequest, Stop
 
 __all__ = ["ReadRequest", "ReadDone", "ReaderError", "ReaderPool", "ReaderStats", "read_request",
            "DEFAULT_NUM_READERS"]
@@ -104,7 +106,7 @@ class _Job:
 
 @dataclass(eq=False)
 class _Reader:
-    proc: multiprocessing.process.BaseProcess
+    proc: WorkerProcess
     conn: object
     ready: bool = False
     job: _Job | None = None
@@ -112,20 +114,6 @@ class _Reader:
     doomed: str | None = None  # why we killed it; its death is then expected
     served: int = 0
     watched: list[int] = field(default_factory=list)  # fds registered with the loop
-
-
-_OWN_BIN = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "bin")
-
-
-def _script_hint() -> str:
-    """The likeliest cause when the process runs a script: spawned readers re-run the main
-    module's top level, so a script that opens the pipeline there without a main guard makes
-    every reader try to open one of its own and die."""
-    script = getattr(sys.modules.get("__main__"), "__file__", None)
-    if not script or os.path.dirname(os.path.realpath(script)) == _OWN_BIN:  # our launchers have the guard
-        return ""
-    return (f"; if {script} opens the pipeline at its top level, put that under "
-            f"`if __name__ == \"__main__\":` (readers are spawned, and a spawned process runs it again)")
 
 
 class ReaderPool:
@@ -143,7 +131,6 @@ class ReaderPool:
                                                                             o_direct)
         self.close_grace_s = close_grace_s
         self._hooks = dict(hooks or {})  # test hooks (slow or hung reads), see reader_worker
-        self._ctx = multiprocessing.get_context("spawn")
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(FromReader).decode
         self._readers: list[_Reader] = []
@@ -183,15 +170,13 @@ class ReaderPool:
         if self._broken:
             cause = self._broken
             await self.close()
-            raise RuntimeError(f"reader processes cannot start: {cause}{_script_hint()}")
+            raise RuntimeError(f"reader processes cannot start: {cause}")
 
     def _spawn(self) -> None:
-        parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=reader_main, name="tlmc-reader", daemon=True,
-                                 args=(child, self.arena_path, self.arena_size, os.getpid(), self.o_direct,
-                                       self._hooks))
+        proc = WorkerProcess("pipeline.reader_worker:reader_main", name="tlmc-reader",
+                             args=(self.arena_path, self.arena_size, os.getpid(), self.o_direct, self._hooks))
         proc.start()
-        child.close()  # only the reader holds its end: a dead reader reads as EOF here
+        parent = proc.conn  # only the reader holds the other end: a dead reader reads as EOF here
         r = _Reader(proc, parent)
         self._readers.append(r)
         self._loop.add_reader(parent.fileno(), self._on_message, r)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import multiprocessing
 import os
 import socket
 import threading
@@ -42,6 +41,7 @@ import traceback
 import msgspec
 
 from adapters.child import end_child, freeze_start_up_heap, start_child
+from adapters.worker_process import WorkerProcess
 
 from .actor import ActorState, ActorStats, PolicyActor, PolicyActorError, StampedPlan
 from .events import Activation, Tier
@@ -254,12 +254,10 @@ class PolicyProcess:
         if self._state is not ActorState.NEW:
             raise RuntimeError(f"policy process already started (state {self._state.value})")
         self._loop = asyncio.get_running_loop()
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe(duplex=True)
-        self._proc = ctx.Process(target=policy_main, name="tlmc-policy", daemon=True,
-                                 args=(child, _ENC.encode(self.spec), os.getpid()))
+        self._proc = WorkerProcess("policies.process_actor:policy_main", name="tlmc-policy",
+                                   args=(_ENC.encode(self.spec), os.getpid()))
         self._proc.start()
-        child.close()  # only the child holds its end: its death reads as EOF here
+        self._conn = self._proc.conn  # only the child holds the other end: its death reads as EOF here
         self._fd = self._conn.fileno()
         os.set_blocking(self._fd, False)
         with socket.socket(fileno=os.dup(self._fd)) as sock:  # same socket: bounds what is in flight
@@ -313,6 +311,7 @@ class PolicyProcess:
         if proc.is_alive():
             proc.kill()
             proc.join(timeout=1.0)
+        proc.close()
         self._conn = self._proc = None
 
     def check(self) -> None:
