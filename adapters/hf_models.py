@@ -22,10 +22,17 @@ transformers is an optional dependency (`pip install .[hf]`): it is imported on 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import msgspec
 
 from .errors import UnknownNameError
-from .synthetic import Dims, Planned
+
+if TYPE_CHECKING:
+    from .synthetic import Dims, Planned
+
+# adapters.synthetic (Dims, Planned) imports torch: it is imported where a plan is made, so that
+# the table can be read (make-model --help, pipeline.hf's checks) without it.
 
 
 class Arch(msgspec.Struct, frozen=True):
@@ -127,6 +134,8 @@ def _kind(name: str, shape: tuple[int, ...]) -> str:
 
 def _expert_tensors(arch: Arch, prefix: str, d: Dims) -> list[Planned]:
     """One MoE layer's routed experts in the published layout; `prefix` ends in `.experts.`."""
+    from .synthetic import Planned
+
     E, H, I, dt = d.experts, d.hidden, d.intermediate, d.dtype
     if arch.expert_layout == "mxfp4":
         return [Planned(prefix + "gate_up_proj_blocks", "U8", (E, 2 * I, H // 32, 16), "codes", True),
@@ -145,6 +154,8 @@ def plan_hf(model_type: str, d: Dims, *, heads: int, kv_heads: int, head_dim: in
     """(weights sub-directory, config.json, tensors in file order) of a synthetic checkpoint."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from .synthetic import Planned
 
     arch = arch_of(model_type)
     if arch.expert_layout == "mxfp4" and (d.hidden % 32 or d.intermediate % 32):

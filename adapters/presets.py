@@ -6,6 +6,10 @@ import msgspec
 from .errors import UnknownNameError
 
 
+# The formats make-model writes per expert layout (adapters.synthetic), beside "hf" (whole models).
+FORMATS = ("gpt-oss", "mixtral", "qwen-moe", "fused")
+
+
 class Preset(msgspec.Struct, frozen=True):
     name: str
     layers: int

@@ -35,9 +35,9 @@ import torch
 
 from .base import TORCH_DTYPES
 from .errors import UnknownNameError
+from .presets import FORMATS  # the formats this module writes
 from .spec import DTYPE_SIZES
 
-FORMATS = ("gpt-oss", "mixtral", "qwen-moe", "fused")
 _TORCH = {name: TORCH_DTYPES[name] for name in ("BF16", "F16", "F32")}  # what make-model writes
 
 

@@ -13,9 +13,8 @@ import os
 import sys
 
 from ..errors import CheckpointError, UnknownNameError
-from ..presets import PRESETS, get_preset
-from ..hf_models import ARCHS, arch_of, plan_hf
-from ..synthetic import FORMATS, Dims, check_dims, write_model, write_planned
+from ..hf_models import ARCHS, arch_of
+from ..presets import FORMATS, PRESETS, get_preset
 
 
 class _Usage(Exception):
@@ -47,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _plan_hf(arch: str, d: Dims, pre):
+def _plan_hf(arch: str, d, pre):
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -59,12 +58,16 @@ def _plan_hf(arch: str, d: Dims, pre):
         raise ValueError(f"--dense-layers {d.dense_layers} must leave at least one MoE layer of {d.layers}")
     if d.dtype not in ("BF16", "F16", "F32"):
         raise UnknownNameError("dtype", d.dtype, ["BF16", "F16", "F32"])
+    from ..hf_models import plan_hf
+
     return plan_hf(arch, d, heads=pre.heads, kv_heads=pre.kv_heads, head_dim=pre.head_dim, vocab=pre.vocab)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         a = _parser().parse_args(argv)
+        from ..synthetic import Dims, check_dims, write_model, write_planned  # torch: after parsing
+
         if a.format not in FORMATS + ("hf",):
             raise UnknownNameError("format", a.format, list(FORMATS) + ["hf"])
         if (a.format == "hf") != (a.arch is not None):

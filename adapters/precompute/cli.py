@@ -83,18 +83,24 @@ def _precompute(a: argparse.Namespace) -> int:
     return precompute(cfg, source)
 
 
-def _run(argv: list[str]) -> int:
-    from .manage import MismatchError, clean, stats, validate
-    from .build import RefusedError
-    from .pool import WorkerError
+class _NotRaised(Exception):
+    """Stands for the work's own exception types until they are imported (after parsing, so
+    that --help and usage errors never load torch)."""
 
+
+def _run(argv: list[str]) -> int:
+    MismatchError = RefusedError = WorkerError = _NotRaised
     if argv and argv[0] == "precompute":  # the explicit form of the default subcommand
         argv = argv[1:]
     cmd = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     try:
+        a = _build_parser().parse_args(argv) if cmd is None else _sub_parser(cmd).parse_args(argv[1:])
+        from .build import RefusedError
+        from .manage import MismatchError, clean, stats, validate
+        from .pool import WorkerError
+
         if cmd is None:
-            return _precompute(_build_parser().parse_args(argv))
-        a = _sub_parser(cmd).parse_args(argv[1:])
+            return _precompute(a)
         store = Path(a.store)
         if cmd == "validate":
             if a.samples < 0:
