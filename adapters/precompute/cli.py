@@ -54,16 +54,28 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _sub_parser(cmd: str) -> argparse.ArgumentParser:
     p = _Parser(prog=f"precompute {cmd}")
-    p.add_argument("--store", required=True, help="store directory")
+    p.add_argument("--store", help="store directory (default: MODEL/expert_store, where `precompute --model "
+                   "MODEL` puts it)")
     if cmd == "validate":
-        p.add_argument("--model", help="source checkpoint (default: the path recorded in store.json)")
+        p.add_argument("--model", help="source checkpoint (default: the path recorded in store.json); without "
+                       "--store, its default store is validated")
         p.add_argument("--samples", type=int, default=8, help="experts compared with the source (0 = all)")
         p.add_argument("--no-progress", action="store_true")
-    elif cmd == "stats":
-        p.add_argument("--detailed", action="store_true", help="one line per layer")
     else:
-        p.add_argument("--force", action="store_true", help="do not ask for confirmation")
+        p.add_argument("--model", help="the checkpoint whose default store (MODEL/expert_store) is meant")
+        if cmd == "stats":
+            p.add_argument("--detailed", action="store_true", help="one line per layer")
+        else:
+            p.add_argument("--force", action="store_true", help="do not ask for confirmation")
     return p
+
+
+def _store_of(a: argparse.Namespace, cmd: str) -> Path:
+    if a.store:
+        return Path(a.store)
+    if a.model:
+        return Path(a.model) / "expert_store"
+    raise _Usage("give --store DIR, or --model DIR for the store precompute made there (DIR/expert_store)")
 
 
 def _precompute(a: argparse.Namespace) -> int:
@@ -101,7 +113,7 @@ def _run(argv: list[str]) -> int:
 
         if cmd is None:
             return _precompute(a)
-        store = Path(a.store)
+        store = _store_of(a, cmd)
         if cmd == "validate":
             if a.samples < 0:
                 raise ValueError(f"--samples must be 0 (all) or more, got {a.samples}")

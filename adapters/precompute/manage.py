@@ -71,7 +71,15 @@ def validate(store_dir: Path, model: str | None, samples: int, progress: bool = 
     secs = time.perf_counter() - t0
 
     src_path = Path(model) if model else Path(idx.source.path)
-    source = open_checkpoint(src_path, idx.source.adapter)
+    other = model is not None and Path(model).resolve() != Path(idx.source.path)
+    try:
+        source = open_checkpoint(src_path, idx.source.adapter)
+    except CheckpointError as e:
+        if not other:
+            raise
+        raise MismatchError(f"{store_dir} was made from {idx.source.path} ({idx.source.adapter}); {model} does not "
+                            f"open as that format ({str(e).splitlines()[0]}); validate against {idx.source.path}, "
+                            f"or run `precompute --model {model}` for its own store") from None
     if model is None or Path(model).resolve() == Path(idx.source.path):
         now = source_identity(source)
         if now.files != idx.source.files:
@@ -87,9 +95,10 @@ def validate(store_dir: Path, model: str | None, samples: int, progress: bool = 
                                 f"{sorted(got)}, the source decodes to {sorted(want)}")
         for role in want:
             if not bit_equal(got[role], want[role]):
+                fix = (f"the store was made from {idx.source.path}, not from it" if other
+                       else "re-run `precompute --force`")
                 raise MismatchError(f"{store_dir / idx.layers[layer].file}: expert {layer}/{expert} (layer {layer}, "
-                                    f"expert {expert}) tensor {role} differs from the source {src_path} "
-                                    f"(re-run `precompute --force`)")
+                                    f"expert {expert}) tensor {role} differs from the source {src_path} ({fix})")
     secs2 = time.perf_counter() - t1
     log(f"store {store_dir}: OK. {len(idx.experts)} experts ({human_bytes(total)}, {idx.dtype}) checksummed in "
         f"{secs:.2f} s = {human_bytes(total / max(secs, 1e-9))}/s, {len(idx.experts) / max(secs, 1e-9):.0f} experts/s; "
