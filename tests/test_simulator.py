@@ -258,3 +258,25 @@ def test_default_policy_beats_lru_on_real_traces(ratios):
 def test_default_policy_within_125_percent_of_belady(ratios):
     for key, (default, _) in ratios.items():
         assert default <= 1.25, (key, default)
+
+
+def test_policies_that_cannot_hold_a_layer_are_skipped_with_the_reason(small_trace_file, bin_env, tmp_path):
+    # 3 layers x 8 experts, top-1: 2 experts of VRAM hold one layer's working set but not a
+    # per-layer share for each of the 3 layers (lru-per-layer), so only that one is skipped.
+    out = tmp_path / "r.json"
+    r = cli(bin_env, "--trace", str(small_trace_file), "--vram-capacity", "2000000", "--ram-capacity", "0.5",
+            "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert list(report["skipped"]) == ["lru-per-layer"]
+    assert "smaller than one layer's top-1 working set" in report["skipped"]["lru-per-layer"]
+    ran = {run["policy"] for run in report["runs"]}
+    assert "lru" in ran and "nextuse" in ran and "lru-per-layer" not in ran
+    assert "lru-per-layer  skipped: lru-per-layer: VRAM share per layer" in r.stdout
+
+
+def test_simulate_fails_when_no_policy_fits(small_trace_file, bin_env):
+    r = cli(bin_env, "--trace", str(small_trace_file), "--vram-capacity", "2000000", "--ram-capacity", "0.5",
+            "--policy", "lru-per-layer")
+    assert r.returncode == 2
+    assert r.stderr.startswith("prefetch-bench simulate: error: no policy fits these budgets: lru-per-layer")

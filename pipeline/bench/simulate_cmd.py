@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     import msgspec
     from tqdm import tqdm
 
+    from policies.cache.base import DoesNotFit
     from policies.cache.belady import belady_min
     from policies.cache.registry import (DEFAULT_PREDICTOR, fixed_options, make_policy, parse_policy_spec,
                                          parse_predictor_spec, policy_class, policy_names)
@@ -123,8 +124,15 @@ def run(args: argparse.Namespace) -> int:
 
     for spec in predictors:  # bad options fail now, not after the first long replay
         build_predictor(spec)
+    skipped: dict[str, str] = {}  # policy -> why it cannot run at these budgets
     for spec in policies:
-        build_policy(spec, build_predictor(predictors[0]) if classes[spec].uses_predictor else None)
+        try:
+            build_policy(spec, build_predictor(predictors[0]) if classes[spec].uses_predictor else None)
+        except DoesNotFit as e:
+            skipped[spec] = str(e)
+    if len(skipped) == len(policies):
+        raise ValueError(f"no policy fits these budgets: {next(iter(skipped.values()))}")
+    policies = [p for p in policies if p not in skipped]
     pairs = [(p, q) for p in policies for q in (predictors if classes[p].uses_predictor else ["-"])]
     passes = count_passes(trace, args.include_prefill)
     if passes == 0:
@@ -159,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
                              "loads_vram": ahead.loads,
                              "stall_seconds_per_token": ahead.stall_seconds / max(1, tokens)},
         "runs": [dict(msgspec.structs.asdict(r), wall_seconds=round(w, 2)) for r, w in zip(results, wall)],
+        "skipped": skipped,
     }
     _print_table(report)
     if args.json:
@@ -186,3 +195,5 @@ def _print_table(report: dict) -> None:
         print(f"{r['policy']:<{wp}}{r['predictor']:<{wq}}{r['vram_hit_rate']:>9.3f}{r['ram_hit_rate']:>9.3f}"
               f"{r['loads_vram']:>11}{ratio:>9.2f}{r['loads_ram']:>10}"
               f"{r['stall_seconds_per_token']:>12.4f}{r['tokens_per_second']:>9.2f}{r['wall_seconds']:>8.1f}")
+    for name, why in report.get("skipped", {}).items():
+        print(f"{name:<{wp}}skipped: {why}")

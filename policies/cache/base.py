@@ -42,6 +42,11 @@ ABSENT, LOADING, RESIDENT = 0, 1, 2
 TIERS = (Tier.VRAM, Tier.RAM)
 
 
+class DoesNotFit(ValueError):
+    """The budgets cannot hold what this policy needs (one layer's working set, a per-layer
+    share): the policy cannot run at this size, though the same call may be right at another."""
+
+
 class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Shape and budgets shared by every policy (bytes; seconds)."""
 
@@ -105,11 +110,11 @@ class CachePolicy(abc.ABC):
         top = np.sort(sizes, axis=1)[:, -c.top_k:].sum(axis=1)
         need = int(top.max())
         if c.vram_bytes < need:
-            raise ValueError(f"{self.name}: vram_bytes={c.vram_bytes} is smaller than one layer's "
+            raise DoesNotFit(f"{self.name}: vram_bytes={c.vram_bytes} is smaller than one layer's "
                              f"top-{c.top_k} working set ({need} bytes; largest expert "
                              f"{int(sizes.max())} bytes); give VRAM at least {need} bytes")
         if c.ram_bytes < need:
-            raise ValueError(f"{self.name}: ram_bytes={c.ram_bytes} is smaller than one layer's "
+            raise DoesNotFit(f"{self.name}: ram_bytes={c.ram_bytes} is smaller than one layer's "
                              f"top-{c.top_k} working set ({need} bytes); give RAM at least {need} bytes")
         if not 0 <= c.vram_headroom <= c.vram_bytes - need:
             raise ValueError(f"{self.name}: vram_headroom={c.vram_headroom} must be in 0..{c.vram_bytes - need} "

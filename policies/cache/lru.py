@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..events import Tier
-from .base import ABSENT, CachePolicy, _Call
+from .base import ABSENT, CachePolicy, DoesNotFit, _Call
 
 
 class LRUPolicy(CachePolicy):
@@ -35,7 +35,7 @@ class LRUPerLayerPolicy(LRUPolicy):
         for tier, cap in self.capacity.items():
             share = cap // self.L
             if share < worst:
-                raise ValueError(f"{self.name}: {tier.name} share per layer is {cap} // {self.L} = "
+                raise DoesNotFit(f"{self.name}: {tier.name} share per layer is {cap} // {self.L} = "
                                  f"{share} bytes, smaller than one layer's top-{self.K} working set "
                                  f"({worst} bytes); give {tier.name} at least {worst * self.L} bytes")
         self.share = {t: c // self.L for t, c in self.capacity.items()}
