@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:
         return module.run(args)
+    except KeyboardInterrupt:  # Ctrl-C: the run's pipelines closed on the way out; outputs are atomic
+        print(f"prefetch-bench {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, KeyError, OSError) as e:  # bad input: one line, non-zero exit
         print(f"prefetch-bench {args.command}: error: {e}", file=sys.stderr)
         return 2

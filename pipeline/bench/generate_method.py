@@ -171,7 +171,10 @@ def run_method(run: MethodRun) -> MethodResult:
 
 def main(argv: list[str]) -> int:
     run = msgspec.json.decode(argv[0].encode(), type=MethodRun)
-    res = run_method(run)
+    try:
+        res = run_method(run)
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent reports it
+        return 130
     sys.stdout.flush()
     os.write(1, b"\nRESULT " + msgspec.json.encode(res) + b"\n")
     return 0

@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"make-trace: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # save_trace writes atomically: nothing half-written is left
+        print("make-trace: interrupted; nothing written", file=sys.stderr)
+        return 130
     print(f"make-trace: wrote {args.out}: {trace.tokens} rows x {cfg.layers} layers x top-{cfg.top_k} "
           f"of {cfg.experts} experts, {cfg.requests} requests")
     return 0
