@@ -57,6 +57,11 @@ class PipelineStats(msgspec.Struct, frozen=True):
     copies: CopyStats
     actor: object  # policies.actor.ActorStats
 
+    def __str__(self) -> str:
+        from .stats_table import format_stats
+
+        return format_stats(self)
+
 
 class StagedExperts(list):
     """What `fetch(..., wait=False)` returns: the experts' tensors (one dict per id, in the order
@@ -324,11 +329,14 @@ class ExpertPipeline:
             raise ValueError(f"{len(ids)} experts at once but vram_form='stored' decodes into {views.num_views} "
                              f"dense views; fetch at most {views.num_views} at a time or open with "
                              f"vram_views={len(ids)} (or vram_form='dense')")
-        self._seq += 1
-        fence = self._p.engine.fence()  # on the caller's current stream, before this fetch's uses
         weights = None if router_weights is None else tuple(float(w) for w in
                                                            (router_weights.tolist() if hasattr(router_weights, "tolist")
                                                             else router_weights))
+        if weights is not None and len(weights) != len(ids):
+            raise ValueError(f"router_weights has {len(weights)} values for {len(ids)} expert ids; give one "
+                             f"weight per id, in the same order (or none)")
+        self._seq += 1
+        fence = self._p.engine.fence()  # on the caller's current stream, before this fetch's uses
         event = Activation(layer=int(layer), experts=tuple(ids), weights=weights, token_id=token_id,
                            hint=self._hint, time=self._loop.time(), rows=rows)
         self._hint = None

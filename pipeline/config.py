@@ -132,6 +132,11 @@ def load_config(path: str | Path, **overrides) -> PipelineConfig:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: pipeline config must be a table/object")
     data.update(overrides)
+    for key in ("vram", "ram"):
+        if isinstance(data.get(key), float):  # e.g. vram = 0.1: a share of experts is a benchmark's notion
+            raise ValueError(f"{path}: {key} = {data[key]} is a fraction; the pipeline's budgets are bytes or a "
+                             f"size string, e.g. {key} = \"6GiB\" (fractions of all experts are prefetch-bench's "
+                             f"--{key})")
     try:
         return msgspec.convert(data, PipelineConfig)
     except (msgspec.ValidationError, ValueError) as e:

@@ -160,6 +160,11 @@ def load_trace(path: str | os.PathLike) -> Trace:
     except OSError as e:
         raise TraceError(path, f"cannot open ({e.strerror})") from None
     with f:  # our own handle, so a failed np.load never leaks it
+        magic = f.read(4)
+        f.seek(0)
+        if magic != b"PK\x03\x04":  # an .npz is a zip archive; numpy would guess "pickle" for anything else
+            raise TraceError(path, "not an .npz routing trace (not a zip archive); give a file written by "
+                             "make-trace or in the format of data/traces/FORMAT.md")
         try:
             npz = np.load(f, allow_pickle=False)
         except Exception as e:  # untrusted bytes: zip, header and OS errors all mean "not a trace"

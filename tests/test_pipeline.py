@@ -418,6 +418,20 @@ def test_bad_fetch_arguments_are_clear(stores, no_leaks):
         for rows in (0, 2.5, True):
             with pytest.raises(ValueError, match=r"rows=.*an int >= 1 \(1 when decoding\)"):
                 pipe.fetch(0, [1], rows=rows)
+        with pytest.raises(ValueError, match=r"router_weights has 1 values for 2 expert ids; give one weight per id"):
+            pipe.fetch(0, [1, 2], router_weights=[0.5])
+        assert len(pipe.fetch(0, [1, 2], router_weights=[0.6, 0.4])) == 2  # and the right length still serves
+
+
+def test_a_config_file_with_a_fractional_budget_names_the_fix(tmp_path):
+    from pipeline.config import load_config
+
+    path = tmp_path / "edge.toml"
+    path.write_text('store = "s"\nvram = 0.1\nram = "1GiB"\n')
+    with pytest.raises(ValueError) as e:
+        load_config(path)
+    assert str(e.value) == (f'{path}: vram = 0.1 is a fraction; the pipeline\'s budgets are bytes or a size string, '
+                            'e.g. vram = "6GiB" (fractions of all experts are prefetch-bench\'s --vram)')
 
 
 def test_rows_reach_the_policy_and_it_chooses_the_vram_victims(stores, no_leaks):
@@ -723,3 +737,18 @@ def test_vram_headroom_is_two_fetches_at_most_a_sixteenth_and_none_when_all_fit(
     from pipeline.assembly import vram_headroom_slots
 
     assert vram_headroom_slots(slots, top_k, experts) == free
+
+
+def test_stats_print_as_a_table_a_person_reads(stores, no_leaks):
+    store = stores["bfloat16"]
+    with ExpertPipeline.open(store, **budgets(store, 4, 4), device="cpu", readers=1) as pipe:
+        pipe.fetch(0, [1])
+        pipe.fetch(0, [1])
+        text = str(pipe.stats())
+    lines = text.splitlines()
+    assert lines[0].startswith("pipeline on cpu: VRAM 4 slots (dense,")
+    assert "fetches 2: VRAM hit rate 0.500" in lines[1]
+    for section in ("scheduler:", "readers:", "copies:", "actor:"):
+        assert section in lines
+    assert "reads_ok=1" in text and "state=running" in text
+    assert max(len(line) for line in lines) < 140

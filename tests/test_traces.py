@@ -114,7 +114,10 @@ def test_pickle_only_object_array_refused(tmp_path):
         load_trace(p)
 
 
-@pytest.mark.parametrize("content, problem", [(b"", "not a readable .npz"), (b"PK\x03\x04garbage", "not a readable")])
+@pytest.mark.parametrize("content, problem", [
+    (b"", r"not an \.npz routing trace \(not a zip archive\); give a file written by make-trace"),
+    (b"a,b\n1,2\n", r"not an \.npz routing trace \(not a zip archive\)"),  # numpy would call this a pickle
+    (b"PK\x03\x04garbage", "not a readable")])
 def test_not_an_npz(tmp_path, content, problem):
     p = tmp_path / "x.npz"
     p.write_bytes(content)

@@ -35,6 +35,11 @@ class OffloadStats(msgspec.Struct, frozen=True):
     lookahead_recall: float | None  # of the next layer's experts, one-row passes; None without lookahead
     pipeline: object  # pipeline.api.PipelineStats
 
+    def __str__(self) -> str:
+        recall = "-" if self.lookahead_recall is None else f"{self.lookahead_recall:.3f}"
+        return (f"experts forwards {self.forward_calls}, fetches {self.fetches}, lookahead recall {recall}\n"
+                f"{self.pipeline}")
+
 
 class OffloadedMoE:
     """`model.moe_cache`: the pipeline behind a model, its counters, and close()."""
