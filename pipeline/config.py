@@ -122,7 +122,8 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
 
 def load_config(path: str | Path, **overrides) -> PipelineConfig:
-    """Read a PipelineConfig from a .toml or .json file; keyword overrides win."""
+    """Read a PipelineConfig from a .toml or .json file; keyword overrides win. A relative `store`
+    in the file is taken from the file's folder (data/configs/ names the store `make bench` builds)."""
     path = Path(path)
     try:
         text = path.read_bytes()
@@ -131,6 +132,8 @@ def load_config(path: str | Path, **overrides) -> PipelineConfig:
         raise ValueError(f"{path}: cannot read pipeline config ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: pipeline config must be a table/object")
+    if isinstance(data.get("store"), str) and not Path(data["store"]).is_absolute():
+        data["store"] = str(path.parent / data["store"])  # a relative store is found from the file's folder
     data.update(overrides)
     for key in ("vram", "ram"):
         if isinstance(data.get(key), float):  # e.g. vram = 0.1: a share of experts is a benchmark's notion
