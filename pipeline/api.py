@@ -15,7 +15,7 @@
 `open` runs the pipeline's event loop (uvloop) on a dedicated thread; `aopen` runs it on
 the caller's loop. Tensors handed out by a fetch stay valid until a later fetch: the slot
 is overwritten only by a copy that waits on a fence recorded by that later fetch on the
-caller's stream (DESIGN: no use-after-free). One pipeline serves one decode loop: a sync
+caller's stream (docs/architecture.md: no use-after-free). One pipeline serves one decode loop: a sync
 `fetch` from a second thread is refused with a clear error.
 """
 from __future__ import annotations

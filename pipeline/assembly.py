@@ -20,7 +20,7 @@ import torch
 from adapters.store import StoreCheckpoint
 from policies.actor import PolicyActor, PolicyActorError
 from policies.process_actor import PolicyProcess, PolicySpec
-from policies.cache.registry import fixed_options, make_policy, policy_class
+from policies.cache.registry import DEFAULT_PREDICTOR, fixed_options, make_policy, parse_predictor_spec, policy_class
 from policies.events import Tier
 from policies.predictors.registry import make_predictor
 
@@ -141,11 +141,14 @@ async def assemble(cfg: PipelineConfig, *, reader_hooks: dict | None = None) -> 
     form = resolve_vram_form(store, cfg.vram_form, device, cfg.vram_bytes, cfg.vram_views)
     n_vram, vram_slot, n_ram, ram_slot = plan_slots(cfg, store, form)
     cls = policy_class(cfg.policy)  # unknown names fail here, before anything is allocated
-    predictor, predictor_name = None, None
+    predictor, predictor_name, predictor_options = None, None, {}
     if cls.uses_predictor:
-        predictor_name = cfg.predictor or "ewma"
+        # A spec "name:key=value,..." (the registry's default when none is given); explicit
+        # predictor_options win over the spec's.
+        predictor_name, predictor_options = parse_predictor_spec(cfg.predictor or DEFAULT_PREDICTOR)
+        predictor_options.update(cfg.predictor_options)
         predictor = make_predictor(predictor_name, spec.num_layers, spec.num_experts, spec.top_k,
-                                   **cfg.predictor_options)
+                                   **predictor_options)
     # The policy counts in RAM-slot units so its capacities are exactly the slot counts.
     headroom = vram_headroom_slots(n_vram, spec.top_k, spec.num_layers * spec.num_experts)
     policy_config = dict(num_layers=spec.num_layers, num_experts=spec.num_experts, top_k=spec.top_k,
@@ -178,7 +181,7 @@ async def assemble(cfg: PipelineConfig, *, reader_hooks: dict | None = None) -> 
             # The policy built above only validated names and options; the child builds its own.
             policy = None
             actor = PolicyProcess(PolicySpec(policy=cfg.policy, predictor=predictor_name,
-                                             predictor_options=dict(cfg.predictor_options),
+                                             predictor_options=predictor_options,
                                              policy_config=policy_config, num_layers=spec.num_layers,
                                              num_experts=spec.num_experts, top_k=spec.top_k,
                                              queue_size=cfg.actor_queue),

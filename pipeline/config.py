@@ -43,7 +43,10 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     vram: int | str  # VRAM budget for expert slots
     ram: int | str  # pinned host RAM budget for expert slots
     policy: str = "nextuse"
-    predictor: str | None = "ewma"  # None for policies that take none
+    # A predictor spec, "name" or "name:key=value,...", as prefetch-bench takes it; the default is
+    # the registry's (policies.cache.registry.DEFAULT_PREDICTOR, what the benchmarks call ours);
+    # None for policies that take none.
+    predictor: str | None = "ewma:alpha=0.05"
     predictor_options: dict[str, float | int | str] = {}
     # Fields of the policy's config (its config_type), e.g. {"prefetch_min_prob": 0.2} for
     # nextuse; the budgets and the model's shape come from vram, ram and the store.

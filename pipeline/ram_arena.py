@@ -5,7 +5,7 @@ views it as a uint8 tensor `[num_slots, slot_bytes]`. Reader processes (pipeline
 open the same file by `path` and write expert bytes straight into a slot, so the bytes that
 arrive from the disk are the bytes the H2D copy reads: no extra copy. The parent registers
 the mapping with CUDA once (cudaHostRegister) so those copies run at pinned speed; where
-that fails it carries on unpinned with one RuntimeWarning (STYLE.md item 7).
+that fails it carries on unpinned with one RuntimeWarning.
 
 `close()` unregisters, drops the views, unmaps and unlinks; a `weakref.finalize` unlinks a
 forgotten arena at interpreter exit. Slot bookkeeping (which expert is where, free lists)

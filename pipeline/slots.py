@@ -22,7 +22,7 @@ class Slot:
     key: Key | None = None
     state: int = FREE
     # VRAM: fetch sequence number that last handed its tensors to the caller; the slot may be
-    # overwritten only behind a fence recorded by a later fetch (DESIGN: no use-after-free).
+    # overwritten only behind a fence recorded by a later fetch (docs/architecture.md: no use-after-free).
     handed_seq: int = -1
     transfer: object | None = None  # VRAM: the copy filling it (Transfer); None once READY
     prior: object | None = None  # VRAM: a copy into this slot still in flight when it was re-taken

@@ -22,5 +22,5 @@ def test_replay_verdict_compares_ours_at_the_same_budgets():
     report = {"budgets": [{"methods": [row("resident", 300, 0), row("on-demand-disk", 80, 0.09),
                                        row("lru-lookahead", 100, 0.035), row("ours", 120, 0.024)]}]}
     line = replay_verdict(report)
-    assert "ours 120 tok/s = 1.50x on-demand and 1.20x LRU with lookahead" in line
+    assert "ours 120 tok/s = 1.50x on-demand from disk and 1.20x LRU with lookahead" in line
     assert "read 24.0 MB from disk against 90.0 and 35.0 MB" in line and "(300 tok/s)" in line

@@ -752,3 +752,13 @@ def test_stats_print_as_a_table_a_person_reads(stores, no_leaks):
         assert section in lines
     assert "reads_ok=1" in text and "state=running" in text
     assert max(len(line) for line in lines) < 140
+
+
+def test_the_default_predictor_is_the_registrys_and_a_spec_string_is_accepted(stores, no_leaks):
+    from policies.cache.registry import DEFAULT_PREDICTOR
+
+    assert PipelineConfig(store="s", vram=1, ram=1).predictor == DEFAULT_PREDICTOR
+    store = stores["bfloat16"]
+    with ExpertPipeline.open(store, **budgets(store, 4, 4), device="cpu", readers=1, policy_process=False,
+                             predictor="ewma:alpha=0.3", predictor_options={"alpha": 0.4}) as pipe:
+        assert pipe._p.actor.policy.predictor.alpha == 0.4  # explicit options win over the spec's

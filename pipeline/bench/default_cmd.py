@@ -87,7 +87,7 @@ def replay_verdict(report: dict) -> str:
     rows = {m["method"]: m for m in report["budgets"][0]["methods"]}
     ours, base, lru = rows["ours"], rows["on-demand-disk"], rows["lru-lookahead"]
     return (f"=> same budgets for every method (VRAM 25%, RAM 50% of the experts): ours "
-            f"{ours['tokens_per_s']:.0f} tok/s = {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x on-demand and "
+            f"{ours['tokens_per_s']:.0f} tok/s = {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x on-demand from disk and "
             f"{ours['tokens_per_s'] / lru['tokens_per_s']:.2f}x LRU with lookahead: it read "
             f"{ours['gb_nvme'] * 1e3:.1f} MB from disk against {base['gb_nvme'] * 1e3:.1f} and "
             f"{lru['gb_nvme'] * 1e3:.1f} MB, keeping in RAM the experts its predictor expects back; resident, "

@@ -153,7 +153,7 @@ def _compare(rows: list[dict]) -> None:
 
 def _table(rows: list[dict], spec) -> str:
     def f(v, fmt):
-        return "-" if v is None else format(v, fmt)
+        return format(v, fmt) if v is not None else "-".rjust(int(fmt.split(".")[0] or 0))
 
     head = f"{'vram':>6} {'method':<18} {'prefill s':>9} {'decode tok/s':>12} {'x resident':>10} {'VRAM GB':>8} " \
            f"{'RSS GB':>7} {'moved GB':>8} {'hit':>5} {'same':>5}"

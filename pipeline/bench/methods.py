@@ -77,7 +77,7 @@ def baseline_methods() -> list[Method]:
         # prefetching one layer ahead at a lower threshold; the simulator at H100 figures puts
         # it 6% above ours on qwen1.5 at 10% and 25% (2% on qwen3.6). On the H100 it was the
         # slower one at 10% in four runs (31-39 vs 40-49 tok/s): each prefetch costs the
-        # decode thread GIL time (README, "where the time goes"); faster at 25% in one run.
+        # decode thread GIL time (docs/results/README.md); faster at 25% in one run.
         Method(name="ours-colayer", policy=DEFAULT_POLICY, predictor="colayer",
                policy_options={"prefetch_min_prob": 0.2, "max_prefetch": 2},
                note=f"{DEFAULT_POLICY} (prefetch at p >= 0.2, 2 per layer) + colayer"),
