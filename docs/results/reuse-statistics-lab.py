@@ -1,6 +1,7 @@
 """Would knowing each expert's reuse statistics in advance bring a causal cache near Belady?
 
-A lab check for issue 3's 1.25x target (stop 18), not a project tool. The rule: one demand
+A lab check for the project's 1.25x-of-Belady target (tests/test_simulator.py), not a project
+tool. The rule: one demand
 cache shared by all layers (unit-size experts, decode rows, the simulator's access order, as
 `policies/horizon_bound.py`); on a miss with the cache full it evicts the cached expert with
 the largest expected time to its next use, D(l | now) + L * MRL(a), where a is the number of
