@@ -289,14 +289,13 @@ def test_more_views_serve_a_larger_fetch_and_come_out_of_the_budget(stores, no_l
 def test_staged_fetch_decodes_hits_at_once_and_copies_at_ready(stores, device, no_leaks):
     st = StoreCheckpoint(stores["mxfp4"])
     k = st.spec.top_k
-    checked = mixed = 0
+    checked = 0
     with ExpertPipeline.open(stores["mxfp4"], **stored_budget(st, k + 2, k + 3), device=device, readers=2) as pipe:
         assert pipe.stats().vram_views == k  # the default: one fetch's worth
         for layer, ids, token in trace_visits(stores["mxfp4"]):
             staged = pipe.fetch(layer, ids, token_id=token, wait=False)
             assert isinstance(staged, StagedExperts)
             hits = [i for i in staged.order if staged._transfers[i] is None]
-            mixed += 0 < len(hits) < len(ids)
             for i in hits:  # readable before ready(): decoded when the fetch returned
                 assert_same({r: t.cpu() for r, t in staged[i].items()}, st.load_expert(layer, ids[i]), (layer, i))
             for i in staged.order:
@@ -304,7 +303,18 @@ def test_staged_fetch_decodes_hits_at_once_and_copies_at_ready(stores, device, n
                 staged.ready(i)  # twice is harmless: one decode
                 assert_same({r: t.cpu() for r, t in staged[i].items()}, st.load_expert(layer, ids[i]), (layer, i))
                 checked += 1
-    assert checked > 50 and mixed > 0
+    assert checked > 50
+    # Whether the trace's fetches mix hits and misses depends on when the policy's prefetches
+    # land; with LRU (no prefetch) one is made for certain: expert k-1 is still in VRAM, k is not.
+    with ExpertPipeline.open(stores["mxfp4"], **stored_budget(st, k + 2, k + 3), device=device, readers=2,
+                             policy="lru", predictor=None) as pipe:
+        pipe.fetch(0, list(range(k)))
+        ids = [k - 1, k]
+        staged = pipe.fetch(0, ids, wait=False)
+        assert [staged._transfers[i] is None for i in range(2)] == [True, False] and staged.order == (0, 1)
+        assert_same({r: t.cpu() for r, t in staged[0].items()}, st.load_expert(0, k - 1), (0, k - 1))
+        staged.ready(1)
+        assert_same({r: t.cpu() for r, t in staged[1].items()}, st.load_expert(0, k), (0, k))
 
 
 @GPU
