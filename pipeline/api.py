@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import msgspec
@@ -39,6 +40,10 @@ from .scheduler import SchedulerStats
 
 class PipelineClosed(RuntimeError):
     """The pipeline was closed; open a new one."""
+
+
+class PolicyStoppedWarning(RuntimeWarning):
+    """The policy actor stopped; the pipeline serves on without it (see stats().actor)."""
 
 
 class PipelineStats(msgspec.Struct, frozen=True):
@@ -101,6 +106,7 @@ class ExpertPipeline:
         self._owner: int | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._policy_failure_told = False
         self.spec = parts.store.spec
         self._old_switch = None
         if cfg.gil_switch_interval_s is not None:  # see PipelineConfig.gil_switch_interval_s
@@ -160,12 +166,14 @@ class ExpertPipeline:
             seq, fence, ids, event = self._begin(layer, expert_ids, router_weights, token_id, rows)
             pairs = self._p.scheduler.try_serve(layer, ids, seq, fence)
             if pairs is not None:  # served on this thread (VRAM hits, copies from RAM): no hop to the loop
-                self._p.actor.publish_threadsafe(event)
+                if not self._p.actor.publish_threadsafe(event):
+                    self._tell_policy_failure()
                 return self._finish(pairs, wait)
             fut = asyncio.run_coroutine_threadsafe(self._p.scheduler.demand(layer, ids, seq, fence), self._loop)
             # Published after the demand was queued: the loop serves the demand before the policy
             # thinks about this event (the caller never waits for the policy).
-            self._p.actor.publish_threadsafe(event)
+            if not self._p.actor.publish_threadsafe(event):
+                self._tell_policy_failure()
             return self._finish(fut.result(timeout=self._demand_timeout()), wait)
 
     async def afetch(self, layer: int, expert_ids, *, router_weights=None, token_id: int | None = None,
@@ -174,11 +182,13 @@ class ExpertPipeline:
         coro = self._p.scheduler.demand(layer, ids, seq, fence)
         if self._thread is not None:  # the pipeline's loop runs elsewhere: bridge to it
             fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
-            self._p.actor.publish_threadsafe(event)
+            if not self._p.actor.publish_threadsafe(event):
+                self._tell_policy_failure()
             res = await asyncio.wrap_future(fut)
         else:
             task = asyncio.ensure_future(coro)
-            self._p.actor.publish(event)
+            if not self._p.actor.publish(event):
+                self._tell_policy_failure()
             res = await asyncio.wait_for(task, self._demand_timeout())
         return self._finish(res, wait)
 
@@ -268,6 +278,7 @@ class ExpertPipeline:
             return
         self._closed = True
         self._restore_switch_interval()
+        self._tell_policy_failure()
         from .assembly import shutdown
 
         try:
@@ -284,6 +295,7 @@ class ExpertPipeline:
             return
         self._closed = True
         self._restore_switch_interval()
+        self._tell_policy_failure()
         from .assembly import shutdown
 
         await shutdown(self._p, self.config.close_timeout_s)
@@ -381,6 +393,18 @@ class ExpertPipeline:
 
         return StagedExperts([views.tensors(view_of[i]) for i in range(len(slots))], transfers, prepare)
 
+    def _tell_policy_failure(self) -> None:
+        """Once, when a refused event shows the policy stopped: the pipeline serves on, each demand
+        miss evicting the scheduler's own LRU choice, without prefetch; say so and why."""
+        actor = self._p.actor
+        if self._policy_failure_told or actor.state.value != "failed":
+            return
+        self._policy_failure_told = True
+        cause = actor.stats().last_error or "unknown cause"
+        warnings.warn(f"{cause}; the pipeline goes on serving every fetch without the policy: no prefetch, "
+                      f"each miss evicts the least recently used slot (stats().actor keeps the cause)",
+                      PolicyStoppedWarning, stacklevel=3)
+
     def _demand_timeout(self) -> float:
         c = self.config
         return c.read_timeout_s * c.read_attempts + c.close_timeout_s
@@ -397,4 +421,4 @@ async def _assemble(cfg: PipelineConfig, reader_hooks: dict | None):
     return await assemble(cfg, reader_hooks=reader_hooks)
 
 
-__all__ = ["ExpertPipeline", "PipelineClosed", "PipelineStats", "StagedExperts"]
+__all__ = ["ExpertPipeline", "PipelineClosed", "PipelineStats", "PolicyStoppedWarning", "StagedExperts"]

@@ -237,6 +237,10 @@ async def shutdown(p: Parts, timeout: float) -> None:
     for step in steps:
         try:
             await step()
+        except PolicyActorError:
+            # The policy stopped earlier and the pipeline served on with its own choices; that was
+            # reported when it was seen (ExpertPipeline warns once; stats().actor keeps the cause).
+            pass
         except BaseException as e:  # keep going: every resource must be released
             errors.append(e)
     if errors:

@@ -434,6 +434,8 @@ class PolicyProcess:
         except (EOFError, OSError):
             self._loop.remove_reader(self._fd)
             if self._state is not ActorState.STOPPED and not (self._stopped and self._stopped.done()):
+                if self._proc is not None:
+                    self._proc.join(0.5)  # its socket closes a moment before it can be reaped
                 code = self._proc.exitcode if self._proc is not None else None
                 if self._state is not ActorState.FAILED:
                     self._fail(f"policy process exited unexpectedly (exit code {code})")

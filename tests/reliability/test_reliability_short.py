@@ -1,0 +1,88 @@
+"""The reliability suite's short versions, run by `make test`; `make reliability` runs the long ones
+(tests/reliability/run.py) and prints the table of figures."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+from adapters.errors import CheckpointError
+from adapters.store import StoreCheckpoint
+from pipeline import ExpertPipeline
+from pipeline.api import PolicyStoppedWarning
+from tests.helpers_pipeline import budgets, build_tiny_store, no_leaks  # noqa: F401
+from tests.reliability.soak import Faults, slope_per_1k, soak, Sample
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return build_tiny_store(tmp_path_factory.mktemp("soak"), "bfloat16")
+
+
+def test_soak_under_a_fault_storm_hands_out_only_exact_experts(store, no_leaks):  # noqa: F811
+    r = soak(store, tokens=2000, faults=Faults(reader_kills=8, reader_stops=2, policy_kill=True), seed=3,
+             sample_every=250)
+    assert r.wrong_tensors == 0 and r.experts_checked == r.fetches * 2 == 2000 * 3 * 2
+    assert r.reader_kills == 8 and r.reader_stops == 2 and r.policy_killed
+    assert r.reader_restarts >= 8  # every killed reader replaced (a stopped one when its read timed out)
+    assert r.policy_state == "failed"  # and decoding went on: every token above was served
+    assert r.slowest_fetch_s < 10
+    assert r.slopes_per_1k["shm_entries"] == 0 and r.slopes_per_1k["threads"] == 0
+    # closed: the same descriptors, threads and /dev/shm entries as before it opened
+    assert (r.after.fds, r.after.threads, r.after.shm_entries) == (r.before.fds, r.before.threads, r.before.shm_entries)
+
+
+def test_soak_on_a_slow_disk_stays_exact(store, no_leaks):  # noqa: F811
+    r = soak(store, tokens=300, seed=4, read_delay_s=0.003, sample_every=100)
+    assert r.wrong_tensors == 0 and r.experts_checked == 300 * 3 * 2
+
+
+def test_the_slope_is_per_thousand_tokens_after_warm_up():
+    s = [Sample(0, 999, 0, 0, 0), Sample(1000, 10, 0, 0, 0), Sample(2000, 20, 0, 0, 0), Sample(3000, 30, 0, 0, 0)]
+    assert slope_per_1k(s, "rss_bytes") == pytest.approx(10.0)  # the first (warm-up) sample left out
+    assert slope_per_1k(s[:2], "rss_bytes") == 0.0
+
+
+def test_a_killed_policy_is_told_once_and_the_pipeline_serves_on(store, no_leaks):  # noqa: F811
+    import signal
+    import time
+
+    with ExpertPipeline.open(store, **budgets(store, 3, 6), device="cpu", readers=1) as pipe:
+        pipe.fetch(0, [0, 1])
+        os.kill(pipe._p.actor._proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while pipe.stats().actor.state != "failed" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.warns(PolicyStoppedWarning, match=r"^policy process stopped: policy process exited unexpectedly \(exit code -9\); the pipeline goes on"):
+            pipe.fetch(1, [2, 3])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            want = StoreCheckpoint(store).load_expert(2, 4)
+            got = pipe.fetch(2, [4, 5])[0]  # told once: no second warning, and still exact
+        assert all((got[r] == want[r]).all() for r in want)
+        assert pipe.stats().actor.state == "failed"
+    # close() did not raise: the failure was told when it was seen
+
+
+@pytest.mark.parametrize("how", ["truncated", "replaced"])
+def test_a_store_file_changed_under_an_open_pipeline_is_an_error_naming_it(tmp_path, no_leaks, how):  # noqa: F811
+    store = build_tiny_store(tmp_path, "bfloat16")
+    st = StoreCheckpoint(store)
+    layer_file = store / st.index.layers[2].file
+    with ExpertPipeline.open(store, **budgets(store, 3, 3), device="cpu", readers=1, read_attempts=2) as pipe:
+        pipe.fetch(0, [0, 1])
+        size = layer_file.stat().st_size
+        if how == "truncated":
+            os.truncate(layer_file, size // 2)
+        else:  # same size, other bytes: only the checksums can tell
+            data = bytearray(layer_file.read_bytes())
+            for x in st.index.experts[2 * st.spec.num_experts:3 * st.spec.num_experts]:
+                data[x.offset] ^= 0xFF
+            tmp = layer_file.with_suffix(".new")
+            tmp.write_bytes(bytes(data))
+            os.replace(tmp, layer_file)
+        with pytest.raises(CheckpointError) as e:
+            pipe.fetch(2, [st.spec.num_experts - 1])
+        msg = str(e.value)
+        assert str(layer_file.name) in msg and ("short read" in msg or "checksum" in msg), msg
