@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test bench setup clean
+.PHONY: test bench setup clean reliability
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -20,6 +20,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bin/prefetch-bench $(BENCH_ARGS)
+
+# The long reliability suite (soak, fault storms, crash points, fuzzing): a table at the end.
+reliability: $(STAMP)
+	$(PY) -m tests.reliability.run $(RELIABILITY_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache data/generated

@@ -11,6 +11,7 @@ stop cleanly with 130/143 (finished layers are kept: rerun to resume).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -130,7 +131,12 @@ def _run(argv: list[str]) -> int:
         print(f"precompute: error: {e}", file=sys.stderr)
         return 2
     except (_Usage, UnknownNameError, CheckpointError, RefusedError, ValueError, OSError) as e:
-        print(f"precompute{' ' + cmd if cmd else ''}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        text = str(e).splitlines()[0]
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            text = f"no space left on the disk of {e.filename or 'the store'}; free some and rerun (finished layers are kept)"
+        elif isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and e.filename:
+            text = f"{e.filename}: cannot write there ({e.strerror.lower()}); choose another --out"
+        print(f"precompute{' ' + cmd if cmd else ''}: error: {text}", file=sys.stderr)
         return 2
 
 

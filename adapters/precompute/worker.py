@@ -9,6 +9,7 @@ parent-pid check between experts everywhere.
 """
 from __future__ import annotations
 
+import errno
 import os
 import traceback
 from multiprocessing.connection import Connection
@@ -79,8 +80,11 @@ def worker_main(conn: Connection) -> None:
                 except Exception as e:
                     from ..errors import CheckpointError
 
-                    msg = m.LayerFailed(job.layer, isinstance(e, (CheckpointError, OSError)),
-                                        str(e).splitlines()[0] if str(e) else type(e).__name__,
+                    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                        text = (f"no space left on the disk of {job.out}; free some and rerun (finished "
+                                f"layers are kept)")
+                    msg = m.LayerFailed(job.layer, isinstance(e, (CheckpointError, OSError)), text,
                                         traceback.format_exc())
                     try:
                         conn.send_bytes(m.encoder.encode(msg))

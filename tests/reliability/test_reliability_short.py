@@ -86,3 +86,62 @@ def test_a_store_file_changed_under_an_open_pipeline_is_an_error_naming_it(tmp_p
             pipe.fetch(2, [st.spec.num_experts - 1])
         msg = str(e.value)
         assert str(layer_file.name) in msg and ("short read" in msg or "checksum" in msg), msg
+
+
+@pytest.fixture(scope="module")
+def packable(tmp_path_factory):
+    """A model that takes precompute a second or two: long enough to be killed mid-run."""
+    from tests.helpers_models import make_tiny
+
+    root = tmp_path_factory.mktemp("crash")
+    return make_tiny(root / "m", "qwen-moe", "--layers", "12", "--experts", "16", "--hidden", "256",
+                     "--intermediate", "512", "--shards", "3"), root
+
+
+def test_precompute_killed_at_random_points_resumes_to_the_same_bytes(packable):
+    from tests.reliability.crash import crash_points
+
+    model, root = packable
+    (root / "kills").mkdir()
+    r = crash_points(model, root / "kills", points=3, seed=5)
+    assert r.points == 3 and r.identical == 3
+    assert r.killed_mid_run >= 2  # the kill points fall inside the run, mostly
+
+
+def test_precompute_on_a_disk_that_fills_up_mid_write_then_resumes(packable):
+    from tests.reliability.crash import _precompute, can_mount, disk_full
+
+    model, root = packable
+    work = root / "full"
+    work.mkdir()
+    if not can_mount(work):
+        pytest.skip("mounting a small tmpfs needs root")
+    ref = work / "reference"
+    _, err = _precompute(model, ref).communicate()
+    r = disk_full(model, work, ref)
+    assert r.exit_code == 2 and r.error.startswith("precompute: error: ")
+    assert "no space left on the disk of" in r.error and "free some and rerun" in r.error, r.error
+    assert r.partial_names == [] and r.rerun_identical
+
+
+def test_precompute_into_a_read_only_folder_fails_at_once_naming_it(packable):
+    from tests.reliability.crash import can_mount, read_only_out
+
+    model, root = packable
+    work = root / "ro"
+    work.mkdir()
+    if not can_mount(work):
+        pytest.skip("a read-only mount needs root")
+    code, line, _ = read_only_out(model, work)
+    assert code == 2 and line.endswith("store: cannot write there (read-only file system); choose another --out")
+
+
+@pytest.mark.parametrize("target", ["safetensors-header", "store-json", "trace", "config", "fetch"])
+def test_fuzzed_inputs_end_in_the_projects_error_or_a_correct_result(target, store, no_leaks):  # noqa: F811
+    from tests.reliability import fuzz
+
+    run = {"safetensors-header": lambda: fuzz.fuzz_safetensors_header(150, 1),
+           "store-json": lambda: fuzz.fuzz_store_json(150, 1, store),
+           "trace": lambda: fuzz.fuzz_trace(150, 1), "config": lambda: fuzz.fuzz_config(150, 1),
+           "fetch": lambda: fuzz.fuzz_fetch(150, 1, store)}[target]
+    assert run() == 150
