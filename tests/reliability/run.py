@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reader-stops", type=int, default=5)
     p.add_argument("--crash-points", type=int, default=20)
     p.add_argument("--fuzz-examples", type=int, default=3000)
+    p.add_argument("--device", default="cpu", help="where the VRAM tier lives: cpu or cuda (default cpu)")
     p.add_argument("--json", help="write every figure here")
     a = p.parse_args(argv)
     from tests.helpers_models import make_tiny
@@ -43,14 +44,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\r  soak: {token}/{total} tokens", end="", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    r = soak(store, tokens=a.tokens, faults=Faults(a.reader_kills, a.reader_stops, True), seed=0, progress=progress)
+    r = soak(store, tokens=a.tokens, faults=Faults(a.reader_kills, a.reader_stops, True), seed=0, device=a.device,
+             progress=progress)
     print(file=sys.stderr)
     out["soak"] = msgspec.to_builtins(r)
     s = r.slopes_per_1k
     rows += [("soak", f"{r.tokens} tokens, {r.experts_checked} experts checked, {r.wrong_tensors} wrong, slowest "
                       f"fetch {r.slowest_fetch_s:.2f} s, {r.seconds:.0f} s"),
              ("slopes per 1k tokens", f"RSS {s['rss_bytes'] / 1e3:+.1f} kB, fds {s['fds']:+.3f}, threads "
-                                      f"{s['threads']:+.3f}, /dev/shm {s['shm_entries']:+.3f}"),
+                                      f"{s['threads']:+.3f}, /dev/shm {s['shm_entries']:+.3f}, VRAM "
+                                      f"{s['vram_bytes'] / 1e3:+.1f} kB"),
              ("after close vs before open", f"fds {r.after.fds - r.before.fds:+d}, threads "
                                             f"{r.after.threads - r.before.threads:+d}, /dev/shm "
                                             f"{r.after.shm_entries - r.before.shm_entries:+d}"),

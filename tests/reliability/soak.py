@@ -42,6 +42,7 @@ class Sample(msgspec.Struct, frozen=True):
     fds: int
     threads: int
     shm_entries: int
+    vram_bytes: int = 0  # allocated by torch on the GPU (0 without one)
 
 
 class SoakReport(msgspec.Struct):
@@ -64,8 +65,9 @@ class SoakReport(msgspec.Struct):
 
 def _sample(token: int) -> Sample:
     rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    vram = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
     return Sample(token, rss, len(os.listdir("/proc/self/fd")), threading.active_count(),
-                  len([n for n in os.listdir("/dev/shm") if n.startswith("tlmc-")]))
+                  len([n for n in os.listdir("/dev/shm") if n.startswith("tlmc-")]), vram)
 
 
 def slope_per_1k(samples: list[Sample], field: str) -> float:
@@ -90,7 +92,7 @@ def _fault_plan(tokens: int, faults: Faults, rng: random.Random) -> dict[int, li
 
 def soak(store_dir: Path, *, tokens: int, faults: Faults = Faults(), seed: int = 0, vram_experts: int | None = None,
          ram_experts: int | None = None, readers: int = 4, sample_every: int = 1000, watchdog_s: float = 10.0,
-         read_timeout_s: float = 2.0, read_delay_s: float = 0.0, progress=None) -> SoakReport:
+         read_timeout_s: float = 2.0, read_delay_s: float = 0.0, device: str = "cpu", progress=None) -> SoakReport:
     from pipeline.vram_arena import VramArena
 
     st = StoreCheckpoint(store_dir)
@@ -109,11 +111,11 @@ def soak(store_dir: Path, *, tokens: int, faults: Faults = Faults(), seed: int =
     # The first pipeline of a process makes one pipe that the process keeps (one time, not per
     # pipeline: a second open and close leaves the count as it was); open one before counting.
     ExpertPipeline.open(store_dir, vram=VramArena.slot_bytes_for(st) * K, ram=st.index.max_read_length * K,
-                        vram_form="dense", device="cpu", readers=1).close()
+                        vram_form="dense", device=device, readers=1).close()
     before = _sample(0)
     with warnings.catch_warnings(), ExpertPipeline.open(
             store_dir, vram=VramArena.slot_bytes_for(st) * vram_experts, ram=st.index.max_read_length * ram_experts,
-            vram_form="dense", device="cpu", readers=readers, read_timeout_s=read_timeout_s,
+            vram_form="dense", device=device, readers=readers, read_timeout_s=read_timeout_s,
             reader_hooks={"delay_s": read_delay_s} if read_delay_s else None) as pipe:
         warnings.simplefilter("ignore", PolicyStoppedWarning)  # the kill is ours; stats() says it
         for token in range(tokens):
@@ -145,7 +147,7 @@ def soak(store_dir: Path, *, tokens: int, faults: Faults = Faults(), seed: int =
                 for e, tensors in zip(ids, got):
                     checked += 1
                     ref = want[(layer, e)]
-                    if any(not torch.equal(tensors[r], ref[r]) for r in ref):
+                    if any(not torch.equal(tensors[r].cpu(), ref[r]) for r in ref):
                         wrong += 1
             if token % sample_every == 0:
                 samples.append(_sample(token))
@@ -154,7 +156,7 @@ def soak(store_dir: Path, *, tokens: int, faults: Faults = Faults(), seed: int =
         samples.append(_sample(tokens))
         stats = pipe.stats()
     after = _sample(tokens)
-    slopes = {f: slope_per_1k(samples, f) for f in ("rss_bytes", "fds", "threads", "shm_entries")}
+    slopes = {f: slope_per_1k(samples, f) for f in ("rss_bytes", "fds", "threads", "shm_entries", "vram_bytes")}
     return SoakReport(tokens=tokens, fetches=fetches, experts_checked=checked, wrong_tensors=wrong,
                       slowest_fetch_s=slowest, reader_kills=kills, reader_stops=stops, policy_killed=policy_killed,
                       reader_restarts=stats.readers.restarts, policy_state=stats.actor.state, samples=samples,

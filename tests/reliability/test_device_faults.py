@@ -60,3 +60,12 @@ def test_close_with_copies_in_flight_is_quick_and_leaves_nothing(store, no_leaks
     assert code != 0, "the RAM arena was still registered with CUDA after close"
     assert child_pids() - kids == set() and shm_files() - files == set()
     assert E >= K
+
+
+def test_a_short_soak_with_the_vram_tier_on_the_gpu_hands_out_only_exact_experts(store, no_leaks):  # noqa: F811
+    from tests.reliability.soak import Faults, soak
+
+    r = soak(store, tokens=1000, faults=Faults(reader_kills=4, policy_kill=True), seed=2, device="cuda",
+             sample_every=250)
+    assert r.wrong_tensors == 0 and r.experts_checked == 1000 * 3 * 2 and r.reader_kills == 4
+    assert r.slopes_per_1k["vram_bytes"] == 0  # the arenas are allocated once
