@@ -108,16 +108,24 @@ def test_precompute_killed_at_random_points_resumes_to_the_same_bytes(packable):
     assert r.killed_mid_run >= 2  # the kill points fall inside the run, mostly
 
 
-def test_precompute_on_a_disk_that_fills_up_mid_write_then_resumes(packable):
-    from tests.reliability.crash import _precompute, can_mount, disk_full
+def mountable(root, name):
+    """A fresh folder under `root` where file systems can be mounted (root only; skipped elsewhere)."""
+    from tests.reliability.crash import can_mount
 
-    model, root = packable
-    work = root / "full"
+    work = root / name
     work.mkdir()
     if not can_mount(work):
         pytest.skip("mounting a small tmpfs needs root")
+    return work
+
+
+def test_precompute_on_a_disk_that_fills_up_mid_write_then_resumes(packable):
+    from tests.reliability.crash import _precompute, disk_full
+
+    model, root = packable
+    work = mountable(root, "full")
     ref = work / "reference"
-    _, err = _precompute(model, ref).communicate()
+    _precompute(model, ref).communicate()
     r = disk_full(model, work, ref)
     assert r.exit_code == 2 and r.error.startswith("precompute: error: ")
     assert "no space left on the disk of" in r.error and "free some and rerun" in r.error, r.error
@@ -125,14 +133,10 @@ def test_precompute_on_a_disk_that_fills_up_mid_write_then_resumes(packable):
 
 
 def test_precompute_into_a_read_only_folder_fails_at_once_naming_it(packable):
-    from tests.reliability.crash import can_mount, read_only_out
+    from tests.reliability.crash import read_only_out
 
     model, root = packable
-    work = root / "ro"
-    work.mkdir()
-    if not can_mount(work):
-        pytest.skip("a read-only mount needs root")
-    code, line, _ = read_only_out(model, work)
+    code, line, _ = read_only_out(model, mountable(root, "ro"))
     assert code == 2 and line.endswith("store: cannot write there (read-only file system); choose another --out")
 
 
