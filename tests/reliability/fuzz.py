@@ -49,7 +49,7 @@ def _settings(examples: int, seed: int):
 
 def fuzz_safetensors_header(examples: int, seed: int) -> int:
     cases = [0]
-    tmp = Path(tempfile.mkdtemp(prefix="fuzz-st-"))
+    tmp_box: list[Path] = []
 
     @_settings(examples, seed)
     @given(header=S.dictionaries(S.text(max_size=10), _entry(), max_size=5), data=S.binary(max_size=64),
@@ -58,7 +58,7 @@ def fuzz_safetensors_header(examples: int, seed: int) -> int:
         cases[0] += 1
         raw = json.dumps(header, allow_nan=True).encode()
         n = len(raw) if claimed is None else claimed % 2**64
-        p = tmp / "x.safetensors"
+        p = tmp_box[0] / "x.safetensors"
         p.write_bytes(struct.pack("<Q", n) + raw + data)
         try:
             h = read_header(p)
@@ -68,7 +68,9 @@ def fuzz_safetensors_header(examples: int, seed: int) -> int:
         for t in h.tensors.values():  # accepted: every range lies in the file and agrees with its shape
             assert 0 <= t.offset and t.offset + t.length <= size
 
-    case()
+    with tempfile.TemporaryDirectory(prefix="fuzz-") as d:
+        tmp_box.append(Path(d))
+        case()
     return cases[0]
 
 
@@ -78,7 +80,7 @@ def fuzz_store_json(examples: int, seed: int, store_dir: Path) -> int:
     base = json.loads((store_dir / "store.json").read_text())
     paths = list(_paths(base))
     cases = [0]
-    tmp = Path(tempfile.mkdtemp(prefix="fuzz-store-"))
+    tmp_box: list[Path] = []
 
     @_settings(examples, seed)
     @given(where=S.sampled_from(paths), value=_JSONISH)
@@ -86,13 +88,15 @@ def fuzz_store_json(examples: int, seed: int, store_dir: Path) -> int:
         cases[0] += 1
         doc = json.loads(json.dumps(base))
         _set(doc, where, value)
-        (tmp / "store.json").write_text(json.dumps(doc, allow_nan=True))
+        (tmp_box[0] / "store.json").write_text(json.dumps(doc, allow_nan=True))
         try:
-            read_index(tmp)
+            read_index(tmp_box[0])
         except CheckpointError:
             pass
 
-    case()
+    with tempfile.TemporaryDirectory(prefix="fuzz-") as d:
+        tmp_box.append(Path(d))
+        case()
     return cases[0]
 
 
@@ -117,7 +121,7 @@ def _set(doc, where, value):
 
 def fuzz_trace(examples: int, seed: int) -> int:
     cases = [0]
-    tmp = Path(tempfile.mkdtemp(prefix="fuzz-trace-"))
+    tmp_box: list[Path] = []
     meta_ok = {"format": "moe-routing-trace/1", "model": "m", "num_layers": 2, "num_experts": 4, "top_k": 2,
                "tokens": 3}
 
@@ -136,7 +140,7 @@ def fuzz_trace(examples: int, seed: int) -> int:
                   "request": np.zeros(T, "int32"), "meta": np.array(json.dumps(meta, allow_nan=True))}
         for k in drop:
             arrays.pop(k)
-        p = tmp / "t.npz"
+        p = tmp_box[0] / "t.npz"
         with open(p, "wb") as f:
             np.savez(f, **arrays)
         try:
@@ -144,7 +148,9 @@ def fuzz_trace(examples: int, seed: int) -> int:
         except TraceError:
             pass
 
-    case()
+    with tempfile.TemporaryDirectory(prefix="fuzz-") as d:
+        tmp_box.append(Path(d))
+        case()
     return cases[0]
 
 
@@ -152,7 +158,7 @@ def fuzz_config(examples: int, seed: int) -> int:
     from pipeline.config import load_config
 
     cases = [0]
-    tmp = Path(tempfile.mkdtemp(prefix="fuzz-config-"))
+    tmp_box: list[Path] = []
     keys = S.sampled_from(["store", "vram", "ram", "policy", "predictor", "device", "vram_form", "readers",
                            "read_timeout_s", "prefetch_reads", "gil_switch_interval_s", "vram_views", "bogus"])
     text = S.text(S.characters(min_codepoint=32, max_codepoint=0xD7FF, exclude_characters='"\\\x7f'), max_size=12)
@@ -165,14 +171,16 @@ def fuzz_config(examples: int, seed: int) -> int:
         cases[0] += 1
         text = "".join(f"{k} = {_toml(v)}\n" for k, v in doc.items())
         tomllib.loads(text)  # the generator writes valid TOML; bad values are the point
-        p = tmp / "c.toml"
+        p = tmp_box[0] / "c.toml"
         p.write_text(text)
         try:
             load_config(p)
         except ValueError:
             pass
 
-    case()
+    with tempfile.TemporaryDirectory(prefix="fuzz-") as d:
+        tmp_box.append(Path(d))
+        case()
     return cases[0]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
              ("slopes per 1k tokens", f"RSS {s['rss_bytes'] / 1e3:+.1f} kB, fds {s['fds']:+.3f}, threads "
                                       f"{s['threads']:+.3f}, /dev/shm {s['shm_entries']:+.3f}, VRAM "
                                       f"{s['vram_bytes'] / 1e3:+.1f} kB"),
+             ("the same, second half", f"RSS {r.slopes_second_half_per_1k['rss_bytes'] / 1e3:+.1f} kB, fds "
+                                       f"{r.slopes_second_half_per_1k['fds']:+.3f}, threads "
+                                       f"{r.slopes_second_half_per_1k['threads']:+.3f}"),
              ("after close vs before open", f"fds {r.after.fds - r.before.fds:+d}, threads "
                                             f"{r.after.threads - r.before.threads:+d}, /dev/shm "
                                             f"{r.after.shm_entries - r.before.shm_entries:+d}"),
@@ -89,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

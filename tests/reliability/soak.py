@@ -58,6 +58,8 @@ class SoakReport(msgspec.Struct):
     policy_state: str
     samples: list[Sample]  # while the pipeline is open
     slopes_per_1k: dict[str, float]
+    # the same over the second half of the run: growth that settles (allocator warm-up) is not a leak
+    slopes_second_half_per_1k: dict[str, float]
     before: Sample  # before it opened and after it closed: nothing may be left behind
     after: Sample
     seconds: float
@@ -156,8 +158,10 @@ def soak(store_dir: Path, *, tokens: int, faults: Faults = Faults(), seed: int =
         samples.append(_sample(tokens))
         stats = pipe.stats()
     after = _sample(tokens)
-    slopes = {f: slope_per_1k(samples, f) for f in ("rss_bytes", "fds", "threads", "shm_entries", "vram_bytes")}
+    fields = ("rss_bytes", "fds", "threads", "shm_entries", "vram_bytes")
+    slopes = {f: slope_per_1k(samples, f) for f in fields}
+    late = {f: slope_per_1k(samples[len(samples) // 2:], f) for f in fields}
     return SoakReport(tokens=tokens, fetches=fetches, experts_checked=checked, wrong_tensors=wrong,
                       slowest_fetch_s=slowest, reader_kills=kills, reader_stops=stops, policy_killed=policy_killed,
                       reader_restarts=stats.readers.restarts, policy_state=stats.actor.state, samples=samples,
-                      slopes_per_1k=slopes, before=before, after=after, seconds=time.perf_counter() - t0)
+                      slopes_per_1k=slopes, slopes_second_half_per_1k=late, before=before, after=after, seconds=time.perf_counter() - t0)
