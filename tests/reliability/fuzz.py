@@ -39,6 +39,14 @@ def _entry():
         _JSONISH)
 
 
+def _run(case, cases: list[int], tmp_box: list[Path]) -> int:
+    """Run a hypothesis `case` with a scratch folder (tmp_box[0]) removed afterwards; the cases run."""
+    with tempfile.TemporaryDirectory(prefix="fuzz-") as d:
+        tmp_box.append(Path(d))
+        case()
+    return cases[0]
+
+
 def _settings(examples: int, seed: int):
     def deco(fn):
         fn = settings(max_examples=examples, deadline=None, database=None, derandomize=False,
@@ -68,10 +76,7 @@ def fuzz_safetensors_header(examples: int, seed: int) -> int:
         for t in h.tensors.values():  # accepted: every range lies in the file and agrees with its shape
             assert 0 <= t.offset and t.offset + t.length <= size
 
-    with tempfile.TemporaryDirectory(prefix="fuzz-") as d:
-        tmp_box.append(Path(d))
-        case()
-    return cases[0]
+    return _run(case, cases, tmp_box)
 
 
 def fuzz_store_json(examples: int, seed: int, store_dir: Path) -> int:
@@ -94,10 +99,7 @@ def fuzz_store_json(examples: int, seed: int, store_dir: Path) -> int:
         except CheckpointError:
             pass
 
-    with tempfile.TemporaryDirectory(prefix="fuzz-") as d:
-        tmp_box.append(Path(d))
-        case()
-    return cases[0]
+    return _run(case, cases, tmp_box)
 
 
 def _paths(doc, prefix=()):
@@ -148,10 +150,7 @@ def fuzz_trace(examples: int, seed: int) -> int:
         except TraceError:
             pass
 
-    with tempfile.TemporaryDirectory(prefix="fuzz-") as d:
-        tmp_box.append(Path(d))
-        case()
-    return cases[0]
+    return _run(case, cases, tmp_box)
 
 
 def fuzz_config(examples: int, seed: int) -> int:
@@ -178,10 +177,7 @@ def fuzz_config(examples: int, seed: int) -> int:
         except ValueError:
             pass
 
-    with tempfile.TemporaryDirectory(prefix="fuzz-") as d:
-        tmp_box.append(Path(d))
-        case()
-    return cases[0]
+    return _run(case, cases, tmp_box)
 
 
 def _toml(v) -> str:
