@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from pipeline.hf import load_offloaded  # noqa: E402
-from pipeline.hf.load import _default_store  # noqa: E402
+from pipeline.hf.load import default_store  # noqa: E402
 from adapters.hf_models import ARCHS  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 from tests.helpers_models import make_tiny  # noqa: E402
@@ -22,7 +22,7 @@ def two_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf-errors")
     a = make_tiny(root / "a", "hf", "--arch", "qwen3_moe", seed=1)
     b = make_tiny(root / "b", "hf", "--arch", "qwen3_moe", seed=2)
-    _default_store(a, ARCHS["qwen3_moe"], progress=False)
+    default_store(a, ARCHS["qwen3_moe"], progress=False)
     return a, b
 
 

@@ -42,9 +42,9 @@ def _model_type(model_dir) -> str:
 
 def pack(model_dir) -> None:
     """The store load_offloaded makes when given no store= (MODEL/expert_store)."""
-    from pipeline.hf.load import _default_store
+    from pipeline.hf.load import default_store
 
-    _default_store(model_dir, ARCHS[_model_type(model_dir)], progress=False)
+    default_store(model_dir, ARCHS[_model_type(model_dir)], progress=False)
 
 
 def tight_vram(model_dir) -> int:

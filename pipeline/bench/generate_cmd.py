@@ -53,7 +53,7 @@ def _non_expert_bytes(model_dir: Path) -> int:
 
 
 def _store_of(args) -> Path:
-    from pipeline.hf.load import _default_store
+    from pipeline.hf.load import default_store
     from pipeline.hf.support import supported_arch
     from transformers import AutoConfig
 
@@ -62,7 +62,7 @@ def _store_of(args) -> Path:
         raise ValueError(f"--model {model}: no config.json; give a transformers checkpoint folder")
     if args.store:
         return Path(args.store)
-    return _default_store(model, supported_arch(AutoConfig.from_pretrained(model)), progress=True)
+    return default_store(model, supported_arch(AutoConfig.from_pretrained(model)), progress=True)
 
 
 def run_one(run: MethodRun) -> MethodResult:

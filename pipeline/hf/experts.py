@@ -59,7 +59,10 @@ class ExpertsTag:
         self.at_once = at_once
         self.counters = counters
         self.next_layer, self.next_router = next_layer, next_router
-        self.lookahead = next_router is not None
+
+    @property
+    def lookahead(self) -> bool:
+        return self.next_router is not None
 
     def scores_for_next(self, x: torch.Tensor) -> torch.Tensor:
         """The next MoE layer's router logits for this layer's input rows, one score per expert
@@ -88,17 +91,21 @@ def moe_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
     c = tag.counters
     c.forward_calls += 1
     rows = hidden_states.shape[0]
-    ids = torch.unique(top_k_index).tolist()  # ascending: the loop's order of experts
+    picked = top_k_index.reshape(-1)
+    # One copy to the host per layer: the experts picked and, behind them, the next layer's
+    # scores (ids < 2**24 are exact as float32); the unique ids are then taken on the host.
+    scores = tag.scores_for_next(hidden_states) if tag.lookahead else None
+    host = (picked if scores is None else torch.cat([picked.float(), scores])).cpu()
+    ids = sorted({int(e) for e in host[:picked.numel()].tolist()})  # ascending: the loop's order of experts
     predicted = c.pending.pop(tag.layer, None)
     if predicted is not None and rows == 1:
         c.lookahead_hits += len(predicted & set(ids))
         c.lookahead_total += len(ids)
-    if tag.lookahead:
-        scores = tag.scores_for_next(hidden_states)
-        host = scores.cpu()
-        tag.pipe.hint_scores({tag.next_layer: host.tolist()})
+    if scores is not None:
+        next_scores = host[picked.numel():]
+        tag.pipe.hint_scores({tag.next_layer: next_scores.tolist()})
         if rows == 1:
-            c.pending[tag.next_layer] = set(torch.topk(host, tag.top_k).indices.tolist())
+            c.pending[tag.next_layer] = set(torch.topk(next_scores, tag.top_k).indices.tolist())
     final = torch.zeros_like(hidden_states)
     for start in range(0, len(ids), tag.at_once):
         group = ids[start:start + tag.at_once]

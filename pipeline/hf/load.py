@@ -44,8 +44,8 @@ class OffloadStats(msgspec.Struct, frozen=True):
 class OffloadedMoE:
     """`model.moe_cache`: the pipeline behind a model, its counters, and close()."""
 
-    def __init__(self, model, pipe, counters: Counters, modules: list):
-        self.model, self.pipeline, self._counters, self._modules = model, pipe, counters, modules
+    def __init__(self, model, pipe, counters: Counters):
+        self.model, self.pipeline, self._counters = model, pipe, counters
 
     def stats(self) -> OffloadStats:
         c = self._counters
@@ -84,11 +84,11 @@ def offload_experts(model, *, store: str | Path, vram: int | str, ram: int | str
     from ..api import ExpertPipeline
 
     arch = supported_arch(model.config)
-    modules = experts_modules(model)
+    names = experts_modules(model)
     from adapters.store import StoreCheckpoint
 
     spec = StoreCheckpoint(store).spec
-    _check_store_matches(spec, model, modules, store)
+    _check_store_matches(spec, model, names, store)
     if lookahead:
         options.setdefault("predictor", "fusion")
     device = options.get("device", "auto")
@@ -104,26 +104,26 @@ def offload_experts(model, *, store: str | Path, vram: int | str, ram: int | str
         at_once = st.vram_slots if st.vram_views is None else min(st.vram_slots, st.vram_views)
         counters = Counters()
         register_name = register()
-        layers = sorted(modules)
+        layers = sorted(names)
         for i, lid in enumerate(layers):
             nxt = layers[i + 1] if i + 1 < len(layers) else None
-            router = router_of(model, nxt) if (lookahead and nxt is not None) else None
-            modules[lid]._moe_cache = ExpertsTag(pipe, spec.layer_ids.index(lid), spec.family, spec.top_k, at_once,
-                                                 counters, None if router is None else spec.layer_ids.index(nxt),
-                                                 router)
+            router = router_of(model, names[nxt]) if (lookahead and nxt is not None) else None
+            model.get_submodule(names[lid])._moe_cache = ExpertsTag(
+                pipe, spec.layer_ids.index(lid), spec.family, spec.top_k, at_once, counters,
+                None if router is None else spec.layer_ids.index(nxt), router)
         model.set_experts_implementation(register_name)
     except BaseException:
         pipe.close()
         raise
-    model.moe_cache = OffloadedMoE(model, pipe, counters, [modules[l] for l in layers])
+    model.moe_cache = OffloadedMoE(model, pipe, counters)
     _with_context(model)
     return model.moe_cache
 
 
-def _check_store_matches(spec, model, modules: dict, store) -> None:
+def _check_store_matches(spec, model, names: dict[int, str], store) -> None:
     cfg = model.config
-    lids = tuple(sorted(modules))
-    some = modules[lids[0]]
+    lids = tuple(sorted(names))
+    some = model.get_submodule(names[lids[0]])
     experts = getattr(some, "num_experts", None)
     if spec.layer_ids != lids or (experts is not None and spec.num_experts != experts) \
             or spec.hidden_size != cfg.hidden_size:
@@ -162,7 +162,8 @@ def _check_store_source(store: Path, model_dir: Path) -> None:
             raise refuse(f"expert {layer}/{expert} differs")
 
 
-def _default_store(model_dir: Path, arch, progress: bool) -> Path:
+def default_store(model_dir: Path, arch, progress: bool) -> Path:
+    """MODEL/expert_store, packed by precompute first (in this process) when it is not there."""
     store = model_dir / DEFAULT_STORE
     if (store / "store.json").is_file():
         return store
@@ -198,7 +199,7 @@ def load_non_experts(model, model_dir: Path, arch, device: torch.device) -> None
     from adapters.hf_models import to_checkpoint_name
 
     index = open_hf_index(model_dir)
-    experts = {name for name, m in model.named_modules() if hasattr(m, "is_transposed") and name.endswith("experts")}
+    experts = set(experts_modules(model).values())
     handles: dict[str, object] = {}
     tied = set(getattr(model, "_tied_weights_keys", None) or ()) if getattr(model.config, "tie_word_embeddings", False) \
         else set()
@@ -252,7 +253,7 @@ def load_offloaded(model_dir: str | Path, *, store: str | Path | None = None, vr
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if store is None:
-        store = _default_store(model_dir, arch, progress)
+        store = default_store(model_dir, arch, progress)
     else:
         store = Path(store)
         from adapters.errors import CheckpointError

@@ -3,8 +3,8 @@
     TRANSFORMERS_RANGE                 the versions tested (the `hf` extra in pyproject.toml)
     check_transformers()               installed and in range, else one line with the fix
     supported_arch(config) -> Arch     a model_type whose experts this project can store
-    experts_modules(model) -> {model layer index: experts module}
-    router_of(model, layer) -> module  that layer's router (the lookahead scores with it)
+    experts_modules(model) -> {model layer index: experts module name}
+    router_of(model, experts_name) -> module   the router beside those experts (the lookahead's)
 """
 from __future__ import annotations
 
@@ -46,26 +46,27 @@ def supported_arch(config):
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def experts_modules(model) -> dict[int, object]:
-    """Each decoder layer's routed-experts module: the modules transformers' experts interface
-    dispatches (its decorator gives them `is_transposed`), by their layer's index."""
+def experts_modules(model) -> dict[int, str]:
+    """Each decoder layer's routed-experts module, by its layer's index: the names of the modules
+    transformers' experts interface dispatches (its decorator gives them `is_transposed`)."""
     out = {}
     for name, m in model.named_modules():
         if name.endswith(".experts") and hasattr(m, "is_transposed"):
             match = _LAYER.search(name)
             if match:
-                out[int(match.group(1))] = m
+                out[int(match.group(1))] = name
     if not out:
         raise ValueError(f"{type(model).__name__} has no experts module dispatched by transformers' experts "
                          "interface; it is not an MoE model this project can offload")
     return out
 
 
-def router_of(model, layer: int):
-    """The router beside layer `layer`'s experts: the sibling `gate` or `router` holding a weight [E, H]."""
-    for name, m in model.named_modules():
-        match = _LAYER.search(name + ".")
-        if match and int(match.group(1)) == layer and name.rsplit(".", 1)[-1] in ("gate", "router") \
-                and getattr(m, "weight", None) is not None and m.weight.dim() == 2:
+def router_of(model, experts_name: str):
+    """The router beside the experts module `experts_name`: its sibling `gate` or `router` with a
+    weight [E, H]; None where there is none."""
+    parent = model.get_submodule(experts_name.rpartition(".")[0])
+    for attr in ("gate", "router"):
+        m = getattr(parent, attr, None)
+        if getattr(m, "weight", None) is not None and m.weight.dim() == 2:
             return m
     return None
