@@ -39,9 +39,7 @@ class GptOssHfCheckpoint(StackedHfCheckpoint):
     family = "gpt-oss"
     _first = _BLOCKS
 
-    @staticmethod
-    def tensor_name(layer_id: int, role: str) -> str:
-        return tensor_name(layer_id, role)
+    tensor_name = staticmethod(tensor_name)
 
     def _expert_tensors(self, hidden: int, inter: int) -> tuple[TensorSpec, ...]:
         if hidden % 32 or inter % 32:

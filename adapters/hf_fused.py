@@ -85,9 +85,7 @@ class FusedCheckpoint(StackedHfCheckpoint):
     family = "fused"
     _first = _FUSED
 
-    @staticmethod
-    def tensor_name(layer_id: int, role: str) -> str:
-        return tensor_name(layer_id, role)
+    tensor_name = staticmethod(tensor_name)
 
     def _expert_tensors(self, hidden: int, inter: int) -> tuple[TensorSpec, ...]:
         first = self.index.get(tensor_name(0, "gate_up_proj"), dtypes=DENSE_DTYPES)[1]

@@ -71,7 +71,7 @@ def _sub_parser(cmd: str) -> argparse.ArgumentParser:
     return p
 
 
-def _store_of(a: argparse.Namespace, cmd: str) -> Path:
+def _store_of(a: argparse.Namespace) -> Path:
     if a.store:
         return Path(a.store)
     if a.model:
@@ -114,7 +114,7 @@ def _run(argv: list[str]) -> int:
 
         if cmd is None:
             return _precompute(a)
-        store = _store_of(a, cmd)
+        store = _store_of(a)
         if cmd == "validate":
             if a.samples < 0:
                 raise ValueError(f"--samples must be 0 (all) or more, got {a.samples}")

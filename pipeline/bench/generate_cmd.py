@@ -141,14 +141,16 @@ def run(args) -> int:
 
 def _compare(rows: list[dict]) -> None:
     """Each row's tokens against resident's (their common prefix length when a method made fewer)."""
-    ref = next((r["tokens"] for r in rows if r["method"] == "resident" and r["status"] == "ok"), None)
+    resident = next((r for r in rows if r["method"] == "resident" and r["status"] == "ok"), None)
     for r in rows:
-        r["tokens_equal_resident"] = None
-        if ref is not None and r["status"] == "ok":
-            n = min(len(ref[0]), len(r["tokens"][0])) if r["tokens"] else 0
-            r["tokens_equal_resident"] = all(a[:n] == b[:n] for a, b in zip(ref, r["tokens"])) and n > 0
-        rr = next((x for x in rows if x["method"] == "resident" and x.get("decode_tok_s")), None)
-        r["vs_resident"] = (r["decode_tok_s"] / rr["decode_tok_s"]) if rr and r.get("decode_tok_s") else None
+        r["tokens_equal_resident"] = r["vs_resident"] = None
+        if resident is None or r["status"] != "ok":
+            continue
+        ref = resident["tokens"]
+        n = min(len(ref[0]), len(r["tokens"][0])) if r["tokens"] else 0
+        r["tokens_equal_resident"] = all(a[:n] == b[:n] for a, b in zip(ref, r["tokens"])) and n > 0
+        if resident["decode_tok_s"] and r["decode_tok_s"]:
+            r["vs_resident"] = r["decode_tok_s"] / resident["decode_tok_s"]
 
 
 def _table(rows: list[dict], spec) -> str:

@@ -44,7 +44,7 @@ def test_close_with_copies_in_flight_is_quick_and_leaves_nothing(store, no_leaks
     import torch
 
     st = StoreCheckpoint(store)
-    E, K = st.spec.num_experts, st.spec.top_k
+    K = st.spec.top_k
     kids, files = child_pids(), shm_files()
     pipe = ExpertPipeline.open(store, vram="64MiB", ram="64MiB", device="cuda", reader_hooks={"delay_s": 0.05})
     ptr, pinned = pipe._p.ram_arena._ptr, pipe._p.ram_arena.pinned
@@ -59,7 +59,6 @@ def test_close_with_copies_in_flight_is_quick_and_leaves_nothing(store, no_leaks
     code = int(getattr(rc := torch.cuda.cudart().cudaHostUnregister(ptr), "value", rc))
     assert code != 0, "the RAM arena was still registered with CUDA after close"
     assert child_pids() - kids == set() and shm_files() - files == set()
-    assert E >= K
 
 
 def test_a_short_soak_with_the_vram_tier_on_the_gpu_hands_out_only_exact_experts(store, no_leaks):  # noqa: F811
