@@ -122,3 +122,59 @@ def test_generate_refuses_a_budget_below_top_k_with_the_fix(two_models, tmp_path
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0
     assert "--vram 1.5 holds 0 experts" in r.stderr and "or a fraction >=" in r.stderr
+
+
+@pytest.mark.parametrize("views", [0, 1])
+def test_fewer_dense_views_than_top_k_is_refused(tmp_path, views):
+    model = make_tiny(tmp_path / "m", "hf", "--arch", "gpt_oss")  # an MXFP4 store: slots can hold the stored form
+    with pytest.raises(ValueError) as e:
+        load_offloaded(model, vram="1MiB", ram="1MiB", progress=False, vram_form="stored", vram_views=views)
+    assert one_line(e.value).startswith(f"vram_views={views}: transformers' experts compute on dense tensors and one token "
+                                        "needs top_k=2 of them at once")
+
+
+def test_a_store_of_another_architecture_is_refused_by_its_files(two_models, tmp_path):
+    other = make_tiny(tmp_path / "mixtral", "hf", "--arch", "mixtral")
+    with pytest.raises(ValueError) as e:
+        load_offloaded(other, store=two_models[0] / "expert_store", vram="1MiB", ram="1MiB", progress=False)
+    assert "(model.safetensors differs)" in one_line(e.value)
+
+
+@pytest.mark.parametrize("damage", ["missing", "reshaped"])
+def test_a_checkpoint_lacking_or_misshaping_a_non_expert_tensor_names_it(tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    model = make_tiny(tmp_path / "m", "hf", "--arch", "qwen3_moe")
+    default_store(model, ARCHS["qwen3_moe"], progress=False)
+    weights = load_file(model / "model.safetensors")
+    if damage == "missing":
+        del weights["model.norm.weight"]
+    else:
+        weights["model.norm.weight"] = weights["model.norm.weight"][:-1].clone()
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    # the experts' bytes are untouched, but the file changed: pass its store explicitly past the
+    # source check by rebuilding it
+    import shutil
+
+    shutil.rmtree(model / "expert_store")
+    default_store(model, ARCHS["qwen3_moe"], progress=False)
+    with pytest.raises(ValueError) as e:
+        load_offloaded(model, vram="1MiB", ram="1MiB", progress=False)
+    msg = one_line(e.value)
+    if damage == "missing":
+        assert "tensor model.norm.weight missing for the model's model.norm.weight" in msg
+    else:
+        assert "model.norm.weight has shape [63], the model's model.norm.weight needs [64]" in msg
+
+
+def test_an_experts_module_not_prepared_by_offload_experts_says_how(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.hf.experts import register
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny(tmp_path / "m", "hf", "--arch", "olmoe"))
+    model.set_experts_implementation(register())
+    with pytest.raises(RuntimeError, match=r"OlmoeExperts runs the 'moe_cache' experts implementation but was not "
+                                           r"prepared by pipeline.hf.offload_experts"):
+        model(torch.tensor([[3, 4]]))

@@ -115,3 +115,20 @@ def test_without_store_the_checkpoint_is_packed_first(tmp_path):
     assert (model_dir / "expert_store" / "store.json").is_file()
     assert out.shape == (1, 6)
     assert model.moe_cache.pipeline._closed  # `with` closed it
+
+
+def test_gpt_oss_with_experts_kept_in_their_stored_mxfp4_form_decodes_the_same(checkpoints):
+    """The form a GPU picks for an MXFP4 store (slots hold the MXFP4 bytes, decoded at use into
+    top_k dense views), forced here: a prefill's 8 experts then run in groups of 2 views."""
+    model_dir = checkpoints["gpt_oss"]
+    pack(model_dir)
+    ids = torch.randint(2, 512, (1, PROMPT), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    want = greedy(resident(model_dir), ids)
+    from pipeline.decode_at_use import view_bytes_for
+
+    store = StoreCheckpoint(model_dir / "expert_store")
+    k = store.spec.top_k  # k dense views and k + 1 stored slots: eviction on most fetches
+    vram = view_bytes_for(store, k) + (k + 1) * VramArena.slot_bytes_for(store, "stored")
+    with load_offloaded(model_dir, vram=vram, ram="64MiB", progress=False, vram_form="stored") as model:
+        assert model.moe_cache.stats().pipeline.vram_form == "stored"
+        assert_same(want, greedy(model, ids))

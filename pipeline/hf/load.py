@@ -97,11 +97,14 @@ def offload_experts(model, *, store: str | Path, vram: int | str, ram: int | str
     pipe = ExpertPipeline.open(store, vram=vram, ram=ram, **options)
     try:
         st = pipe.stats()
-        if st.vram_slots < spec.top_k or (st.vram_views is not None and st.vram_views < spec.top_k):
-            raise ValueError(f"vram={vram!r} holds {st.vram_slots} experts of {spec.expert_bytes} bytes but one "
-                             f"token needs its top_k={spec.top_k} experts of a layer at once; give at least "
-                             f"{spec.top_k} experts' worth")
-        at_once = st.vram_slots if st.vram_views is None else min(st.vram_slots, st.vram_views)
+        # (open() has refused a budget under top_k slots.) The experts' math needs dense tensors: a
+        # stored-form VRAM must decode at least one token's experts at once.
+        views = st.vram_views or 0  # None: dense slots, or a stored form handing out stored tensors
+        if st.vram_form == "stored" and views < spec.top_k:
+            raise ValueError(f"vram_views={views}: transformers' experts compute on dense tensors and one "
+                             f"token needs top_k={spec.top_k} of them at once; leave vram_views unset (top_k) or "
+                             f"give at least {spec.top_k}")
+        at_once = min(st.vram_slots, views) if st.vram_form == "stored" else st.vram_slots
         counters = Counters()
         register_name = register()
         layers = sorted(names)
