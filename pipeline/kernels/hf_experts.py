@@ -72,10 +72,16 @@ def as_transformers(family: str, tensors: dict[str, torch.Tensor]) -> ExpertWeig
 
 
 def add_expert(module, final: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor,
-               top_k_weights: torch.Tensor, expert: int, w: ExpertWeights) -> None:
-    """The eager loop's body for one expert: its rows of x through it, weighted, added into final."""
-    top_k_pos, token_idx = torch.where(top_k_index.t() == expert)  # the order of the loop's one_hot mask
-    current = x[token_idx]
+               top_k_weights: torch.Tensor, expert: int, w: ExpertWeights, at: int | None = None) -> None:
+    """The eager loop's body for one expert: its rows of x through it, weighted, added into final.
+    at: in a one-row pass, where the expert sits in the row's top-k, read on the host beforehand.
+    The loop finds its rows with torch.where, which waits for the device once per expert; with
+    `at` the same ops run on views of the one row, with the same values, so the same bits."""
+    if at is None:
+        top_k_pos, token_idx = torch.where(top_k_index.t() == expert)  # the order of the loop's one_hot mask
+        current, weight = x[token_idx], top_k_weights[token_idx, top_k_pos, None]
+    else:
+        current, weight, token_idx = x.contiguous(), top_k_weights[:, at, None], _row_zero(x.device)
     if module.is_transposed:
         gate_up = current @ w.gate_up
         if w.gate_up_bias is not None:
@@ -86,8 +92,19 @@ def add_expert(module, final: torch.Tensor, x: torch.Tensor, top_k_index: torch.
     else:
         gate, up = F.linear(current, w.gate_up).chunk(2, dim=-1)
         out = F.linear(module.act_fn(gate) * up, w.down)
-    out = out * top_k_weights[token_idx, top_k_pos, None]
+    out = out * weight
     final.index_add_(0, token_idx, out.to(final.dtype))
+
+
+_ROW_ZERO: dict[torch.device, torch.Tensor] = {}
+
+
+def _row_zero(device: torch.device) -> torch.Tensor:
+    """index_add_'s index for a one-row pass, made once per device (no launch per expert)."""
+    index = _ROW_ZERO.get(device)
+    if index is None:
+        index = _ROW_ZERO[device] = torch.zeros(1, dtype=torch.long, device=device)
+    return index
 
 
 __all__ = ["ExpertWeights", "LAYOUTS", "add_expert", "as_transformers", "joined_rows"]
