@@ -94,26 +94,40 @@ def test_make_model_hf_needs_an_arch_and_names_the_valid_ones(tmp_path):
 def test_generate_benchmark_runs_every_method_on_the_cpu(two_models, tmp_path, bin_env):
     out = tmp_path / "gen.json"
     r = subprocess.run([sys.executable, str(ROOT / "bin" / "prefetch-bench"), "generate", "--model", str(two_models[0]),
-                        "--vram", "0.5", "--ram", "1.0", "--prompt-tokens", "12", "--new-tokens", "4", "--batch", "1",
-                        "--baselines", "--json", str(out)], capture_output=True, text=True, env=bin_env, timeout=600)
+                        "--vram", "1.0", "--vram", "0.5", "--ram", "1.0", "--prompt-tokens", "12", "--new-tokens", "4",
+                        "--batch", "1", "--baselines", "--repeat", "2", "--json", str(out)],
+                       capture_output=True, text=True, env=bin_env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(out.read_text())
-    rows = {row["method"]: row for row in report["rows"]}
-    assert set(rows) == {"resident", "ours", "ours-no-lookahead", "on-demand", "accelerate"}
-    assert rows["accelerate"]["status"].startswith("skipped: accelerate offloads to a GPU")
-    for name in ("resident", "ours", "ours-no-lookahead", "on-demand"):
-        row = rows[name]
-        assert row["status"] == "ok", row["status"]
-        for field in ("prefill_s", "decode_tok_s", "peak_rss_bytes", "tokens_equal_resident"):
-            assert row[field] is not None, (name, field)
-        assert row["peak_vram_bytes"] is None  # no GPU
-        assert row["tokens_equal_resident"] is True
-        assert len(row["tokens"]) == 1 and len(row["tokens"][0]) == 4
+    assert [row["vram"] for row in report["rows"]] == ["0.5"] * 5 + ["1.0"] * 5  # smallest budget first
+    half = {row["method"]: row for row in report["rows"][:5]}
+    full = {row["method"]: row for row in report["rows"][5:]}
+    assert set(half) == {"resident", "ours", "ours-no-lookahead", "on-demand", "accelerate"}
+    assert half["accelerate"]["status"].startswith("skipped: accelerate offloads to a GPU")
+    assert full["accelerate"]["status"].startswith("skipped: the budget holds every expert")
+    assert full["on-demand"]["measured_at_vram"] == "0.5"  # budget-free: run once
+    assert full["ours"]["vram_hit_rate"] == 1.0  # a share of 1.0 holds every expert
+    for rows in (half, full):
+        for name in ("resident", "ours", "ours-no-lookahead", "on-demand"):
+            row = rows[name]
+            assert row["status"] == "ok", row["status"]
+            for field in ("prefill_s", "decode_tok_s", "peak_rss_bytes", "tokens_equal_resident", "vs_resident"):
+                assert row[field] is not None, (name, field)
+            assert len(row["decode_tok_s_runs"]) == len(row["vs_resident_runs"]) == 2  # two interleaved rounds
+            assert row["peak_vram_bytes"] is None  # no GPU
+            assert row["tokens_equal_resident"] is True
+            assert len(row["tokens"]) == 1 and len(row["tokens"][0]) == 4
+        assert rows["resident"]["vs_resident"] == 1.0 and rows["resident"]["decode_ms"] is None
     for name in ("ours", "ours-no-lookahead", "on-demand"):
-        assert rows[name]["bytes_moved"] > 0 and rows[name]["vram_hit_rate"] is not None
-        assert rows[name]["stall_s"] >= 0
-    assert rows["ours"]["lookahead_recall"] is not None and rows["ours-no-lookahead"]["lookahead_recall"] is None
-    assert "decode tok/s" in r.stdout and "ours-no-lookahead" in r.stdout
+        row = half[name]
+        assert row["bytes_moved"] > 0 and row["vram_hit_rate"] is not None
+        assert row["stall_s"] >= 0
+        d = row["decode_ms"]
+        assert d["step"] > 0 and d["fetch"] > 0 and d["math"] > 0 and d["fetch"] >= d["stall"] >= 0
+        assert abs(d["step"] - (d["routing_wait"] + d["lookahead"] + d["fetch"] + d["math"] + d["rest"])) < 1e-6
+    assert half["ours"]["lookahead_recall"] is not None and half["ours-no-lookahead"]["lookahead_recall"] is None
+    assert "decode tok/s" in r.stdout and "ours-no-lookahead" in r.stdout and "routing wait" in r.stdout
+    assert "round 2/2" in r.stderr
 
 
 def test_generate_refuses_a_budget_below_top_k_with_the_fix(two_models, tmp_path, bin_env):
@@ -178,3 +192,18 @@ def test_an_experts_module_not_prepared_by_offload_experts_says_how(tmp_path):
     with pytest.raises(RuntimeError, match=r"OlmoeExperts runs the 'moe_cache' experts implementation but was not "
                                            r"prepared by pipeline.hf.offload_experts"):
         model(torch.tensor([[3, 4]]))
+
+
+def test_a_method_that_fails_to_load_drops_out_with_its_reason_and_the_others_still_run(two_models, tmp_path):
+    from pipeline.bench.generate_method import MethodRun
+    from pipeline.bench.generate_rounds import run_budget
+
+    model = two_models[0]
+    base = dict(model=str(model), vram_bytes=1 << 30, ram=str(1 << 30), prompt_tokens=8, new_tokens=3, batch=1)
+    said = []
+    resident, broken = run_budget([MethodRun(method="resident", store=str(model / "expert_store"), **base),
+                                   MethodRun(method="ours", store=str(tmp_path / "no-store"), **base)],
+                                  rounds=2, say=said.append)
+    assert resident.status == "ok" and len(resident.decode_tok_s_runs) == 2
+    assert broken.status.startswith("failed (exit 1): ") and "no-store" in broken.status
+    assert said[0] == "loaded resident" and len(said) == 3

@@ -22,6 +22,7 @@ experts while this one computes.
 from __future__ import annotations
 
 import threading
+from time import perf_counter
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,8 @@ class Counters:
         self.lookahead_hits = 0  # next-layer experts the lookahead's top-k named, one-row passes
         self.lookahead_total = 0
         self.pending: dict[int, set[int]] = {}  # layer -> the top-k the lookahead named for it
+        # Host seconds inside the experts forwards, by what they went to (see TimeSplit)
+        self.routing_wait_s = self.lookahead_s = self.fetch_s = self.math_s = 0.0
 
 
 class ExpertsTag:
@@ -96,10 +99,13 @@ def moe_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
     c.forward_calls += 1
     rows = hidden_states.shape[0]
     picked = top_k_index.reshape(-1)
+    t0 = perf_counter()
     # One copy to the host per layer: the experts picked and, behind them, the next layer's
     # scores (ids < 2**24 are exact as float32); the unique ids are then taken on the host.
     scores = tag.scores_for_next(hidden_states) if tag.lookahead else None
-    host = (picked if scores is None else torch.cat([picked.float(), scores])).cpu()
+    t1 = perf_counter()
+    host = (picked if scores is None else torch.cat([picked.float(), scores])).cpu()  # waits for the GPU
+    t2 = perf_counter()
     row = [int(e) for e in host[:picked.numel()].tolist()]
     ids = sorted(set(row))  # ascending: the loop's order of experts
     # One row, each expert once in it: its top-k slot, so add_expert needs no torch.where.
@@ -113,12 +119,19 @@ def moe_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
         tag.pipe.hint_scores({tag.next_layer: next_scores.tolist()})
         if rows == 1:
             c.pending[tag.next_layer] = set(torch.topk(next_scores, tag.top_k).indices.tolist())
+    t3 = perf_counter()
+    c.routing_wait_s += t2 - t1
+    c.lookahead_s += (t1 - t0) + (t3 - t2)
     final = torch.zeros_like(hidden_states)
     for start in range(0, len(ids), tag.at_once):
         group = ids[start:start + tag.at_once]
+        t4 = perf_counter()
         experts = tag.pipe.fetch(tag.layer, group, rows=rows)
+        t5 = perf_counter()
         c.fetches += 1
         for e, tensors in zip(group, experts):
             add_expert(module, final, hidden_states, top_k_index, top_k_weights, e,
                        as_transformers(tag.family, tensors), at.get(e))
+        c.fetch_s += t5 - t4
+        c.math_s += perf_counter() - t5
     return final

@@ -29,15 +29,29 @@ from .support import check_transformers, experts_modules, router_of, supported_a
 DEFAULT_STORE = "expert_store"  # precompute's default: MODEL/expert_store
 
 
+class TimeSplit(msgspec.Struct, frozen=True):
+    """Host seconds inside the experts forwards, by what they went to. The host launches GPU work
+    and runs ahead of it, so time the GPU needs beyond the host's shows up where the host waits:
+    reading a layer's routing (the layer's input computed, and the copies it waits on landed)."""
+    routing_wait_s: float  # copying the routing to the host: waiting for the GPU
+    lookahead_s: float  # the next layer's router on this layer's input, and handing its scores over
+    fetch_s: float  # ExpertPipeline.fetch: bookkeeping, copies queued, waits for reads (stall)
+    math_s: float  # queueing the experts' math (decode at use included)
+
+
 class OffloadStats(msgspec.Struct, frozen=True):
     forward_calls: int  # experts forwards (MoE layers x forward passes)
     fetches: int
     lookahead_recall: float | None  # of the next layer's experts, one-row passes; None without lookahead
+    time: TimeSplit
     pipeline: object  # pipeline.api.PipelineStats
 
     def __str__(self) -> str:
         recall = "-" if self.lookahead_recall is None else f"{self.lookahead_recall:.3f}"
+        t = self.time
         return (f"experts forwards {self.forward_calls}, fetches {self.fetches}, lookahead recall {recall}\n"
+                f"host seconds in them: waiting for routing {t.routing_wait_s:.3f}, lookahead {t.lookahead_s:.3f}, "
+                f"fetch {t.fetch_s:.3f}, expert math {t.math_s:.3f}\n"
                 f"{self.pipeline}")
 
 
@@ -50,7 +64,8 @@ class OffloadedMoE:
     def stats(self) -> OffloadStats:
         c = self._counters
         recall = c.lookahead_hits / c.lookahead_total if c.lookahead_total else None
-        return OffloadStats(c.forward_calls, c.fetches, recall, self.pipeline.stats())
+        time = TimeSplit(c.routing_wait_s, c.lookahead_s, c.fetch_s, c.math_s)
+        return OffloadStats(c.forward_calls, c.fetches, recall, time, self.pipeline.stats())
 
     def close(self) -> None:
         """Close the pipeline; the model's experts cannot run after this."""
