@@ -109,6 +109,7 @@ def soak(store_dir: Path, *, tokens: int, faults: Faults = Faults(), seed: int =
     slowest = 0.0
     samples: list[Sample] = []
     stopped: list[int] = []
+    got = tensors = None
     t0 = time.perf_counter()
     # The first pipeline of a process makes one pipe that the process keeps (one time, not per
     # pipeline: a second open and close leaves the count as it was); open one before counting.
@@ -157,6 +158,7 @@ def soak(store_dir: Path, *, tokens: int, faults: Faults = Faults(), seed: int =
                     progress(token, tokens)
         samples.append(_sample(tokens))
         stats = pipe.stats()
+    del got, tensors  # views of the closed pipeline's VRAM arena: held, they would keep it allocated
     after = _sample(tokens)
     fields = ("rss_bytes", "fds", "threads", "shm_entries", "vram_bytes")
     slopes = {f: slope_per_1k(samples, f) for f in fields}

@@ -68,3 +68,4 @@ def test_a_short_soak_with_the_vram_tier_on_the_gpu_hands_out_only_exact_experts
              sample_every=250)
     assert r.wrong_tensors == 0 and r.experts_checked == 1000 * 3 * 2 and r.reader_kills == 4
     assert r.slopes_per_1k["vram_bytes"] == 0  # the arenas are allocated once
+    assert r.after.vram_bytes == r.before.vram_bytes  # and released at close
