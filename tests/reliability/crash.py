@@ -1,5 +1,6 @@
-"""`precompute` SIGKILLed at seeded moments, each followed by a rerun: the final store must be
-byte-identical to an uninterrupted one (finished layers are kept, a half-written one is redone).
+"""`precompute` SIGKILLed at seeded points of its progress, each followed by a rerun: the final store
+must be byte-identical to an uninterrupted one (finished layers are kept, a half-written one is
+redone).
 
     crash_points(model_dir, work_dir, points=20, seed=0) -> CrashReport
 """
@@ -42,18 +43,24 @@ def same_tree(a: Path, b: Path) -> bool:
 
 
 def crash_points(model: Path, work: Path, *, points: int = 20, seed: int = 0) -> CrashReport:
+    """Each point: a seeded share of the uninterrupted store's bytes; precompute is killed once that
+    many bytes sit in its output folder (finished layers and `.partial` files), so the kills land
+    mid-run whatever the machine's speed; one that finds precompute done counts as not mid-run."""
     ref = work / "reference"
     t0 = time.perf_counter()
     p = _precompute(model, ref)
     assert p.wait() == 0, p.stderr.read()
     p.stderr.close()
     took = time.perf_counter() - t0
+    total = _bytes_in(ref)
     rng = random.Random(seed)
     mid = identical = 0
     for i in range(points):
         out = work / f"run{i}"
+        target = rng.uniform(0.02, 0.95) * total
         p = _precompute(model, out)
-        time.sleep(rng.uniform(0.05, took))
+        while p.poll() is None and _bytes_in(out) < target:
+            time.sleep(0.002)
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             mid += 1
@@ -65,6 +72,19 @@ def crash_points(model: Path, work: Path, *, points: int = 20, seed: int = 0) ->
         identical += same_tree(ref, out)
         shutil.rmtree(out)
     return CrashReport(points, mid, identical, took)
+
+
+def _bytes_in(folder: Path) -> int:
+    total = 0
+    try:
+        for f in folder.iterdir():
+            try:
+                total += f.stat().st_size
+            except FileNotFoundError:  # a .partial renamed or removed meanwhile
+                pass
+    except FileNotFoundError:  # not made yet
+        pass
+    return total
 
 
 class DiskFullReport(msgspec.Struct):
