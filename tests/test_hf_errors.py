@@ -102,13 +102,14 @@ def test_generate_benchmark_runs_every_method_on_the_cpu(two_models, tmp_path, b
     assert [row["vram"] for row in report["rows"]] == ["0.5"] * 5 + ["1.0"] * 5  # smallest budget first
     half = {row["method"]: row for row in report["rows"][:5]}
     full = {row["method"]: row for row in report["rows"][5:]}
-    assert set(half) == {"resident", "ours", "ours-no-lookahead", "on-demand", "accelerate"}
+    # --ram 1.0 holds the store, so ours' defaults leave the lookahead off and the baseline turns it on
+    assert set(half) == {"resident", "ours", "ours-lookahead", "on-demand", "accelerate"}
     assert half["accelerate"]["status"].startswith("skipped: accelerate offloads to a GPU")
     assert full["accelerate"]["status"].startswith("skipped: the budget holds every expert")
     assert full["on-demand"]["measured_at_vram"] == "0.5"  # budget-free: run once
     assert full["ours"]["vram_hit_rate"] == 1.0  # a share of 1.0 holds every expert
     for rows in (half, full):
-        for name in ("resident", "ours", "ours-no-lookahead", "on-demand"):
+        for name in ("resident", "ours", "ours-lookahead", "on-demand"):
             row = rows[name]
             assert row["status"] == "ok", row["status"]
             for field in ("prefill_s", "decode_tok_s", "peak_rss_bytes", "tokens_equal_resident", "vs_resident"):
@@ -118,15 +119,15 @@ def test_generate_benchmark_runs_every_method_on_the_cpu(two_models, tmp_path, b
             assert row["tokens_equal_resident"] is True
             assert len(row["tokens"]) == 1 and len(row["tokens"][0]) == 4
         assert rows["resident"]["vs_resident"] == 1.0 and rows["resident"]["decode_ms"] is None
-    for name in ("ours", "ours-no-lookahead", "on-demand"):
+    for name in ("ours", "ours-lookahead", "on-demand"):
         row = half[name]
         assert row["bytes_moved"] > 0 and row["vram_hit_rate"] is not None
         assert row["stall_s"] >= 0
         d = row["decode_ms"]
         assert d["step"] > 0 and d["fetch"] > 0 and d["math"] > 0 and d["fetch"] >= d["stall"] >= 0
         assert abs(d["step"] - (d["routing_wait"] + d["lookahead"] + d["fetch"] + d["math"] + d["rest"])) < 1e-6
-    assert half["ours"]["lookahead_recall"] is not None and half["ours-no-lookahead"]["lookahead_recall"] is None
-    assert "decode tok/s" in r.stdout and "ours-no-lookahead" in r.stdout and "routing wait" in r.stdout
+    assert half["ours-lookahead"]["lookahead_recall"] is not None and half["ours"]["lookahead_recall"] is None
+    assert "decode tok/s" in r.stdout and "ours-lookahead" in r.stdout and "routing wait" in r.stdout
     assert "round 2/2" in r.stderr
 
 

@@ -91,7 +91,9 @@ def test_generate_matches_the_resident_model_bit_for_bit(checkpoints, arch):
                                 pad_token_id=0, eos_token_id=None)
 
     pack(model_dir)
-    with load_offloaded(model_dir, vram=tight_vram(model_dir), ram="64MiB", progress=False) as model:
+    # lookahead on (the defaults leave it off where RAM holds the store, as 64 MiB does): its scores
+    # ride on the same host copy as the routing, and must not change a bit
+    with load_offloaded(model_dir, vram=tight_vram(model_dir), ram="64MiB", progress=False, lookahead=True) as model:
         assert model.config._experts_implementation == "moe_cache"
         assert all(p.device.type == "meta" for n, p in model.named_parameters() if ".experts." in n)
         assert_same(want_greedy, greedy(model, ids))
@@ -103,7 +105,27 @@ def test_generate_matches_the_resident_model_bit_for_bit(checkpoints, arch):
         st = model.moe_cache.stats()
     sched = st.pipeline.scheduler
     assert sched.evictions_vram > NEW, "the budget was meant to force evictions"
-    assert st.lookahead_recall is not None and 0 <= st.lookahead_recall <= 1
+    assert st.lookahead and st.lookahead_recall is not None and 0 <= st.lookahead_recall <= 1
+
+
+def test_the_lookahead_is_on_by_default_only_where_ram_cannot_hold_the_store(checkpoints):
+    from pipeline.hf.load import lookahead_pays
+
+    model_dir = checkpoints["qwen3_moe"]
+    pack(model_dir)
+    store = StoreCheckpoint(model_dir / "expert_store")
+    every = store.spec.num_layers * store.spec.num_experts * store.index.max_read_length
+    assert not lookahead_pays(store, every) and lookahead_pays(store, every - 1)
+    ids = torch.tensor([[5, 6, 7, 8]], device=DEVICE)
+    for ram, on in ((every, False), (every // 2, True)):
+        with load_offloaded(model_dir, vram=tight_vram(model_dir), ram=ram, progress=False) as model:
+            model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+            st = model.moe_cache.stats()
+            predictor = model.moe_cache.pipeline.config.predictor
+        assert st.lookahead is on and (st.lookahead_recall is not None) is on
+        assert (predictor == "fusion") is on  # the predictor that reads the scores, only with them
+    with pytest.raises(ValueError, match="lookahead='yes': True, False or 'auto'"):
+        load_offloaded(model_dir, vram=tight_vram(model_dir), ram=every, progress=False, lookahead="yes")
 
 
 def test_without_store_the_checkpoint_is_packed_first(tmp_path):

@@ -9,8 +9,9 @@ prompts and device in one run.
 the experts in the form the pipeline keeps them in (stored MXFP4 where it decodes at use, on a GPU),
 plus the top_k dense views that decoding at use writes into: at 1.0 every expert has a slot. The
 bytes are printed and are accelerate's budget too. Methods: `ours` always; --baselines adds
-resident, ours-no-lookahead, on-demand and accelerate (pipeline.bench.generate_method says what each
-is). Budgets run from the smallest; within one, every method is loaded at once, each in its own
+resident, ours with the router lookahead the other way (ours-no-lookahead where the defaults turn it
+on, ours-lookahead where they leave it off), on-demand and accelerate (pipeline.bench.generate_method
+says what each is). Budgets run from the smallest; within one, every method is loaded at once, each in its own
 process (its peak RSS and VRAM are its own), and timed in R interleaved rounds
 (pipeline.bench.generate_rounds); medians are reported, with each round in the JSON, and the ratio
 to resident is the median of the rounds' ratios. on-demand does not depend on the budget and runs
@@ -37,7 +38,8 @@ def add_arguments(p) -> None:
     p.add_argument("--store", help="expert store (default MODEL/expert_store, made by precompute when missing)")
     p.add_argument("--vram", action="append", required=True,
                    help="experts' VRAM budget: a share of all experts (0.25) or a size (2GiB); repeatable")
-    p.add_argument("--ram", default="1.0", help="pinned RAM budget: a share of all experts or a size (default 1.0)")
+    p.add_argument("--ram", default="1.0",
+                   help="pinned RAM budget: a share of all experts (RAM slots for them) or a size (default 1.0)")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--accelerate-new-tokens", type=int, default=None,
@@ -46,7 +48,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeat", type=int, default=1,
                    help="timed rounds, each method in turn within a round (medians reported)")
-    p.add_argument("--baselines", action="store_true", help="also resident, ours-no-lookahead, on-demand, accelerate")
+    p.add_argument("--baselines", action="store_true",
+                   help="also resident, ours with the lookahead the other way, on-demand, accelerate")
     p.add_argument("--methods", nargs="+", help="run exactly these methods instead")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--plot", help="write a bar chart of decode tokens/s here (needs matplotlib)")
@@ -72,7 +75,7 @@ def _store_of(args) -> Path:
     return default_store(model, supported_arch(AutoConfig.from_pretrained(model)), progress=True)
 
 
-def _methods(args) -> list[str]:
+def _methods(args, lookahead_on: bool) -> list[str]:
     from .generate_method import METHODS
 
     if args.methods:
@@ -80,7 +83,10 @@ def _methods(args) -> list[str]:
         if bad:
             raise ValueError(f"--methods {' '.join(bad)} unknown; valid: {', '.join(METHODS)}")
         return args.methods
-    return list(METHODS) if args.baselines else ["ours"]
+    if not args.baselines:
+        return ["ours"]
+    other = "ours-no-lookahead" if lookahead_on else "ours-lookahead"
+    return ["resident", "ours", other, "on-demand", "accelerate"]
 
 
 def run(args) -> int:
@@ -95,7 +101,8 @@ def run(args) -> int:
     for flag in ("prompt_tokens", "new_tokens", "batch", "repeat"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    methods = _methods(args)
+    if args.methods:
+        _methods(args, False)  # a bad name fails before the store is made
     store = _store_of(args)
     import torch
 
@@ -107,7 +114,11 @@ def run(args) -> int:
     total = experts * size
     device = "cuda" if torch.cuda.is_available() else "cpu"
     budgets = sorted(((v, *_budget_bytes(v, st, device)) for v in args.vram), key=lambda b: b[1])
-    ram = str(parse_budget(args.ram, "ram", experts, size, spec.top_k) * size)
+    ram_slot = st.index.max_read_length  # a RAM slot holds the largest expert read, alignment included
+    ram = str(parse_budget(args.ram, "ram", experts, ram_slot, spec.top_k) * ram_slot)
+    from pipeline.hf.load import lookahead_pays
+
+    methods = _methods(args, lookahead_pays(st, ram))
     base = dict(model=str(args.model), store=str(store), ram=ram, prompt_tokens=args.prompt_tokens,
                 batch=args.batch, non_expert_bytes=_non_expert_bytes(Path(args.model)))
     rows: list[dict] = []

@@ -11,8 +11,8 @@ prints `RESULT` with status "skipped: why" instead of `READY`. The parent
 turn, so the methods' rounds are interleaved and a drift of the machine falls on all of them.
 
 Methods: resident (every expert in the transformers model, its eager experts), ours (load_offloaded
-defaults), ours-no-lookahead, on-demand (VRAM = top_k experts, LRU, no prediction: every use copied
-at use) and accelerate (the transformers model with device_map="auto" and max_memory = the same
+defaults), ours-lookahead and ours-no-lookahead (the router lookahead forced on or off), on-demand
+(VRAM = top_k experts, LRU, no prediction: every use copied at use) and accelerate (the transformers model with device_map="auto" and max_memory = the same
 GPU budget beside the non-expert weights: accelerate's offload).
 """
 from __future__ import annotations
@@ -25,7 +25,8 @@ import time
 
 import msgspec
 
-METHODS = ("resident", "ours", "ours-no-lookahead", "on-demand", "accelerate")
+METHODS = ("resident", "ours", "ours-lookahead", "ours-no-lookahead", "on-demand", "accelerate")
+LOOKAHEAD = {"ours": "auto", "ours-lookahead": True, "ours-no-lookahead": False, "on-demand": False}
 
 
 class MethodRun(msgspec.Struct, frozen=True):
@@ -113,7 +114,7 @@ def _load(run: MethodRun):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if run.method in ("ours", "ours-no-lookahead", "on-demand"):
+    if run.method in LOOKAHEAD:
         from pipeline.hf import load_offloaded
 
         opts: dict = {"o_direct": False}
@@ -126,7 +127,7 @@ def _load(run: MethodRun):
             opts.update(policy="lru", predictor=None, vram_form="dense")
             vram = store.spec.top_k * VramArena.slot_bytes_for(store, "dense")
         return load_offloaded(run.model, store=run.store, vram=vram, ram=run.ram, progress=False,
-                              lookahead=run.method == "ours", **opts)
+                              lookahead=LOOKAHEAD[run.method], **opts)
     config = AutoConfig.from_pretrained(run.model)
     kw: dict = {"experts_implementation": "eager", "dtype": torch.bfloat16}
     if getattr(config, "quantization_config", None):

@@ -42,12 +42,13 @@ class TimeSplit(msgspec.Struct, frozen=True):
 class OffloadStats(msgspec.Struct, frozen=True):
     forward_calls: int  # experts forwards (MoE layers x forward passes)
     fetches: int
+    lookahead: bool  # the next layer's router scores fed to the policy (offload_experts' lookahead, resolved)
     lookahead_recall: float | None  # of the next layer's experts, one-row passes; None without lookahead
     time: TimeSplit
     pipeline: object  # pipeline.api.PipelineStats
 
     def __str__(self) -> str:
-        recall = "-" if self.lookahead_recall is None else f"{self.lookahead_recall:.3f}"
+        recall = "off" if not self.lookahead else "-" if self.lookahead_recall is None else f"{self.lookahead_recall:.3f}"
         t = self.time
         return (f"experts forwards {self.forward_calls}, fetches {self.fetches}, lookahead recall {recall}\n"
                 f"host seconds in them: waiting for routing {t.routing_wait_s:.3f}, lookahead {t.lookahead_s:.3f}, "
@@ -58,14 +59,15 @@ class OffloadStats(msgspec.Struct, frozen=True):
 class OffloadedMoE:
     """`model.moe_cache`: the pipeline behind a model, its counters, and close()."""
 
-    def __init__(self, model, pipe, counters: Counters):
+    def __init__(self, model, pipe, counters: Counters, lookahead: bool):
         self.model, self.pipeline, self._counters = model, pipe, counters
+        self.lookahead = lookahead
 
     def stats(self) -> OffloadStats:
         c = self._counters
         recall = c.lookahead_hits / c.lookahead_total if c.lookahead_total else None
         time = TimeSplit(c.routing_wait_s, c.lookahead_s, c.fetch_s, c.math_s)
-        return OffloadStats(c.forward_calls, c.fetches, recall, time, self.pipeline.stats())
+        return OffloadStats(c.forward_calls, c.fetches, self.lookahead, recall, time, self.pipeline.stats())
 
     def close(self) -> None:
         """Close the pipeline; the model's experts cannot run after this."""
@@ -90,11 +92,26 @@ def _with_context(model) -> None:
         model.__class__ = type(cls.__name__, (cls, _Offloaded), {"__module__": cls.__module__})
 
 
-def offload_experts(model, *, store: str | Path, vram: int | str, ram: int | str, lookahead: bool = True,
+def lookahead_pays(store, ram: int | str) -> bool:
+    """What lookahead="auto" means for this store (a StoreCheckpoint) and RAM budget: on when the RAM
+    tier holds fewer experts than the store, so that a miss a prediction avoids would read the disk.
+    Where RAM holds them all, a miss is a copy from pinned memory that the GPU overlaps with the
+    host's work, decoding is bound by the host's launches, and the lookahead's own host work
+    (scoring, handing the scores over, the prefetches it sets off on the pipeline's thread) cost more
+    than it saved: on an H100 (GPT-OSS-20B dimensions, random weights) 0.85x against 0.94x resident
+    at a 25% VRAM budget, 0.82x against 0.92x at 10% (docs/results/transformers-generate.md)."""
+    from ..config import parse_size
+
+    spec = store.spec
+    return parse_size(ram, "ram") // store.index.max_read_length < spec.num_layers * spec.num_experts
+
+
+def offload_experts(model, *, store: str | Path, vram: int | str, ram: int | str, lookahead: bool | str = "auto",
                     **options) -> OffloadedMoE:
     """Serve `model`'s routed experts from `store` through an ExpertPipeline; returns model.moe_cache.
     `lookahead`: feed the next MoE layer's router scores to the policy (the predictor becomes
-    `fusion` unless `predictor=` is given). `options` are PipelineConfig fields."""
+    `fusion` unless `predictor=` is given); "auto": where RAM cannot hold the whole store
+    (lookahead_pays). `options` are PipelineConfig fields."""
     check_transformers()
     from ..api import ExpertPipeline
 
@@ -102,8 +119,13 @@ def offload_experts(model, *, store: str | Path, vram: int | str, ram: int | str
     names = experts_modules(model)
     from adapters.store import StoreCheckpoint
 
-    spec = StoreCheckpoint(store).spec
+    checkpoint = StoreCheckpoint(store)
+    spec = checkpoint.spec
     _check_store_matches(spec, model, names, store)
+    if lookahead == "auto":
+        lookahead = lookahead_pays(checkpoint, ram)
+    elif not isinstance(lookahead, bool):
+        raise ValueError(f"lookahead={lookahead!r}: True, False or 'auto' (on where RAM cannot hold the whole store)")
     if lookahead:
         options.setdefault("predictor", "fusion")
     device = options.get("device", "auto")
@@ -133,7 +155,7 @@ def offload_experts(model, *, store: str | Path, vram: int | str, ram: int | str
     except BaseException:
         pipe.close()
         raise
-    model.moe_cache = OffloadedMoE(model, pipe, counters)
+    model.moe_cache = OffloadedMoE(model, pipe, counters, lookahead)
     _with_context(model)
     return model.moe_cache
 
@@ -258,7 +280,7 @@ def _set(model, name: str, value: torch.Tensor, buffer: bool) -> None:
 
 
 def load_offloaded(model_dir: str | Path, *, store: str | Path | None = None, vram: int | str, ram: int | str,
-                   device: str = "auto", progress: bool = True, lookahead: bool = True, **options):
+                   device: str = "auto", progress: bool = True, lookahead: bool | str = "auto", **options):
     """A transformers model of `model_dir` whose experts come from `store` through the pipeline."""
     check_transformers()
     from transformers import AutoConfig, GenerationConfig
