@@ -1,5 +1,6 @@
-"""The transformers loop body on fetched experts: a one-row pass that knows each expert's top-k slot
-beforehand computes the same bits as the loop's own torch.where path, without calling it."""
+"""The transformers loop body on fetched experts: given each expert's rows found beforehand on the host
+(a one-row pass: its top-k slot; more rows: expert_rows), it computes the same bits as the loop's
+own torch.where path, without calling it."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import pipeline.kernels.hf_experts as hf_experts
-from pipeline.kernels.hf_experts import ExpertWeights, add_expert
+from pipeline.kernels.hf_experts import ExpertWeights, add_expert, expert_rows
 
 H, I, K = 64, 48, 4
 
@@ -55,3 +56,28 @@ def test_one_row_with_known_slots_does_not_look_for_rows_on_the_device(monkeypat
     assert calls == []
     add_expert(_module(False), out, x, index, weights, 1, _weights(False, g))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_many_rows_with_their_rows_found_on_the_host_give_the_loop_bits(transposed, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    module = _module(transposed)
+    rows = 7
+    x = torch.randn(rows, H, generator=g).to(torch.bfloat16)
+    index = torch.stack([torch.randperm(9, generator=g)[:K] for _ in range(rows)])  # experts 0..8, some unused
+    weights = torch.softmax(torch.randn(rows, K, generator=g), -1).to(torch.bfloat16)
+    used = sorted(set(index.flatten().tolist()))
+    experts = {e: _weights(transposed, g) for e in used}
+    where = expert_rows(index, used, x.device)
+    assert set(where) == set(used)
+    ref, got = torch.zeros_like(x), torch.zeros_like(x)
+    for e in used:
+        add_expert(module, ref, x, index, weights, e, experts[e])
+    calls = []
+    real_where = torch.where
+    monkeypatch.setattr(hf_experts.torch, "where", lambda *a, **k: calls.append(1) or real_where(*a, **k))
+    for e in used:
+        add_expert(module, got, x, index, weights, e, experts[e], at=where[e])
+    assert calls == []
+    assert ref.abs().sum() > 0
+    assert torch.equal(ref, got)

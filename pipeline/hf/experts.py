@@ -11,8 +11,9 @@ One forward call is one MoE layer of one forward pass: the experts that any row 
 (at most `at_once` per fetch, in ascending order, so a prefill or a batch whose union exceeds the
 VRAM budget runs in groups) and each is computed by the modeling file's own loop body
 (pipeline.kernels.hf_experts), so the output is the bits of the resident model's eager experts.
-The routing is read on the host once per layer (with the lookahead's scores); in a one-row pass
-that also gives each expert's top-k slot, so the loop body runs without the eager loop's
+The routing is read on the host once per layer (with the lookahead's scores), and each expert's
+rows are found there: in a one-row pass its top-k slot, in a prefill or a batch its token and
+slot indices, moved to the device in one copy. So the loop body runs without the eager loop's
 torch.where per expert, each of which waits for the GPU (on an H100, GPT-OSS-20B dimensions,
 those waits cost a decode step about a third more time).
 Before the fetch, the next MoE layer's router scores this layer's input: the policy receives them
@@ -27,7 +28,7 @@ from time import perf_counter
 import torch
 import torch.nn.functional as F
 
-from ..kernels.hf_experts import add_expert, as_transformers
+from ..kernels.hf_experts import add_expert, as_transformers, expert_rows
 
 IMPLEMENTATION = "moe_cache"
 _registered = False
@@ -106,10 +107,15 @@ def moe_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
     t1 = perf_counter()
     host = (picked if scores is None else torch.cat([picked.float(), scores])).cpu()  # waits for the GPU
     t2 = perf_counter()
-    row = [int(e) for e in host[:picked.numel()].tolist()]
+    routing = host[:picked.numel()].long()
+    row = routing.tolist()
     ids = sorted(set(row))  # ascending: the loop's order of experts
-    # One row, each expert once in it: its top-k slot, so add_expert needs no torch.where.
-    at = {e: p for p, e in enumerate(row)} if rows == 1 and len(ids) == len(row) else {}
+    # Each expert's rows found on the host, so add_expert needs no torch.where (a wait per expert):
+    # one row, each expert once in it: its top-k slot; more rows: one copy of all their indices.
+    if rows == 1 and len(ids) == len(row):
+        at = {e: p for p, e in enumerate(row)}
+    else:
+        at = expert_rows(routing.view(top_k_index.shape), ids, hidden_states.device)
     predicted = c.pending.pop(tag.layer, None)
     if predicted is not None and rows == 1:
         c.lookahead_hits += len(predicted & set(ids))

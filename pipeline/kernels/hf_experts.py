@@ -2,9 +2,11 @@
 
     as_transformers(family, tensors) -> ExpertWeights      a fetched expert's dense tensors in the
                                          layout of one slice of the experts module's parameters
-    add_expert(module, final, x, top_k_index, top_k_weights, expert, weights)
+    add_expert(module, final, x, top_k_index, top_k_weights, expert, weights, at=None)
                                          final += expert's weighted output on its rows, the ops and
                                          their order those of the modeling file's own loop
+    expert_rows(top_k_index_on_host, experts, device) -> {expert: (top_k_pos, token_idx)}
+                                         each expert's rows as the loop finds them, for `at`
 
 Why the eager loop: it is the one transformers implementation that touches one expert at a time,
 so it runs on just the experts a step needs, in any number of groups, and a model with every expert
@@ -72,16 +74,21 @@ def as_transformers(family: str, tensors: dict[str, torch.Tensor]) -> ExpertWeig
 
 
 def add_expert(module, final: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor,
-               top_k_weights: torch.Tensor, expert: int, w: ExpertWeights, at: int | None = None) -> None:
+               top_k_weights: torch.Tensor, expert: int, w: ExpertWeights,
+               at: int | tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """The eager loop's body for one expert: its rows of x through it, weighted, added into final.
-    at: in a one-row pass, where the expert sits in the row's top-k, read on the host beforehand.
-    The loop finds its rows with torch.where, which waits for the device once per expert; with
-    `at` the same ops run on views of the one row, with the same values, so the same bits."""
+    The loop finds the expert's rows with torch.where, which waits for the device once per expert;
+    `at` gives them found beforehand on the host, so the same ops run on the same values:
+      an int: in a one-row pass, the expert's slot in the row's top-k (ops on views of the row)
+      (top_k_pos, token_idx): on the device, as torch.where would give them (expert_rows)."""
     if at is None:
         top_k_pos, token_idx = torch.where(top_k_index.t() == expert)  # the order of the loop's one_hot mask
         current, weight = x[token_idx], top_k_weights[token_idx, top_k_pos, None]
-    else:
+    elif isinstance(at, int):
         current, weight, token_idx = x.contiguous(), top_k_weights[:, at, None], _row_zero(x.device)
+    else:
+        top_k_pos, token_idx = at
+        current, weight = x[token_idx], top_k_weights[token_idx, top_k_pos, None]
     if module.is_transposed:
         gate_up = current @ w.gate_up
         if w.gate_up_bias is not None:
@@ -96,6 +103,24 @@ def add_expert(module, final: torch.Tensor, x: torch.Tensor, top_k_index: torch.
     final.index_add_(0, token_idx, out.to(final.dtype))
 
 
+def expert_rows(top_k_index: torch.Tensor, experts: list[int],
+                device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Each expert's (top_k_pos, token_idx), the eager loop's torch.where on `top_k_index` (a host
+    copy of the routing, [rows, top_k]), found on the host and moved to `device` in one copy."""
+    t = top_k_index.t()
+    pos, tok, spans, n = [], [], {}, 0
+    for e in experts:
+        p, r = torch.where(t == e)
+        pos.append(p)
+        tok.append(r)
+        spans[e] = (n, n + len(p))
+        n += len(p)
+    both = torch.stack([torch.cat(pos), torch.cat(tok)])
+    if device.type == "cuda":
+        both = both.pin_memory().to(device, non_blocking=True)
+    return {e: (both[0, a:b], both[1, a:b]) for e, (a, b) in spans.items()}
+
+
 _ROW_ZERO: dict[torch.device, torch.Tensor] = {}
 
 
@@ -107,4 +132,4 @@ def _row_zero(device: torch.device) -> torch.Tensor:
     return index
 
 
-__all__ = ["ExpertWeights", "LAYOUTS", "add_expert", "as_transformers", "joined_rows"]
+__all__ = ["ExpertWeights", "LAYOUTS", "add_expert", "as_transformers", "expert_rows", "joined_rows"]
