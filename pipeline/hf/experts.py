@@ -116,6 +116,7 @@ def moe_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
         at = {e: p for p, e in enumerate(row)}
     else:
         at = expert_rows(routing.view(top_k_index.shape), ids, hidden_states.device)
+    t2b = perf_counter()
     predicted = c.pending.pop(tag.layer, None)
     if predicted is not None and rows == 1:
         c.lookahead_hits += len(predicted & set(ids))
@@ -127,7 +128,8 @@ def moe_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
             c.pending[tag.next_layer] = set(torch.topk(next_scores, tag.top_k).indices.tolist())
     t3 = perf_counter()
     c.routing_wait_s += t2 - t1
-    c.lookahead_s += (t1 - t0) + (t3 - t2)
+    c.lookahead_s += (t1 - t0) + (t3 - t2b)
+    c.math_s += t2b - t2  # finding each expert's rows: the loop body's own work, done up front
     final = torch.zeros_like(hidden_states)
     for start in range(0, len(ids), tag.at_once):
         group = ids[start:start + tag.at_once]

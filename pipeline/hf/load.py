@@ -36,7 +36,7 @@ class TimeSplit(msgspec.Struct, frozen=True):
     routing_wait_s: float  # copying the routing to the host: waiting for the GPU
     lookahead_s: float  # the next layer's router on this layer's input, and handing its scores over
     fetch_s: float  # ExpertPipeline.fetch: bookkeeping, copies queued, waits for reads (stall)
-    math_s: float  # queueing the experts' math (decode at use included)
+    math_s: float  # queueing the experts' math (finding each one's rows and the decode at use included)
 
 
 class OffloadStats(msgspec.Struct, frozen=True):
