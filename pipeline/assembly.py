@@ -70,6 +70,12 @@ def _device(cfg: PipelineConfig) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def ram_slots_for(store: StoreCheckpoint, ram_bytes: int) -> int:
+    """RAM slots that `ram_bytes` buys: a slot holds the largest expert read (alignment included),
+    and a slot more than every expert is never used."""
+    return min(ram_bytes // store.index.max_read_length, store.spec.num_layers * store.spec.num_experts)
+
+
 def vram_slots_for(store: StoreCheckpoint, vram_bytes: int, form: str = "dense",
                    views: int | None = None) -> tuple[int, int, int]:
     """(slots, slot bytes, bytes of dense views) that `vram_bytes` buys: with the stored form
@@ -124,7 +130,7 @@ def plan_slots(cfg: PipelineConfig, store: StoreCheckpoint, form: str | None = N
                          f"dense tensors in VRAM here; open with vram_form='stored'")
     n_vram, vram_slot, views = vram_slots_for(store, cfg.vram_bytes, form, cfg.vram_views)
     ram_slot = store.index.max_read_length
-    n_ram = min(cfg.ram_bytes // ram_slot, store.spec.num_layers * store.spec.num_experts)
+    n_ram = ram_slots_for(store, cfg.ram_bytes)
     for tier, n, size, budget, extra in (("vram", n_vram, vram_slot, cfg.vram_bytes, views),
                                          ("ram", n_ram, ram_slot, cfg.ram_bytes, 0)):
         if n < top_k:

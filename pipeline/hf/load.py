@@ -100,10 +100,10 @@ def lookahead_pays(store, ram: int | str) -> bool:
     (scoring, handing the scores over, the prefetches it sets off on the pipeline's thread) cost more
     than it saved: on an H100 (GPT-OSS-20B dimensions, random weights) 0.85x against 0.94x resident
     at a 25% VRAM budget, 0.82x against 0.92x at 10% (docs/results/transformers-generate.md)."""
+    from ..assembly import ram_slots_for
     from ..config import parse_size
 
-    spec = store.spec
-    return parse_size(ram, "ram") // store.index.max_read_length < spec.num_layers * spec.num_experts
+    return ram_slots_for(store, parse_size(ram, "ram")) < store.spec.num_layers * store.spec.num_experts
 
 
 def offload_experts(model, *, store: str | Path, vram: int | str, ram: int | str, lookahead: bool | str = "auto",
