@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import pipeline.kernels.hf_experts as hf_experts
-from pipeline.kernels.hf_experts import ExpertWeights, add_expert, expert_rows
+from pipeline.kernels.hf_experts import ExpertWeights, Rows, add_expert, expert_rows, row_zero
 
 H, I, K = 64, 48, 4
 
@@ -38,7 +38,8 @@ def test_one_row_with_known_slots_gives_the_loop_bits(transposed):
     ref, got = torch.zeros_like(x), torch.zeros_like(x)
     for e in sorted(experts):
         add_expert(module, ref, x, index, weights, e, experts[e])
-        add_expert(module, got, x, index, weights, e, experts[e], at=index[0].tolist().index(e))
+        slot = index[0].tolist().index(e)
+        add_expert(module, got, x, index, weights, e, experts[e], at=Rows(slot, row_zero(x.device)))
     assert ref.abs().sum() > 0
     assert torch.equal(ref, got)
 
@@ -52,7 +53,7 @@ def test_one_row_with_known_slots_does_not_look_for_rows_on_the_device(monkeypat
     x = torch.randn(1, H, generator=g).to(torch.bfloat16)
     index, weights = torch.tensor([[3, 1, 2, 0]]), torch.full((1, K), 0.25, dtype=torch.bfloat16)
     out = torch.zeros_like(x)
-    add_expert(_module(False), out, x, index, weights, 3, _weights(False, g), at=0)
+    add_expert(_module(False), out, x, index, weights, 3, _weights(False, g), at=Rows(0, row_zero(x.device)))
     assert calls == []
     add_expert(_module(False), out, x, index, weights, 1, _weights(False, g))
     assert calls == [1]

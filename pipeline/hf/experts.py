@@ -28,7 +28,7 @@ from time import perf_counter
 import torch
 import torch.nn.functional as F
 
-from ..kernels.hf_experts import add_expert, as_transformers, expert_rows
+from ..kernels.hf_experts import Rows, add_expert, as_transformers, expert_rows, row_zero
 
 IMPLEMENTATION = "moe_cache"
 _registered = False
@@ -113,7 +113,8 @@ def moe_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
     # Each expert's rows found on the host, so add_expert needs no torch.where (a wait per expert):
     # one row, each expert once in it: its top-k slot; more rows: one copy of all their indices.
     if rows == 1 and len(ids) == len(row):
-        at = {e: p for p, e in enumerate(row)}
+        zero = row_zero(hidden_states.device)
+        at = {e: Rows(p, zero) for p, e in enumerate(row)}
     else:
         at = expert_rows(routing.view(top_k_index.shape), ids, hidden_states.device)
     t2b = perf_counter()

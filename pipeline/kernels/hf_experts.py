@@ -5,8 +5,9 @@
     add_expert(module, final, x, top_k_index, top_k_weights, expert, weights, at=None)
                                          final += expert's weighted output on its rows, the ops and
                                          their order those of the modeling file's own loop
-    expert_rows(top_k_index_on_host, experts, device) -> {expert: (top_k_pos, token_idx)}
+    expert_rows(top_k_index_on_host, experts, device) -> {expert: Rows}
                                          each expert's rows as the loop finds them, for `at`
+    Rows(slot, row_zero(device))         `at` in a one-row pass: the expert's top-k slot
 
 Why the eager loop: it is the one transformers implementation that touches one expert at a time,
 so it runs on just the experts a step needs, in any number of groups, and a model with every expert
@@ -73,22 +74,27 @@ def as_transformers(family: str, tensors: dict[str, torch.Tensor]) -> ExpertWeig
     return layout(tensors)
 
 
+class Rows(NamedTuple):
+    """Where one expert's rows are, found on the host before its loop body runs."""
+    top_k_pos: torch.Tensor | int  # an int: a one-row pass, the expert's slot in the row's top-k
+    token_idx: torch.Tensor  # on the device: index_add_'s index (row_zero for one row)
+
+
 def add_expert(module, final: torch.Tensor, x: torch.Tensor, top_k_index: torch.Tensor,
-               top_k_weights: torch.Tensor, expert: int, w: ExpertWeights,
-               at: int | tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+               top_k_weights: torch.Tensor, expert: int, w: ExpertWeights, at: Rows | None = None) -> None:
     """The eager loop's body for one expert: its rows of x through it, weighted, added into final.
     The loop finds the expert's rows with torch.where, which waits for the device once per expert;
-    `at` gives them found beforehand on the host, so the same ops run on the same values:
-      an int: in a one-row pass, the expert's slot in the row's top-k (ops on views of the row)
-      (top_k_pos, token_idx): on the device, as torch.where would give them (expert_rows)."""
+    `at` gives them found beforehand on the host (expert_rows, or one row's slot with row_zero), so
+    the same ops run on the same values; for one row, on views of it."""
     if at is None:
         top_k_pos, token_idx = torch.where(top_k_index.t() == expert)  # the order of the loop's one_hot mask
         current, weight = x[token_idx], top_k_weights[token_idx, top_k_pos, None]
-    elif isinstance(at, int):
-        current, weight, token_idx = x.contiguous(), top_k_weights[:, at, None], _row_zero(x.device)
+    elif isinstance(at.top_k_pos, int):
+        token_idx = at.token_idx
+        current, weight = x.contiguous(), top_k_weights[:, at.top_k_pos, None]
     else:
-        top_k_pos, token_idx = at
-        current, weight = x[token_idx], top_k_weights[token_idx, top_k_pos, None]
+        token_idx = at.token_idx
+        current, weight = x[token_idx], top_k_weights[token_idx, at.top_k_pos, None]
     if module.is_transposed:
         gate_up = current @ w.gate_up
         if w.gate_up_bias is not None:
@@ -103,10 +109,9 @@ def add_expert(module, final: torch.Tensor, x: torch.Tensor, top_k_index: torch.
     final.index_add_(0, token_idx, out.to(final.dtype))
 
 
-def expert_rows(top_k_index: torch.Tensor, experts: list[int],
-                device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Each expert's (top_k_pos, token_idx), the eager loop's torch.where on `top_k_index` (a host
-    copy of the routing, [rows, top_k]), found on the host and moved to `device` in one copy."""
+def expert_rows(top_k_index: torch.Tensor, experts: list[int], device: torch.device) -> dict[int, Rows]:
+    """Each expert's rows, the eager loop's torch.where on `top_k_index` (a host copy of the
+    routing, [rows, top_k]), found on the host and moved to `device` in one copy."""
     t = top_k_index.t()
     pos, tok, spans, n = [], [], {}, 0
     for e in experts:
@@ -118,18 +123,19 @@ def expert_rows(top_k_index: torch.Tensor, experts: list[int],
     both = torch.stack([torch.cat(pos), torch.cat(tok)])
     if device.type == "cuda":
         both = both.pin_memory().to(device, non_blocking=True)
-    return {e: (both[0, a:b], both[1, a:b]) for e, (a, b) in spans.items()}
+    return {e: Rows(both[0, a:b], both[1, a:b]) for e, (a, b) in spans.items()}
 
 
 _ROW_ZERO: dict[torch.device, torch.Tensor] = {}
 
 
-def _row_zero(device: torch.device) -> torch.Tensor:
-    """index_add_'s index for a one-row pass, made once per device (no launch per expert)."""
+def row_zero(device: torch.device) -> torch.Tensor:
+    """index_add_'s index for a one-row pass, made once per device."""
     index = _ROW_ZERO.get(device)
     if index is None:
         index = _ROW_ZERO[device] = torch.zeros(1, dtype=torch.long, device=device)
     return index
 
 
-__all__ = ["ExpertWeights", "LAYOUTS", "add_expert", "as_transformers", "expert_rows", "joined_rows"]
+__all__ = ["ExpertWeights", "LAYOUTS", "Rows", "add_expert", "as_transformers", "expert_rows", "joined_rows",
+           "row_zero"]
