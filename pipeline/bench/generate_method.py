@@ -220,12 +220,11 @@ def _split(a, b, seconds: float, steps: int) -> TimeSplitMs:
     def per(x: float) -> float:
         return x * 1000 / steps
 
-    ta, tb = a.time, b.time
-    parts = {f: per(getattr(tb, f) - getattr(ta, f)) for f in ("routing_wait_s", "lookahead_s", "fetch_s", "math_s")}
+    # TimeSplit's fields, named here without their "_s"
+    parts = {f.removesuffix("_s"): per(getattr(b.time, f) - getattr(a.time, f)) for f in a.time.__struct_fields__}
     stall = per(b.pipeline.scheduler.stall_seconds - a.pipeline.scheduler.stall_seconds)
     step = per(seconds)
-    return TimeSplitMs(step, parts["routing_wait_s"], parts["lookahead_s"], parts["fetch_s"], stall, parts["math_s"],
-                       step - sum(parts.values()))
+    return TimeSplitMs(step=step, stall=stall, rest=step - sum(parts.values()), **parts)
 
 
 def _say(tag: str, obj=None) -> None:
