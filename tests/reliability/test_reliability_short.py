@@ -149,3 +149,12 @@ def test_fuzzed_inputs_end_in_the_projects_error_or_a_correct_result(target, sto
            "trace": lambda: fuzz.fuzz_trace(150, 1), "config": lambda: fuzz.fuzz_config(150, 1),
            "fetch": lambda: fuzz.fuzz_fetch(150, 1, store)}[target]
     assert run() == 150
+
+
+def test_make_reliability_refuses_an_unknown_part_with_the_valid_ones(capsys):
+    from tests.reliability.run import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--parts", "soak,bogus"])
+    assert e.value.code == 2
+    assert "--parts soak,bogus: name some of soak, crash, fuzz" in capsys.readouterr().err
